@@ -72,11 +72,21 @@ make_rootfs() {
   if ! debootstrap --variant=minbase --include="$3" "$2" "$root" "$mirror" \
        >"$root.debootstrap.log" 2>&1; then
     tail -n 20 "$root.debootstrap.log" >&2
-    rm -rf "$root"
+    remove_rootfs "$root"
     die "debootstrap failed (log $root.debootstrap.log)"
   fi
   rm -f "$root.debootstrap.log"
   printf '%s\n' "$root"
+}
+
+# Remove a scratch rootfs: unmount what debootstrap may have left mounted in it (proc, sys) first, and
+# never cross into another file system.
+remove_rootfs() {
+  [ -n "${1:-}" ] && [ -d "$1" ] || return 0
+  awk -v r="$1/" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  rm -rf --one-file-system "$1"
 }
 
 # Drop caches, docs and apt lists that an image does not need.
@@ -91,4 +101,18 @@ import_rootfs() {
   root=$1; image=$2; shift 2
   tar --numeric-owner -C "$root" -c . | docker import "$@" - "$image" >/dev/null \
     || die "docker import $image failed"
+}
+
+# Print a docker CLI that can build with BuildKit (needed for `RUN --mount=type=secret`).
+# Docker 23+ CLIs need the buildx plugin for that; Debian 12's docker.io CLI (20.10) has BuildKit built in.
+# This host has both: /usr/local/bin/docker 28.x (no buildx) first on PATH and /usr/bin/docker 20.10.
+buildkit_docker() {
+  for cli in docker /usr/bin/docker; do
+    command -v "$cli" >/dev/null 2>&1 || continue
+    if "$cli" buildx version >/dev/null 2>&1; then printf '%s\n' "$cli"; return 0; fi
+    major=$("$cli" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)
+    case $major in ''|*[!0-9]*) continue ;; esac
+    if [ "$major" -lt 23 ]; then printf '%s\n' "$cli"; return 0; fi
+  done
+  die "no docker CLI here can build with BuildKit (install docker.io's CLI or the buildx plugin)"
 }

@@ -29,7 +29,7 @@ fi
 
 start=$(date +%s)
 ROOT=$(make_rootfs "postgres-$PG_MAJOR" "$SUITE" "postgresql-$PG_MAJOR,postgresql-client-$PG_MAJOR")
-trap 'rm -rf "$ROOT"' EXIT INT TERM
+trap 'remove_rootfs "$ROOT"' EXIT INT TERM
 # the package's own cluster is not wanted: the entrypoint initialises PGDATA on first start
 rm -rf "$ROOT/etc/postgresql/$PG_MAJOR/main" "$ROOT/var/lib/postgresql/$PG_MAJOR"
 slim_rootfs "$ROOT"

@@ -1,0 +1,108 @@
+"""The backup chain as Celery tasks: thin wrappers over `worker.backup`.
+
+`tma_backup.backup` takes the database's lock, then starts dump → verify → checksum → meta → prune,
+every link routed to the queue of its own host so that the chain runs where its files are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, chain
+from celery.utils.log import get_task_logger
+
+from worker import app, backup
+from worker.celery_app import host_queue
+from worker.errors import LockHeld
+from worker.executors import choose_executor
+from worker.locks import database_lock
+from worker.meta import human_size
+from worker.settings import get_settings
+
+logger = get_task_logger(__name__)
+Run = dict[str, Any]
+
+
+def _progress(task: Task) -> backup.Progress:
+    def report(phase: str, fields: dict[str, Any]) -> None:
+        shown = f"{phase}: {human_size(fields['bytes'])}B" if "bytes" in fields else phase
+        task.update_state(state="PROGRESS", meta={"phase": phase, **fields})
+        task.send_event("task-progress", result=shown, phase=phase, **fields)
+
+    return report
+
+
+def _lock(run: Run) -> Any:
+    return database_lock(get_settings(), run["database"], run["run_id"])
+
+
+@app.task(name="tma_backup.backup", bind=True)
+def start_backup(self: Task, database: str | None = None, scheduled: bool = False) -> dict[str, Any]:
+    settings = get_settings()
+    database = database or settings.DB_NAME
+    run_id = self.request.id
+    try:
+        run = backup.start_run(settings, database, run_id, database_lock(settings, database, run_id))
+    except LockHeld as busy:
+        if scheduled:
+            logger.warning("scheduled backup skipped: %s", busy)
+            return {"skipped": str(busy), "database": database}
+        raise
+    queue = host_queue(settings.WORKER_HOST)
+    links = chain(
+        dump.s(run).set(queue=queue),
+        verify.s().set(queue=queue),
+        checksum.s().set(queue=queue),
+        write_meta.s().set(queue=queue),
+        prune.s().set(queue=queue),
+    )
+    links.link_error(backup_failed.s().set(queue=queue))
+    result = links.apply_async()
+    steps = []
+    node = result
+    while node is not None:
+        steps.append(node.id)
+        node = node.parent
+    logger.info("backup %s of %r started on %s", run["backup"], database, settings.WORKER_HOST)
+    return {"run_id": run_id, "database": database, "backup": run["backup"], "host": run["host"], "steps": steps[::-1]}
+
+
+@app.task(name="tma_backup.dump", bind=True)
+def dump(self: Task, run: Run) -> Run:
+    settings = get_settings()
+    return backup.dump(run, settings, choose_executor(settings), _lock(run), _progress(self))
+
+
+@app.task(name="tma_backup.verify", bind=True)
+def verify(self: Task, run: Run) -> Run:
+    settings = get_settings()
+    return backup.verify(run, settings, choose_executor(settings), _lock(run), _progress(self))
+
+
+@app.task(name="tma_backup.checksum", bind=True)
+def checksum(self: Task, run: Run) -> Run:
+    return backup.checksum(run, get_settings(), _lock(run), _progress(self))
+
+
+@app.task(name="tma_backup.meta", bind=True)
+def write_meta(self: Task, run: Run) -> Run:
+    return backup.write_meta(run, get_settings(), _lock(run), task_id=self.request.id)
+
+
+@app.task(name="tma_backup.prune")
+def prune(run: Run) -> dict[str, Any]:
+    return backup.summary(backup.prune(run, get_settings(), _lock(run)))
+
+
+@app.task(name="tma_backup.backup_failed")
+def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str, Any]:
+    """Error callback of the chain, run by the worker where the link failed: remove this run's partial
+    files, release the lock if this run still owns it, record one clear line."""
+    run = request.args[0] if request.args else None
+    if not isinstance(run, dict) or "backup" not in run:
+        logger.error("backup link %s failed: %s", request.id, exc)
+        return {"error": str(exc)}
+    removed = backup.abandon_files(run)
+    _lock(run).release()
+    logger.error("backup of %r failed: %s (removed %s)", run["database"], exc, removed or "nothing")
+    return {"database": run["database"], "error": str(exc), "removed": removed}

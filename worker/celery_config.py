@@ -1,0 +1,39 @@
+"""Celery configuration, read from the validated settings. JSON only; events on; nothing retried blindly."""
+
+from __future__ import annotations
+
+import sys
+
+from worker.settings import SettingsError, get_settings
+
+try:
+    _settings = get_settings()
+except SettingsError as _error:  # a worker or beat started with bad settings: one line, exit 2
+    print(f"[ERROR] {_error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+broker_url = _settings.broker_url or "redis://127.0.0.1:6379/0"
+result_backend = _settings.result_backend or broker_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": 12 * 3600}
+result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+result_expires = 7 * 24 * 3600
+result_extended = True
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+task_default_queue = "tma_backup"
+task_track_started = True
+task_send_sent_event = True
+worker_send_task_events = True
+task_acks_late = False
+worker_prefetch_multiplier = 1
+timezone = "UTC"
+enable_utc = True
+
+from beat_schedule import build_schedule  # noqa: E402  (needs the settings above)
+
+beat_schedule = build_schedule(_settings)

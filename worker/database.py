@@ -1,0 +1,85 @@
+"""Talking to PostgreSQL with psycopg: connections, versions, an exported snapshot, exact row counts.
+
+Names reach SQL only through `psycopg.sql.Identifier`; passwords only as connection parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from worker.errors import BackupError
+from worker.meta import table_key
+
+APPLICATION_NAME = "tma-backup"
+
+_USER_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%'
+  AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_depend d
+      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY n.nspname, c.relname
+"""
+
+
+def connect(connect_kwargs: dict[str, Any], database: str, **options: Any) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(
+            dbname=database,
+            application_name=APPLICATION_NAME,
+            connect_timeout=10,
+            **{key: value for key, value in connect_kwargs.items() if value is not None},
+            **options,
+        )
+    except psycopg.OperationalError as error:
+        raise BackupError(f"cannot connect to database {database!r}: {first_line(error)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def server_major(connection: psycopg.Connection[Any]) -> int:
+    return connection.info.server_version // 10000
+
+
+def server_version_text(connection: psycopg.Connection[Any]) -> str:
+    return str(connection.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+
+
+@contextmanager
+def exported_snapshot(connection: psycopg.Connection[Any]) -> Iterator[str]:
+    """A SERIALIZABLE READ ONLY DEFERRABLE transaction whose snapshot pg_dump imports.
+
+    The transaction stays open until the block ends, which must be after pg_dump has finished."""
+    connection.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+    connection.read_only = True
+    connection.deferrable = True
+    with connection.transaction():
+        snapshot = connection.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        yield str(snapshot)
+
+
+def user_tables(connection: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    return [(schema, table) for schema, table in connection.execute(_USER_TABLES).fetchall()]
+
+
+def exact_row_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
+    """`count(*)` of every user table in every schema (pgboss included), in the current transaction."""
+    counts: dict[str, int] = {}
+    for schema, table in user_tables(connection):
+        query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+        counts[table_key(schema, table)] = int(connection.execute(query).fetchone()[0])  # type: ignore[index]
+    return counts

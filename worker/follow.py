@@ -1,0 +1,122 @@
+"""Dispatch a backup through the broker and follow its chain until it ends, within bounded time.
+
+If the broker or the result backend goes away, the follower keeps trying for a while, then says that
+it lost track (exit 1) rather than hanging.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+from kombu.utils.url import maybe_sanitize_url
+
+from worker.errors import BackupError
+
+POLL_SECONDS = 0.3
+LOST_TRACK_SECONDS = 60.0
+NO_WORKER_SECONDS = 60.0
+STEP_NAMES = ("dump", "verify", "checksum", "meta", "prune")
+
+
+class LostTrack(BackupError):
+    """The follower cannot learn the outcome (broker or backend unreachable for too long)."""
+
+
+def sanitized(url: str) -> str:
+    return str(maybe_sanitize_url(url))
+
+
+def check_workers(app: Celery) -> list[str]:
+    try:
+        replies = app.control.ping(timeout=1.0)
+    except Exception as error:  # kombu raises several connection error types
+        raise BackupError(f"cannot reach the broker at {sanitized(app.conf.broker_url)}: {error}") from None
+    if not replies:
+        raise BackupError(
+            "no tma-backup worker answered: start one with `celery -A worker worker -E` "
+            "(or unset CELERY_BROKER_URL to run in this process)"
+        )
+    return [name for reply in replies for name in reply]
+
+
+def dispatch(app: Celery, task_name: str, kwargs: dict[str, Any]) -> AsyncResult:
+    try:
+        return app.send_task(
+            task_name,
+            kwargs=kwargs,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1, "interval_max": 2},
+        )
+    except Exception as error:
+        raise BackupError(f"cannot reach the broker at {sanitized(app.conf.broker_url)}: {error}") from None
+
+
+def _poll(result: AsyncResult, lost_since: list[float | None]) -> tuple[str, Any]:
+    """(state, info) of a result; backend errors are tolerated for LOST_TRACK_SECONDS."""
+    try:
+        state, info = result.state, result.info
+    except Exception as error:
+        now = time.monotonic()
+        if lost_since[0] is None:
+            lost_since[0] = now
+        if now - lost_since[0] > LOST_TRACK_SECONDS:
+            raise LostTrack(
+                f"lost track of task {result.id}: the result backend has not answered for "
+                f"{LOST_TRACK_SECONDS:.0f}s ({error}); check `tma-backup list` and the worker's log"
+            ) from None
+        return "UNKNOWN", None
+    lost_since[0] = None
+    return state, info
+
+
+def wait_for(
+    result: AsyncResult,
+    deadline: float,
+    on_state: Callable[[str, Any], None] | None = None,
+    pending_limit: float | None = None,
+) -> Any:
+    """Wait for one task; returns its result or raises BackupError with the task's own message."""
+    lost_since: list[float | None] = [None]
+    pending_since = time.monotonic()
+    last: tuple[str, Any] | None = None
+    while True:
+        state, info = _poll(result, lost_since)
+        if on_state and (state, info) != last:
+            on_state(state, info)
+        last = (state, info)
+        if state == "SUCCESS":
+            return info
+        if state in ("FAILURE", "REVOKED"):
+            raise BackupError(str(info) if info else f"task {result.id} {state.lower()}")
+        if state == "PENDING" and pending_limit and time.monotonic() - pending_since > pending_limit:
+            raise LostTrack(
+                f"task {result.id} was not picked up within {pending_limit:.0f}s; is a worker running "
+                "and consuming the tma_backup queue?"
+            )
+        if state != "PENDING":
+            pending_since = time.monotonic()
+        if time.monotonic() > deadline:
+            raise LostTrack(f"gave up following task {result.id} after FOLLOW_TIMEOUT; it may still be running")
+        time.sleep(POLL_SECONDS)
+
+
+def follow_backup(
+    app: Celery, kickoff: AsyncResult, timeout: float, on_event: Callable[[str, str, Any], None]
+) -> dict[str, Any]:
+    """Follow `tma_backup.backup` and then each link of the chain it started; returns the final summary."""
+    deadline = time.monotonic() + timeout
+    started = wait_for(kickoff, deadline, pending_limit=NO_WORKER_SECONDS)
+    if "skipped" in started:
+        raise BackupError(started["skipped"])
+    on_event("kickoff", "SUCCESS", started)
+    steps = started["steps"]
+    summary: Any = None
+    for name, step_id in zip(STEP_NAMES, steps):
+        summary = wait_for(
+            AsyncResult(step_id, app=app), deadline, lambda state, info, name=name: on_event(name, state, info)
+        )
+    return summary

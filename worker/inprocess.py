@@ -1,0 +1,31 @@
+"""Run the backup chain in this process, for set-ups without a broker: the same steps the tasks run."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from worker import backup
+from worker.executors import Executor
+from worker.locks import database_lock
+from worker.settings import Settings
+
+
+def run_backup(settings: Settings, database: str, executor: Executor, progress: backup.Progress) -> dict[str, Any]:
+    run_id = f"local-{uuid.uuid4()}"
+    lock = database_lock(settings, database, run_id)
+    run = backup.start_run(settings, database, run_id, lock)
+    try:
+        run = backup.dump(run, settings, executor, lock, progress)
+        run = backup.verify(run, settings, executor, lock, progress)
+        run = backup.checksum(run, settings, lock, progress)
+        progress("writing meta", {})
+        run = backup.write_meta(run, settings, lock)
+        progress("pruning", {})
+        run = backup.prune(run, settings, lock)
+    except BaseException:
+        backup.abandon_files(run)
+        raise
+    finally:
+        lock.release()
+    return backup.summary(run)

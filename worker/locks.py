@@ -1,0 +1,176 @@
+"""One lock per database: held by a backup chain from kickoff to prune, and by a whole restore.
+
+With a broker it is a redis-py `Lock` whose owner token is the run id: it expires (a killed worker
+frees it within BACKUP_LOCK_TIMEOUT seconds), is extended while a step runs, and only its owner can
+release it. Without a broker (in-process runs) it is an `flock` on a file in BACKUP_DIR, which the
+kernel releases when the process dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import redis
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+
+from worker.errors import BackupError, LockHeld
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+KEY_PREFIX = "tma_backup:lock"
+
+
+class DatabaseLock(Protocol):
+    def acquire(self) -> None:
+        """Take the lock or raise LockHeld."""
+
+    def confirm(self) -> None:
+        """Prove we still own it (and refresh its expiry) or raise BackupError."""
+
+    def release(self) -> None:
+        """Release it if we own it; never someone else's."""
+
+    def holder(self) -> str | None: ...
+
+
+def lock_key(server: str, database: str) -> str:
+    return f"{KEY_PREFIX}:{server}:{database}"
+
+
+class RedisDatabaseLock:
+    def __init__(self, client: redis.Redis, server: str, database: str, owner: str, timeout: int) -> None:
+        self.database = database
+        self.owner = owner
+        self.timeout = timeout
+        self._key = lock_key(server, database)
+        self._lock = client.lock(self._key, timeout=timeout, thread_local=False)
+        self._client = client
+
+    def acquire(self) -> None:
+        try:
+            acquired = self._lock.acquire(blocking=False, token=self.owner)
+        except RedisError as error:
+            raise BackupError(f"cannot reach Redis for the lock of {self.database!r}: {error}") from None
+        if not acquired:
+            raise LockHeld(
+                f"database {self.database!r} is busy: a backup or restore holds its lock "
+                f"(run {self.holder() or 'unknown'}); try again when it has finished"
+            )
+
+    def confirm(self) -> None:
+        self._lock.local.token = self.owner.encode()
+        try:
+            self._lock.reacquire()
+        except (LockNotOwnedError, LockError):
+            raise BackupError(
+                f"lost the lock of {self.database!r} (it expired or another run took it); stopping"
+            ) from None
+        except RedisError as error:
+            raise BackupError(f"cannot reach Redis to renew the lock of {self.database!r}: {error}") from None
+
+    def release(self) -> None:
+        self._lock.local.token = self.owner.encode()
+        try:
+            self._lock.release()
+        except (LockNotOwnedError, LockError, RedisError):
+            pass  # not ours any more (expired, or taken by another run): nothing to release
+
+    def holder(self) -> str | None:
+        try:
+            value = self._client.get(self._key)
+        except RedisError:
+            return None
+        return value.decode() if isinstance(value, bytes) else value
+
+
+class FileDatabaseLock:
+    """For in-process runs without a broker: an exclusive flock on `BACKUP_DIR/.<db>.lock`."""
+
+    def __init__(self, directory: Path, database: str, owner: str) -> None:
+        self.database = database
+        self.owner = owner
+        self._path = directory / f".{database}.lock"
+        self._descriptor: int | None = None
+
+    def acquire(self) -> None:
+        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise LockHeld(
+                f"database {self.database!r} is busy: another backup or restore on this host holds its lock "
+                f"(run {self.holder() or 'unknown'}); try again when it has finished"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, self.owner.encode())
+        self._descriptor = descriptor
+
+    def confirm(self) -> None:
+        if self._descriptor is None:
+            raise BackupError(f"the lock of {self.database!r} is not held by this run")
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def holder(self) -> str | None:
+        try:
+            return self._path.read_text() or None
+        except OSError:
+            return None
+
+
+@contextmanager
+def kept_alive(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]:
+    """Renew the lock every `interval` seconds while the block runs. The yielded event is set when
+    renewal failed; the caller checks `confirm()` at the end of its work so a lost lock is an error."""
+    lost = threading.Event()
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(interval):
+            try:
+                lock.confirm()
+            except BackupError:
+                lost.set()
+                return
+
+    thread = threading.Thread(target=renew, name="lock-renewal", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        thread.join()
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def redis_client(url: str) -> redis.Redis:
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    return _clients[url]
+
+
+def server_identity(settings: Settings) -> str:
+    return f"container:{settings.DB_CONTAINER}" if settings.DB_CONTAINER else f"{settings.DB_HOST}:{settings.DB_PORT}"
+
+
+def database_lock(settings: Settings, database: str, owner: str) -> DatabaseLock:
+    """The lock for this database: in Redis when a broker is configured, else an flock in BACKUP_DIR."""
+    if settings.broker_url:
+        return RedisDatabaseLock(
+            redis_client(settings.broker_url), server_identity(settings), database, owner, settings.BACKUP_LOCK_TIMEOUT
+        )
+    return FileDatabaseLock(settings.backup_dir, database, owner)

@@ -1,0 +1,127 @@
+"""Settings: read once from the environment, then `.env` in the working directory, and validated.
+
+The environment wins over `.env` (the seed script got this backwards). Every bad value becomes one
+`SettingsError` line naming the variable; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """A setting is missing or wrong; the message names the variable and says what is expected."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True
+    )
+
+    # The seed script's names and defaults.
+    DB_HOST: str = "localhost"
+    DB_PORT: int = Field(default=5432, ge=1, le=65535)
+    DB_USER: str = "postgres"
+    DB_PASSWORD: SecretStr | None = None
+    DB_NAME: str = "tma_cloud_storage"
+    DB_CONTAINER: str | None = None
+    BACKUP_RETAIN_COUNT: int = Field(default=10, ge=1)
+
+    # Ours.
+    DB_MODE: Literal["auto", "host", "docker"] = "auto"
+    BACKUP_DIR: Path = Path("backups")
+    BACKUP_SCHEDULE: str = "0 2 * * *"
+    BACKUP_DRILL_SCHEDULE: str = "0 4 * * 0"
+    BACKUP_COMPRESSION: str = "6"
+    BACKUP_MAX_AGE_HOURS: float = Field(default=26, gt=0)
+    BACKUP_LOCK_TIMEOUT: int = Field(default=60, ge=5, le=3600)
+    PG_LOCK_WAIT_TIMEOUT: str = Field(default="60s", pattern=r"^[0-9]+(ms|s|min|h)?$")
+    CELERY_BROKER_URL: str | None = None
+    CELERY_RESULT_BACKEND: str | None = None
+    WORKER_HOST: str = Field(default_factory=socket.gethostname, min_length=1)
+    RESTORE_TOKEN_TTL: int = Field(default=600, ge=10, le=86400)
+    RESTORE_JOBS: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    RESTORE_KEEP_PREVIOUS: int = Field(default=1, ge=0)
+    FOLLOW_TIMEOUT: int = Field(default=6 * 3600, ge=10)
+
+    @field_validator("DB_NAME")
+    @classmethod
+    def _name_fits_a_file_name(cls, value: str) -> str:
+        if not value or "/" in value or "\0" in value or value in {".", ".."}:
+            raise ValueError("must be a non-empty database name without '/' (it names the backup files)")
+        return value
+
+    @field_validator("DB_CONTAINER", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("BACKUP_COMPRESSION")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        from worker.compression import parse_compression
+
+        parse_compression(value)
+        return value
+
+    @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from worker.schedule import parse_cron
+
+        parse_cron(value)
+        return value
+
+    @property
+    def broker_url(self) -> str | None:
+        return self.CELERY_BROKER_URL
+
+    @property
+    def result_backend(self) -> str | None:
+        return self.CELERY_RESULT_BACKEND or self.CELERY_BROKER_URL
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.BACKUP_DIR.expanduser().absolute()
+
+    @property
+    def password(self) -> str | None:
+        return self.DB_PASSWORD.get_secret_value() if self.DB_PASSWORD else None
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    variable = ".".join(str(part) for part in first["loc"]) or "settings"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if variable == "DB_PASSWORD" or isinstance(given, dict) else f" (got {given!r})"
+    return f"{variable}: {message}{shown}"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The validated settings, read once per process."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(_one_line(error)) from None
+
+
+def ensure_backup_dir(settings: Settings) -> Path:
+    """Create BACKUP_DIR (mode 0700) if its parent exists, and prove it is writable by writing to it."""
+    directory = settings.backup_dir
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise SettingsError(f"BACKUP_DIR: {directory} is not a writable folder ({error.strerror})") from None
+    return directory
