@@ -97,7 +97,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                     )
                 run["server_version"] = server_version_text(connection)
                 run["pg_dump_version"] = str(pg_dump_major)
-                with exported_snapshot(connection) as snapshot:
+                with exported_snapshot(connection, settings.PG_LOCK_WAIT_TIMEOUT) as snapshot:
                     options = [
                         "--format=custom",
                         f"--compress={compression}",

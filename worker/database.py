@@ -60,15 +60,18 @@ def server_version_text(connection: psycopg.Connection[Any]) -> str:
 
 
 @contextmanager
-def exported_snapshot(connection: psycopg.Connection[Any]) -> Iterator[str]:
+def exported_snapshot(connection: psycopg.Connection[Any], lock_timeout: str) -> Iterator[str]:
     """A SERIALIZABLE READ ONLY DEFERRABLE transaction whose snapshot pg_dump imports.
 
-    The transaction stays open until the block ends, which must be after pg_dump has finished."""
+    The transaction stays open until the block ends, which must be after pg_dump has finished.
+    `lock_timeout` bounds how long our own row counting waits for a table lock, as pg_dump's
+    --lock-wait-timeout does for pg_dump."""
     connection.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
     connection.read_only = True
     connection.deferrable = True
     with connection.transaction():
         snapshot = connection.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        connection.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         yield str(snapshot)
 
 

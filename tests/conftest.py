@@ -1,0 +1,146 @@
+"""Fixtures over real services (see tests/services.py for how each one starts).
+
+With CI=true a service that cannot be started fails the tests that need it; locally they skip with the
+reason and the command that installs what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests import services, tma_cloud
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+TEST_PASSWORD = "S3cret-Pw-For-Tests-9f2c1a"
+PASSWORD_ROLE = "tma_backup_pw"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"service needed by this test is unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[services.PostgresServer]:
+    try:
+        server = services.start_postgres()
+    except services.ServiceUnavailable as error:
+        _unavailable(str(error))
+    with server.connect(autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{TEST_PASSWORD}'")
+    yield server
+    server.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[services.RedisServer]:
+    try:
+        server = services.start_redis()
+    except services.ServiceUnavailable as error:
+        _unavailable(str(error))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def admin(pg: services.PostgresServer) -> Iterator[psycopg.Connection[Any]]:
+    with pg.connect(autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def tma_db(pg: services.PostgresServer) -> Iterator[str]:
+    """A fresh database shaped like TMA Cloud's, with data; dropped afterwards."""
+    name = f"tma_{uuid.uuid4().hex[:10]}"
+    with pg.connect(autocommit=True) as admin:
+        tma_cloud.create_database(admin, name)
+    with pg.connect(name, autocommit=True) as connection:
+        tma_cloud.create_schema(connection)
+        tma_cloud.populate(connection)
+    yield name
+    with pg.connect(autocommit=True) as admin:  # a fresh connection: a test may have restarted the server
+        tma_cloud.drop_database(admin, name)
+
+
+def base_env(pg: services.PostgresServer, backup_dir: Path, **overrides: str) -> dict[str, str]:
+    """A clean environment for the CLI and workers: no inherited DB_* or Celery settings."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DB_", "BACKUP_", "CELERY_", "RESTORE_", "PG", "WORKER_"))}
+    env.update({
+        "DB_HOST": pg.host,
+        "DB_PORT": str(pg.port),
+        "DB_USER": PASSWORD_ROLE,
+        "DB_PASSWORD": TEST_PASSWORD,
+        "DB_MODE": "host",
+        "BACKUP_DIR": str(backup_dir),
+        "PYTHONPATH": str(services.REPO),
+    })
+    env.update(overrides)
+    return {key: value for key, value in env.items() if value is not None}
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, input: str | None = None,
+            timeout: float = 300) -> CliResult:
+    process = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        input=input, stdin=None if input is not None else subprocess.DEVNULL, timeout=timeout,
+    )
+    return CliResult(process.returncode, process.stdout, process.stderr)
+
+
+@pytest.fixture
+def backup_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+@pytest.fixture
+def cli_env(pg: services.PostgresServer, backup_dir: Path, tma_db: str) -> dict[str, str]:
+    """In-process mode (no broker) against the test database."""
+    return base_env(pg, backup_dir, DB_NAME=tma_db)
+
+
+@pytest.fixture(scope="session")
+def worker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_proc(pg: services.PostgresServer, redis_server: services.RedisServer,
+                       worker_dir: Path) -> Iterator[services.WorkerProcess]:
+    """One real worker for the session: `celery -A worker worker -E` on host `host-main`."""
+    backups = worker_dir / "backups"
+    env = base_env(pg, backups, CELERY_BROKER_URL=redis_server.url, WORKER_HOST="host-main",
+                   TEST_CWD=str(worker_dir))
+    worker = services.WorkerProcess("main@host-main", env, worker_dir / "worker.log").start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def broker_env(celery_worker_proc: services.WorkerProcess, tma_db: str) -> dict[str, str]:
+    """The CLI environment that dispatches to the session worker."""
+    return {**celery_worker_proc.env, "DB_NAME": tma_db}

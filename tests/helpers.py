@@ -1,0 +1,118 @@
+"""Small helpers shared by the tests: reading backups back, restoring them with bare tools."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests import services, tma_cloud
+from worker.meta import BackupMeta, read_meta
+
+
+def backups_in(directory: Path, database: str) -> list[Path]:
+    return sorted(path for path in directory.glob(f"{database}_*.dump") if path.is_file())
+
+
+def only_backup(directory: Path, database: str) -> tuple[Path, BackupMeta]:
+    found = backups_in(directory, database)
+    assert len(found) == 1, f"expected one backup of {database}, found {[p.name for p in found]}"
+    return found[0], read_meta(found[0].with_name(found[0].name + ".meta"))
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def toc_entries(path: Path) -> int:
+    listing = subprocess.run(["pg_restore", "--list", str(path)], capture_output=True, text=True, check=True)
+    return sum(1 for line in listing.stdout.splitlines() if line.strip() and not line.startswith(";"))
+
+
+def restore_copy(pg: services.PostgresServer, admin: psycopg.Connection[Any], dump: Path, name: str) -> None:
+    """A plain pg_restore of the dump into a new database, with bare tools."""
+    tma_cloud.drop_database(admin, name)
+    tma_cloud.create_database(admin, name)
+    subprocess.run(
+        ["pg_restore", "--exit-on-error", "--no-owner", "-h", pg.host, "-p", str(pg.port), "-U", "postgres",
+         "-d", name, str(dump)], check=True, capture_output=True)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Files that look like an unfinished run: `.partial`, counts, temporary metas."""
+    return sorted(p.name for p in directory.iterdir() if ".partial" in p.name or p.name.endswith(".tmp"))
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("[ERROR]")]
+
+
+@contextmanager
+def table_locked(pg: services.PostgresServer, database: str, table: str = "files") -> Iterator[None]:
+    """Hold an ACCESS EXCLUSIVE lock on a table, so a pg_dump of the database waits (is 'running')
+    until the block ends. Deterministic, without needing a huge database."""
+    connection = pg.connect(database)
+    connection.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        try:
+            connection.rollback()
+            connection.close()
+        except psycopg.OperationalError:
+            pass  # the test stopped the server meanwhile
+
+
+def wait_for(condition: Any, timeout: float = 30, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def dump_waiting_on_lock(admin: psycopg.Connection[Any], database: str) -> bool:
+    """pg_dump (application_name tma-backup) of this database is waiting for a table lock."""
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'tma-backup'"
+        " AND wait_event_type = 'Lock'", (database,)).fetchone()
+    return bool(row and row[0])
+
+
+class PsSampler:
+    """Samples every process's argv (what `ps` shows) in the background."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.lines: set[str] = set()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                            self.lines.add(handle.read().replace(b"\0", b" ").decode(errors="replace"))
+                    except OSError:
+                        pass
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> "PsSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
