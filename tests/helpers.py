@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import threading
 import time
@@ -19,7 +20,8 @@ from worker.meta import BackupMeta, read_meta
 
 
 def backups_in(directory: Path, database: str) -> list[Path]:
-    return sorted(path for path in directory.glob(f"{database}_*.dump") if path.is_file())
+    pattern = re.compile(re.escape(database) + r"_\d{8}T\d{6}Z\.dump")
+    return sorted(path for path in directory.glob("*.dump") if pattern.fullmatch(path.name) and path.is_file())
 
 
 def only_backup(directory: Path, database: str) -> tuple[Path, BackupMeta]:
