@@ -1,0 +1,36 @@
+"""Task names are a wire format: renaming one orphans messages already queued. Fail loudly instead."""
+
+from __future__ import annotations
+
+from worker import app
+
+EXPECTED_TASKS = {
+    "tma_backup.backup",
+    "tma_backup.dump",
+    "tma_backup.verify",
+    "tma_backup.checksum",
+    "tma_backup.meta",
+    "tma_backup.prune",
+    "tma_backup.backup_failed",
+}
+
+
+def test_registered_task_names_are_exactly_the_documented_ones():
+    app.loader.import_default_modules()
+    ours = {name for name in app.tasks if name.startswith("tma_backup.")}
+    assert ours == EXPECTED_TASKS
+
+
+def test_every_beat_entry_names_a_registered_task_and_expires():
+    app.loader.import_default_modules()
+    schedule = app.conf.beat_schedule
+    assert schedule, "the nightly backup is scheduled"
+    for name, entry in schedule.items():
+        assert entry["task"] in app.tasks, name
+        assert entry["options"]["expires"] > 0, name
+
+
+def test_the_app_speaks_json_only_and_sends_events():
+    assert app.conf.task_serializer == "json" and app.conf.accept_content == ["json"]
+    assert app.conf.worker_send_task_events and app.conf.task_track_started
+    assert not app.conf.task_acks_late
