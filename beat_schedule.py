@@ -1,4 +1,5 @@
-"""The beat schedule, and only that: the nightly backup at BACKUP_SCHEDULE (cron, UTC).
+"""The beat schedule, and only that: the nightly backup at BACKUP_SCHEDULE and the weekly restore
+drill at BACKUP_DRILL_SCHEDULE (cron, UTC).
 
 Every entry carries `expires`, so a backlog (beat down, workers busy) never runs a slot twice.
 """
@@ -11,6 +12,7 @@ from worker.schedule import parse_cron
 from worker.settings import Settings
 
 NIGHTLY_BACKUP = "nightly-backup"
+WEEKLY_DRILL = "weekly-restore-drill"
 
 
 def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -18,6 +20,12 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         NIGHTLY_BACKUP: {
             "task": "tma_backup.backup",
             "schedule": parse_cron(settings.BACKUP_SCHEDULE),
+            "kwargs": {"scheduled": True},
+            "options": {"expires": 3600},
+        },
+        WEEKLY_DRILL: {
+            "task": "tma_backup.drill",
+            "schedule": parse_cron(settings.BACKUP_DRILL_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3600},
         },

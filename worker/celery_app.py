@@ -7,7 +7,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_after_setup
 
-app = Celery("tma_backup", include=["tasks.backup"])
+app = Celery("tma_backup", include=["tasks.backup", "tasks.restore"])
 app.config_from_object("worker.celery_config")
 
 DEFAULT_QUEUE = "tma_backup"

@@ -201,13 +201,29 @@ def status(database: str | None) -> None:
     output.info(f"Newest     : {newest.path.name}")
     output.info(f"Size       : {human_size(newest.size)}")
     output.info(f"Age        : {age_hours:.1f} h (limit BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
+    from worker.drills import last_drill
+
+    drill = last_drill(settings, database)
+    if drill is None:
+        output.warn("Last drill : none recorded (tma-backup drill)")
+    elif drill["result"] == "pass":
+        output.info(f"Last drill : passed at {drill['at']} ({Path(drill['file']).name})")
+    else:
+        output.warn(f"Last drill : FAILED at {drill['at']}: {drill.get('error', '')}")
     if age_hours > settings.BACKUP_MAX_AGE_HOURS:
         raise BackupError(f"newest backup of {database!r} is {age_hours:.1f} h old, over the limit")
     output.ok("Backups are current.")
 
 
+from worker import cli_restore  # noqa: E402,F401  (registers restore, rollback, drill)
+
+
 def main() -> None:
-    cli()
+    # Import the group by module name: under `python -m worker.cli` this file is `__main__`, and the
+    # restore commands register themselves on `worker.cli.cli`, not on `__main__.cli`.
+    from worker.cli import cli as group
+
+    group()
 
 
 if __name__ == "__main__":

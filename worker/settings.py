@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     CELERY_BROKER_URL: str | None = None
     CELERY_RESULT_BACKEND: str | None = None
     WORKER_HOST: str = Field(default_factory=socket.gethostname, min_length=1)
-    RESTORE_TOKEN_TTL: int = Field(default=600, ge=10, le=86400)
+    RESTORE_TOKEN_TTL: int = Field(default=600, ge=1, le=86400)
     RESTORE_JOBS: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     RESTORE_KEEP_PREVIOUS: int = Field(default=1, ge=0)
     FOLLOW_TIMEOUT: int = Field(default=6 * 3600, ge=10)

@@ -85,7 +85,6 @@ class HostExecutor:
                 stdin=stdin_handle,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                start_new_session=True,
             )
         except OSError as error:
             raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None

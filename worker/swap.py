@@ -1,0 +1,182 @@
+"""Databases around a restore: scratch copies, the atomic swap by rename, kept previous copies.
+
+Every database this tool creates carries a comment (`tma-backup:<role>:<live database>:<run>`) so that
+leftovers are found by what they are, not by guessing from names. All names reach SQL through
+`psycopg.sql.Identifier`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from worker.database import connect
+from worker.errors import BackupError
+
+MAINTENANCE_DB = "postgres"
+COMMENT_PREFIX = "tma-backup"
+SCRATCH, KEPT, DRILL = "scratch", "previous", "drill"
+MAX_NAME_BYTES = 63
+
+
+@dataclass(frozen=True)
+class DatabaseShape:
+    """What a replacement must keep of the live database."""
+
+    encoding: str
+    collate: str
+    ctype: str
+    owner: str
+    allow_connections: bool
+
+
+@dataclass(frozen=True)
+class ManagedDatabase:
+    name: str
+    role: str
+    live: str
+    run: str
+
+
+def admin_connection(connect_kwargs: dict[str, Any]) -> psycopg.Connection[Any]:
+    return connect(connect_kwargs, MAINTENANCE_DB, autocommit=True)
+
+
+def fit_name(name: str, unique: str) -> str:
+    """PostgreSQL truncates names past 63 bytes; shorten ourselves, keeping a hash for uniqueness."""
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name.encode()[: MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}_{digest}"
+
+
+def scratch_name(role: str) -> str:
+    return f"tma_{role}_{uuid.uuid4().hex[:16]}"
+
+
+def kept_name(live: str, timestamp: str, kind: str = "pre_restore") -> str:
+    return fit_name(f"{live}__{kind}_{timestamp}", timestamp)
+
+
+def shape_of(admin: psycopg.Connection[Any], database: str) -> DatabaseShape | None:
+    row = admin.execute(
+        "SELECT pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, r.rolname, d.datallowconn"
+        " FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba WHERE d.datname = %s",
+        (database,),
+    ).fetchone()
+    return DatabaseShape(*row) if row else None
+
+
+def comment(role: str, live: str, run: str) -> str:
+    return f"{COMMENT_PREFIX}:{role}:{live}:{run}"
+
+
+def create_like(admin: psycopg.Connection[Any], name: str, shape: DatabaseShape, role: str, live: str, run: str) -> None:
+    """An empty database with the live one's encoding, collation, ctype and owner."""
+    admin.execute(
+        sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(
+            sql.Identifier(name), sql.Literal(shape.encoding), sql.Literal(shape.collate),
+            sql.Literal(shape.ctype), sql.Identifier(shape.owner),
+        )
+    )
+    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment(role, live, run))))
+
+
+def drop(admin: psycopg.Connection[Any], name: str) -> None:
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def managed(admin: psycopg.Connection[Any], live: str, role: str) -> list[ManagedDatabase]:
+    """Databases this tool made for `live` in `role`, oldest first (by creation order of their oid)."""
+    rows = admin.execute(
+        "SELECT d.datname, s.description FROM pg_database d"
+        " JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass"
+        " WHERE s.description LIKE %s ORDER BY d.oid",
+        (f"{COMMENT_PREFIX}:{role}:%",),
+    ).fetchall()
+    found = []
+    for name, description in rows:
+        _, found_role, rest = description.split(":", 2)
+        found_live, _, run = rest.rpartition(":")
+        if found_role == role and found_live == live:
+            found.append(ManagedDatabase(name, role, live, run))
+    return found
+
+
+def drop_leftover_scratches(admin: psycopg.Connection[Any], live: str) -> list[str]:
+    """Scratch and drill databases of `live` left by a crashed run. Call only while holding its lock."""
+    dropped = []
+    for role in (SCRATCH, DRILL):
+        for leftover in managed(admin, live, role):
+            drop(admin, leftover.name)
+            dropped.append(leftover.name)
+    return dropped
+
+
+def repair_refused_connections(admin: psycopg.Connection[Any], live: str) -> bool:
+    """A crash between 'refuse connections' and the swap leaves the live database refusing them.
+    Re-enable it (the kept copies stay refused: they are not live). Returns True when it repaired."""
+    shape = shape_of(admin, live)
+    if shape is None or shape.allow_connections:
+        return False
+    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(live)))
+    return True
+
+
+def terminate_sessions(admin: psycopg.Connection[Any], database: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()[0]  # type: ignore[index]
+        if remaining == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BackupError(f"sessions on {database!r} did not end within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def set_allow_connections(admin: psycopg.Connection[Any], database: str, allow: bool) -> None:
+    admin.execute(
+        sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(database), sql.SQL("true" if allow else "false")
+        )
+    )
+
+
+def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: str, run: str) -> None:
+    """Refuse new sessions on `live`, end its sessions, then in ONE transaction rename live → kept and
+    replacement → live. There is never a moment without a live database. On failure before the
+    commit, `live` accepts connections again and is exactly as it was."""
+    set_allow_connections(admin, live, False)
+    try:
+        terminate_sessions(admin, live)
+        with admin.transaction():
+            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(kept)))
+            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(replacement), sql.Identifier(live)))
+            admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
+            admin.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(kept), sql.Literal(comment(KEPT, live, run)))
+            )
+    except BaseException:
+        if shape_of(admin, live) is not None:
+            set_allow_connections(admin, live, True)
+        raise
+
+
+def trim_kept(admin: psycopg.Connection[Any], live: str, keep: int) -> list[str]:
+    """Drop kept previous copies of `live` beyond the newest `keep`."""
+    kept = managed(admin, live, KEPT)
+    doomed = kept[: max(len(kept) - keep, 0)]
+    for database in doomed:
+        drop(admin, database.name)
+    return [database.name for database in doomed]
