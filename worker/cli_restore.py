@@ -75,6 +75,8 @@ def _report(result: dict[str, Any]) -> None:
 def _ask_confirmation(database: str) -> str:
     click.echo("Type the database name to confirm: ", nl=False, err=True)
     answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        click.echo("", err=True)  # the answer was not echoed by a terminal: end the prompt's line
     if not answer:
         raise BackupError("restore cancelled: no confirmation (end of input); nothing was touched")
     if answer.strip() != database:

@@ -1,0 +1,253 @@
+"""Restore: the live database is replaced only by a verified copy, and only with a valid confirmation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests import tma_cloud
+from tests.conftest import run_cli
+from tests.helpers import error_lines, only_backup, sha256_file
+
+
+def digests(pg, database: str) -> dict[str, str]:
+    with pg.connect(database) as connection:
+        return tma_cloud.table_digests(connection)
+
+
+def managed_databases(admin, role: str) -> list[str]:
+    rows = admin.execute(
+        "SELECT d.datname FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid"
+        " WHERE s.description LIKE %s", (f"tma-backup:{role}:%",)).fetchall()
+    return [row[0] for row in rows]
+
+
+def change_live(pg, database: str) -> None:
+    with pg.connect(database, autocommit=True) as connection:
+        connection.execute("INSERT INTO users (email, name) VALUES ('new@example.com', 'Added after backup')")
+        connection.execute("DELETE FROM share_links")
+        connection.execute("ALTER TABLE files ADD COLUMN checksum text DEFAULT 'x'")
+
+
+@pytest.fixture
+def backed_up(cli_env, backup_dir, tma_db, tmp_path) -> tuple[Path, dict[str, str]]:
+    result = run_cli(["backup"], cli_env, tmp_path)
+    assert result.returncode == 0, result.output
+    dump, _ = only_backup(backup_dir, tma_db)
+    return dump, cli_env
+
+
+def test_round_trip_restores_backup_time_content_and_rollback_brings_the_change_back(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    changed = digests(pg, tma_db)
+    assert changed != at_backup
+
+    result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert digests(pg, tma_db) == at_backup
+    assert "Restart the application to refresh connection pools." in result.stderr
+    assert "tma-backup rollback" in result.stderr
+    [kept] = managed_databases(admin, "previous")
+    assert kept.startswith(f"{tma_db}__pre_restore_")
+    allowed = admin.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (kept,)).fetchone()[0]
+    assert allowed is False, "the kept copy refuses connections until a rollback"
+    admin.execute(f'ALTER DATABASE "{kept}" WITH ALLOW_CONNECTIONS true')
+    assert digests(pg, kept) == changed
+    admin.execute(f'ALTER DATABASE "{kept}" WITH ALLOW_CONNECTIONS false')
+    assert managed_databases(admin, "scratch") == []
+
+    result = run_cli(["rollback", "--database", tma_db, "--confirm", tma_db], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert digests(pg, tma_db) == changed
+    for name in managed_databases(admin, "previous"):
+        tma_cloud.drop_database(admin, name)
+
+
+def _refused(result, live_before, pg, database, expected: str) -> None:
+    assert result.returncode in (1, 2), result.output
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert digests(pg, database) == live_before
+
+
+def test_refusals_touch_nothing(pg, admin, backed_up, backup_dir, tma_db, tmp_path):
+    dump, env = backed_up
+    change_live(pg, tma_db)
+    live = digests(pg, tma_db)
+
+    _refused(run_cli(["restore", str(dump), "--confirm", "another_db"], env, tmp_path), live, pg, tma_db, "is not")
+    _refused(run_cli(["restore", str(dump)], env, tmp_path, input="wrong_name\n"), live, pg, tma_db, "cancelled")
+    _refused(run_cli(["restore", str(dump)], env, tmp_path, input=""), live, pg, tma_db, "end of input")
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(dump, outside / dump.name)
+    shutil.copy(dump.with_name(dump.name + ".meta"), outside / (dump.name + ".meta"))
+    _refused(run_cli(["restore", f"../outside/{dump.name}", "--confirm", tma_db], env, tmp_path), live, pg, tma_db, "'..'")
+    _refused(run_cli(["restore", str(outside / dump.name), "--confirm", tma_db], env, tmp_path), live, pg, tma_db,
+             "only from inside BACKUP_DIR")
+    link = backup_dir / f"{tma_db}_20000101T000000Z.dump"
+    link.symlink_to(outside / dump.name)
+    (backup_dir / (link.name + ".meta")).symlink_to(outside / (dump.name + ".meta"))
+    _refused(run_cli(["restore", str(link), "--confirm", tma_db], env, tmp_path), live, pg, tma_db,
+             "only from inside BACKUP_DIR")
+
+    no_meta = backup_dir / f"{tma_db}_20000101T000001Z.dump"
+    shutil.copy(dump, no_meta)
+    _refused(run_cli(["restore", str(no_meta), "--confirm", tma_db], env, tmp_path), live, pg, tma_db, ".meta is missing")
+
+    flipped = backup_dir / f"{tma_db}_20000101T000002Z.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    shutil.copy(dump.with_name(dump.name + ".meta"), flipped.with_name(flipped.name + ".meta"))
+    _refused(run_cli(["restore", str(flipped), "--confirm", tma_db], env, tmp_path), live, pg, tma_db, "SHA-256 mismatch")
+
+    truncated = backup_dir / f"{tma_db}_20000101T000003Z.dump"
+    truncated.write_bytes(dump.read_bytes()[:200])
+    meta = dump.with_name(dump.name + ".meta").read_text()
+    truncated.with_name(truncated.name + ".meta").write_text(
+        meta.replace(sha256_file(dump), sha256_file(truncated)))
+    _refused(run_cli(["restore", str(truncated), "--confirm", tma_db], env, tmp_path), live, pg, tma_db, "not a readable dump")
+
+    not_a_dump = backup_dir / f"{tma_db}_20000101T000004Z.dump"
+    not_a_dump.write_bytes(b"PGDMP? no, just text\n" * 50)
+    not_a_dump.with_name(not_a_dump.name + ".meta").write_text(meta.replace(sha256_file(dump), sha256_file(not_a_dump)))
+    _refused(run_cli(["restore", str(not_a_dump), "--confirm", tma_db], env, tmp_path), live, pg, tma_db, "not a readable dump")
+
+    _refused(run_cli(["restore", str(backup_dir / "nothing.dump"), "--confirm", tma_db], env, tmp_path), live, pg, tma_db,
+             "no such backup file")
+    assert managed_databases(admin, "scratch") == []
+    assert managed_databases(admin, "previous") == []
+
+
+def test_a_restore_failing_inside_pg_restore_leaves_live_unchanged_and_no_scratch(pg, admin, backed_up, backup_dir, tma_db, tmp_path):
+    dump, env = backed_up
+    change_live(pg, tma_db)
+    live = digests(pg, tma_db)
+    damaged = backup_dir / f"{tma_db}_20000101T000005Z.dump"
+    data = bytearray(dump.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 64):  # corrupt table data, keep the TOC readable
+        data[offset] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    meta = dump.with_name(dump.name + ".meta").read_text()
+    damaged.with_name(damaged.name + ".meta").write_text(meta.replace(sha256_file(dump), sha256_file(damaged)))
+    assert run_cli(["verify", str(damaged)], env, tmp_path).returncode == 0, "the checks pass: damage is in the data"
+
+    result = run_cli(["restore", str(damaged), "--confirm", tma_db], env, tmp_path)
+    _refused(result, live, pg, tma_db, "pg_restore failed")
+    assert managed_databases(admin, "scratch") == []
+    assert managed_databases(admin, "previous") == []
+
+
+def test_row_counts_that_do_not_match_meta_abort_before_the_swap(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    change_live(pg, tma_db)
+    live = digests(pg, tma_db)
+    meta_path = dump.with_name(dump.name + ".meta")
+    meta_path.write_text(meta_path.read_text().replace("public.users=50", "public.users=51"))
+    result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
+    _refused(result, live, pg, tma_db, "row counts differ")
+    assert "public.users: .meta 51, restored 50" in result.stderr
+    assert managed_databases(admin, "scratch") == []
+
+
+def test_a_client_in_an_open_transaction_is_disconnected_at_the_swap(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    client = pg.connect(tma_db)
+    client.execute("SELECT count(*) FROM users")  # an open transaction holding a lock
+    try:
+        result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
+        assert result.returncode == 0, result.output
+        with pytest.raises(psycopg.OperationalError):
+            client.execute("SELECT 1")
+    finally:
+        client.close()
+    assert digests(pg, tma_db) == at_backup
+    for name in managed_databases(admin, "previous"):
+        tma_cloud.drop_database(admin, name)
+
+
+def test_restore_keeps_encoding_collation_pgboss_and_extensions(pg, admin, backup_dir, tmp_path):
+    from tests.conftest import base_env
+
+    name = "tma_latin1_restore"
+    tma_cloud.drop_database(admin, name)
+    tma_cloud.create_database(admin, name, template="template0", encoding="LATIN1", lc_collate="C", lc_ctype="C")
+    try:
+        with pg.connect(name, autocommit=True) as connection:
+            tma_cloud.create_schema(connection)
+            tma_cloud.populate(connection, users=10)
+        env = base_env(pg, backup_dir, DB_NAME=name)
+        assert run_cli(["backup"], env, tmp_path).returncode == 0
+        dump, _ = only_backup(backup_dir, name)
+        result = run_cli(["restore", str(dump), "--confirm", name], env, tmp_path)
+        assert result.returncode == 0, result.output
+        row = admin.execute("SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database"
+                            " WHERE datname = %s", (name,)).fetchone()
+        assert row == ("LATIN1", "C", "C")
+        with pg.connect(name) as connection:
+            assert connection.execute("SELECT count(*) FROM pgboss.job").fetchone()[0] == 20
+            extensions = {r[0] for r in connection.execute("SELECT extname FROM pg_extension")}
+            assert {"pg_trgm", "pgcrypto"} <= extensions
+    finally:
+        tma_cloud.drop_database(admin, name)
+        for kept in managed_databases(admin, "previous"):
+            tma_cloud.drop_database(admin, kept)
+
+
+def test_in_place_mode_warns_and_restores(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    result = run_cli(["restore", str(dump), "--confirm", tma_db, "--mode", "in-place"], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert "[WARN]" in result.stderr and "EMPTY" in result.stderr
+    assert digests(pg, tma_db) == at_backup
+    assert managed_databases(admin, "previous") == []
+
+
+def test_drill_passes_then_fails_on_a_wrong_count_and_drops_its_scratch_both_times(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    live = digests(pg, tma_db)
+    result = run_cli(["drill"], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert "Drill passed" in result.stderr
+    assert managed_databases(admin, "drill") == []
+    status = run_cli(["status"], env, tmp_path)
+    assert "Last drill : passed" in status.stderr
+
+    meta_path = dump.with_name(dump.name + ".meta")
+    meta_path.write_text(meta_path.read_text().replace("pgboss.job=100", "pgboss.job=99"))
+    result = run_cli(["drill", str(dump)], env, tmp_path)
+    assert result.returncode == 1
+    assert "row counts differ" in error_lines(result.stderr)[0]
+    assert managed_databases(admin, "drill") == []
+    assert digests(pg, tma_db) == live
+    status = run_cli(["status"], env, tmp_path)
+    assert "Last drill : FAILED" in status.stderr
+
+
+def test_token_is_rejected_without_a_broker_and_prepare_needs_one(backed_up, tmp_path):
+    dump, env = backed_up
+    result = run_cli(["restore", "--token", "abc", "--confirm", "x"], env, tmp_path)
+    assert result.returncode == 2 and "needs CELERY_BROKER_URL" in error_lines(result.stderr)[0]
+    result = run_cli(["restore", str(dump), "--prepare"], env, tmp_path)
+    assert result.returncode == 2 and "needs CELERY_BROKER_URL" in error_lines(result.stderr)[0]
+
+
+def test_backup_files_are_private(backed_up, backup_dir):
+    dump, _ = backed_up
+    assert os.stat(dump).st_mode & 0o777 == 0o600
+    assert os.stat(dump.with_name(dump.name + ".meta")).st_mode & 0o777 == 0o600
+    assert os.stat(backup_dir).st_mode & 0o077 == 0
