@@ -18,7 +18,8 @@ broker_connection_retry_on_startup = True
 broker_transport_options = {"visibility_timeout": 12 * 3600}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 result_expires = 7 * 24 * 3600
-result_extended = True
+# Off: an extended result stores the task's real arguments, and a restore's token is one.
+result_extended = False
 
 task_serializer = "json"
 result_serializer = "json"
