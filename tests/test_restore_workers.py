@@ -123,7 +123,7 @@ def test_tokens_and_passwords_stay_out_of_results_events_and_logs(pg, admin, bro
         tma_cloud.drop_database(admin, name)
 
 
-def _big_database(pg, admin, name: str, rows: int = 3_000_000) -> None:
+def _big_database(pg, admin, name: str, rows: int = 5_000_000) -> None:
     tma_cloud.create_database(admin, name)
     with pg.connect(name, autocommit=True) as connection:
         tma_cloud.create_schema(connection)
@@ -148,16 +148,18 @@ def test_restores_and_backups_of_one_database_exclude_each_other(pg, admin, redi
     try:
         dump = _backup(env, tmp_path)
         live = digests(pg, name)
-        first = _start(env, tmp_path, "restore", str(dump), "--confirm", name)
+        first = _start({**env, "RESTORE_JOBS": "1"}, tmp_path, "restore", str(dump), "--confirm", name)
         wait_for(lambda: managed_databases(admin, "scratch"), timeout=60, what="the first restore's scratch database")
-        second = run_cli(["restore", str(dump), "--confirm", name], env, tmp_path)
-        backup = run_cli(["backup"], env, tmp_path)
+        second = _start(env, tmp_path, "restore", str(dump), "--confirm", name)
+        backup = _start(env, tmp_path, "backup")
+        _, second_err = second.communicate(timeout=120)
+        _, backup_err = backup.communicate(timeout=120)
         still_running = first.poll() is None
         _, stderr = first.communicate(timeout=300)
         assert still_running, "the first restore must still have been running during the checks"
         assert first.returncode == 0, stderr
-        assert second.returncode == 1 and "is busy" in error_lines(second.stderr)[0]
-        assert backup.returncode == 1 and "is busy" in error_lines(backup.stderr)[0]
+        assert second.returncode == 1 and "is busy" in error_lines(second_err)[0], second_err
+        assert backup.returncode == 1 and "is busy" in error_lines(backup_err)[0], backup_err
         assert digests(pg, name) == live
 
         with table_locked(pg, name, "bulk"):
@@ -178,7 +180,7 @@ def test_a_worker_killed_mid_restore_leaves_live_unchanged_is_not_rerun_and_the_
         pg, admin, redis_server, tmp_path):
     name = "tma_kill_restore"
     tma_cloud.drop_database(admin, name)
-    _big_database(pg, admin, name)
+    _big_database(pg, admin, name, rows=2_000_000)
     broker = f"redis://127.0.0.1:{redis_server.port}/7"
     env = base_env(pg, tmp_path / "backups", CELERY_BROKER_URL=broker, WORKER_HOST="host-x", DB_NAME=name,
                    BACKUP_LOCK_TIMEOUT="6", TEST_CWD=str(tmp_path))

@@ -1,7 +1,10 @@
 """Dispatch a backup through the broker and follow its chain until it ends, within bounded time.
 
 If the broker or the result backend goes away, the follower keeps trying for a while, then says that
-it lost track (exit 1) rather than hanging.
+it lost track (exit 1) rather than hanging. A link whose worker died (SIGKILL, OOM, a lost host) never
+reports anything: the follower watches the run's database lock, which that worker kept alive, and once
+the lock is gone (expired or released) while the link has not finished, it gives the link a short grace
+to report, then says that it lost track of the run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def sanitized(url: str) -> str:
 
 def check_workers(app: Celery) -> list[str]:
     try:
-        replies = app.control.ping(timeout=1.0)
+        replies = app.control.ping(timeout=2.0, limit=1)  # one answer is enough to know a worker listens
     except Exception as error:  # kombu raises several connection error types
         raise BackupError(f"cannot reach the broker at {sanitized(app.conf.broker_url)}: {error}") from None
     if not replies:
@@ -73,13 +76,49 @@ def _poll(result: AsyncResult, lost_since: list[float | None]) -> tuple[str, Any
     return state, info
 
 
+class RunWatch:
+    """Is the run still alive? Its lock (`key`, owned by `run_id`) says so while the chain works.
+
+    `owner_of(key)` reads the lock's owner (None when nobody holds it); it may raise when Redis is
+    unreachable, which counts as "unknown", not as "gone". `check` raises LostTrack once the lock has
+    been gone for `grace` seconds while a link is unfinished."""
+
+    def __init__(self, key: str, run_id: str, owner_of: Callable[[str], str | None], grace: float) -> None:
+        self.key = key
+        self.run_id = run_id
+        self.owner_of = owner_of
+        self.grace = grace
+        self._gone_since: float | None = None
+
+    def check(self, step: str, state: str) -> None:
+        try:
+            owner = self.owner_of(self.key)
+        except Exception:  # Redis unreachable: the result backend's own tolerance applies
+            return
+        if owner == self.run_id:
+            self._gone_since = None
+            return
+        now = time.monotonic()
+        if self._gone_since is None:
+            self._gone_since = now
+        if now - self._gone_since > self.grace:
+            whose = f"run {owner} holds it now" if owner else "it expired or was released"
+            raise LostTrack(
+                f"lost track of backup run {self.run_id}: its lock is gone ({whose}) while the {step} link "
+                f"is {state}, so the worker running it died or the broker lost the chain; the run is "
+                "abandoned and the next backup removes its partial files; check `tma-backup list`"
+            )
+
+
 def wait_for(
     result: AsyncResult,
     deadline: float,
     on_state: Callable[[str, Any], None] | None = None,
     pending_limit: float | None = None,
+    watch: Callable[[str], None] | None = None,
 ) -> Any:
-    """Wait for one task; returns its result or raises BackupError with the task's own message."""
+    """Wait for one task; returns its result or raises BackupError with the task's own message.
+    `watch(state)` runs on every poll while the task is unfinished and may raise LostTrack."""
     lost_since: list[float | None] = [None]
     pending_since = time.monotonic()
     last: tuple[str, Any] | None = None
@@ -92,6 +131,8 @@ def wait_for(
             return info
         if state in ("FAILURE", "REVOKED"):
             raise BackupError(str(info) if info else f"task {result.id} {state.lower()}")
+        if watch is not None:
+            watch(state)
         if state == "PENDING" and pending_limit and time.monotonic() - pending_since > pending_limit:
             raise LostTrack(
                 f"task {result.id} was not picked up within {pending_limit:.0f}s; is a worker running "
@@ -105,18 +146,35 @@ def wait_for(
 
 
 def follow_backup(
-    app: Celery, kickoff: AsyncResult, timeout: float, on_event: Callable[[str, str, Any], None]
+    app: Celery,
+    kickoff: AsyncResult,
+    timeout: float,
+    on_event: Callable[[str, str, Any], None],
+    owner_of: Callable[[str], str | None] | None = None,
+    lock_grace: float = 30.0,
 ) -> dict[str, Any]:
-    """Follow `tma_backup.backup` and then each link of the chain it started; returns the final summary."""
+    """Follow `tma_backup.backup` and then each link of the chain it started; returns the final summary.
+
+    With `owner_of` (reads a lock's owner in Redis), a run whose lock disappears while a link is
+    unfinished is reported as lost after `lock_grace` seconds instead of being waited for until
+    `timeout`."""
     deadline = time.monotonic() + timeout
     started = wait_for(kickoff, deadline, pending_limit=NO_WORKER_SECONDS)
     if "skipped" in started:
         raise BackupError(started["skipped"])
     on_event("kickoff", "SUCCESS", started)
     steps = started["steps"]
+    run_watch = (
+        RunWatch(started["lock"], started["run_id"], owner_of, lock_grace)
+        if owner_of is not None and started.get("lock")
+        else None
+    )
     summary: Any = None
     for name, step_id in zip(STEP_NAMES, steps):
         summary = wait_for(
-            AsyncResult(step_id, app=app), deadline, lambda state, info, name=name: on_event(name, state, info)
+            AsyncResult(step_id, app=app),
+            deadline,
+            lambda state, info, name=name: on_event(name, state, info),
+            watch=(lambda state, name=name: run_watch.check(name, state)) if run_watch else None,
         )
     return summary
