@@ -12,6 +12,10 @@ EXPECTED_TASKS = {
     "tma_backup.meta",
     "tma_backup.prune",
     "tma_backup.backup_failed",
+    "tma_backup.restore_prepare",
+    "tma_backup.restore",
+    "tma_backup.rollback",
+    "tma_backup.drill",
 }
 
 

@@ -39,6 +39,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
             prepared = prepare(settings, executor, file)
             with swap.admin_connection(executor.connect_kwargs()) as admin:
                 swap.drop_leftover_scratches(admin, prepared.meta.database)
+                swap.repair_refused_connections(admin, prepared.meta.database)
                 shape = swap.shape_of(admin, prepared.meta.database) or default_shape(admin)
                 scratch, counts = _restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
                 swap.drop(admin, scratch)

@@ -18,6 +18,7 @@ from worker.backup import Progress, _no_progress, sha256_of, tool_environment
 from worker.database import connect, exact_row_counts, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
+from worker.faults import crash_point
 from worker.locks import DatabaseLock, kept_alive
 from worker.meta import BackupMeta
 from worker.settings import Settings
@@ -118,6 +119,7 @@ def _restore_into_scratch(settings: Settings, executor: Executor, admin: Any, pr
     try:
         progress("restoring", {"database": scratch})
         _pg_restore(settings, executor, prepared.path, scratch, settings.RESTORE_JOBS)
+        crash_point("restore:restored")
         progress("checking", {})
         counts = _analyze_and_count(executor, scratch)
         _compare_counts(prepared.meta.row_counts, counts)
@@ -209,7 +211,9 @@ def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepar
     """The seed's way, for hosts without room for two copies: drop, recreate, --single-transaction.
     A failure here leaves the database empty; the CLI warns before it starts."""
     progress("dropping", {})
-    swap.set_allow_connections(admin, live, False) if swap.shape_of(admin, live) else None
+    if swap.shape_of(admin, live):
+        swap.mark_swapping(admin, live, "in-place")
+        swap.set_allow_connections(admin, live, False)
     swap.drop(admin, live)
     admin.execute(
         sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(

@@ -18,6 +18,7 @@ from psycopg import sql
 
 from worker.database import connect
 from worker.errors import BackupError
+from worker.faults import crash_point
 
 MAINTENANCE_DB = "postgres"
 COMMENT_PREFIX = "tma-backup"
@@ -120,13 +121,40 @@ def drop_leftover_scratches(admin: psycopg.Connection[Any], live: str) -> list[s
     return dropped
 
 
+SWAP_MARKER = "tma_backup.swap_in_progress"
+
+
+def mark_swapping(admin: psycopg.Connection[Any], database: str, run: str) -> None:
+    """Remember, on the database itself, that we are about to make it refuse connections: a crash
+    leaves this mark, and only a marked database is ever re-enabled by `repair_refused_connections`
+    (an operator's own ALLOW_CONNECTIONS false is left alone)."""
+    admin.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+        sql.Identifier(database), sql.Identifier(*SWAP_MARKER.split(".")), sql.Literal(run)))
+
+
+def clear_mark(admin: psycopg.Connection[Any], database: str) -> None:
+    admin.execute(sql.SQL("ALTER DATABASE {} RESET {}").format(
+        sql.Identifier(database), sql.Identifier(*SWAP_MARKER.split("."))))
+
+
+def is_marked(admin: psycopg.Connection[Any], database: str) -> bool:
+    row = admin.execute(
+        "SELECT 1 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+        " WHERE d.datname = %s AND s.setrole = 0 AND EXISTS ("
+        "  SELECT 1 FROM unnest(s.setconfig) c WHERE c LIKE %s)",
+        (database, SWAP_MARKER + "=%"),
+    ).fetchone()
+    return row is not None
+
+
 def repair_refused_connections(admin: psycopg.Connection[Any], live: str) -> bool:
-    """A crash between 'refuse connections' and the swap leaves the live database refusing them.
-    Re-enable it (the kept copies stay refused: they are not live). Returns True when it repaired."""
+    """A crash between 'refuse connections' and the end of the swap leaves the live database marked and
+    refusing them. Re-enable it and clear the mark. Returns True when it repaired."""
     shape = shape_of(admin, live)
-    if shape is None or shape.allow_connections:
+    if shape is None or not is_marked(admin, live):
         return False
-    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(live)))
+    set_allow_connections(admin, live, True)
+    clear_mark(admin, live)
     return True
 
 
@@ -157,11 +185,14 @@ def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: s
     """Refuse new sessions on `live`, end its sessions, then in ONE transaction rename live → kept and
     replacement → live. There is never a moment without a live database. On failure before the
     commit, `live` accepts connections again and is exactly as it was."""
+    mark_swapping(admin, live, run)
     set_allow_connections(admin, live, False)
+    crash_point("swap:connections-refused")
     try:
         terminate_sessions(admin, live)
         with admin.transaction():
             admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(kept)))
+            crash_point("swap:between-renames")
             admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(replacement), sql.Identifier(live)))
             admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
             admin.execute(
@@ -170,7 +201,9 @@ def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: s
     except BaseException:
         if shape_of(admin, live) is not None:
             set_allow_connections(admin, live, True)
+            clear_mark(admin, live)
         raise
+    clear_mark(admin, kept)
 
 
 def trim_kept(admin: psycopg.Connection[Any], live: str, keep: int) -> list[str]:
