@@ -251,3 +251,33 @@ def test_backup_files_are_private(backed_up, backup_dir):
     assert os.stat(dump).st_mode & 0o777 == 0o600
     assert os.stat(dump.with_name(dump.name + ".meta")).st_mode & 0o777 == 0o600
     assert os.stat(backup_dir).st_mode & 0o077 == 0
+
+
+def test_database_settings_and_grants_survive_the_swap(pg, admin, backed_up, tma_db, tmp_path):
+    dump, env = backed_up
+    admin.execute("DROP ROLE IF EXISTS tma_app_reader")
+    admin.execute("CREATE ROLE tma_app_reader")
+    admin.execute(f'ALTER DATABASE "{tma_db}" SET search_path = pgboss, public')
+    admin.execute(f'ALTER DATABASE "{tma_db}" SET work_mem = \'64MB\'')
+    admin.execute(f'REVOKE ALL ON DATABASE "{tma_db}" FROM PUBLIC')
+    admin.execute(f'GRANT CONNECT ON DATABASE "{tma_db}" TO tma_app_reader')
+
+    def access() -> tuple:
+        settings = admin.execute(
+            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+            " WHERE d.datname = %s AND s.setrole = 0", (tma_db,)).fetchone()
+        acl = admin.execute("SELECT datacl::text FROM pg_database WHERE datname = %s", (tma_db,)).fetchone()
+        return settings, acl
+
+    before = access()
+    try:
+        result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert access() == before
+        with pg.connect(tma_db) as connection:
+            assert connection.execute("SHOW search_path").fetchone()[0] == "pgboss, public"
+    finally:
+        for name in managed_databases(admin, "previous"):
+            tma_cloud.drop_database(admin, name)
+        admin.execute(f'REVOKE ALL ON DATABASE "{tma_db}" FROM tma_app_reader')
+        admin.execute("DROP ROLE IF EXISTS tma_app_reader")

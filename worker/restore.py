@@ -185,6 +185,7 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
             else:
                 kept = swap.kept_name(live, catalogue.utc_timestamp())
                 try:
+                    swap.carry_database_settings(admin, live, scratch)
                     swap.swap_in(admin, live, scratch, kept, run)
                 except BaseException as error:
                     swap.drop(admin, scratch)

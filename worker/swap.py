@@ -206,6 +206,39 @@ def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: s
     clear_mark(admin, kept)
 
 
+_LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
+_DATABASE_PRIVILEGES = {"CONNECT", "CREATE", "TEMPORARY"}
+
+
+def carry_database_settings(admin: psycopg.Connection[Any], source: str, target: str) -> None:
+    """What a dump of one database cannot hold: its `ALTER DATABASE … SET` values and its GRANTs.
+    Carry them from the live database to its replacement, so the swap changes data, not access."""
+    target_id = sql.Identifier(target)
+    rows = admin.execute(
+        "SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+        " WHERE d.datname = %s AND s.setrole = 0", (source,)).fetchall()
+    for (entry,) in rows:
+        name, _, value = entry.partition("=")
+        if name == SWAP_MARKER:
+            continue
+        parts = [part.strip() for part in value.split(",")] if name in _LIST_SETTINGS else [value]
+        admin.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(
+            target_id, sql.Identifier(*name.split(".")), sql.SQL(", ").join(map(sql.Literal, parts))))
+    has_acl = admin.execute("SELECT datacl IS NOT NULL FROM pg_database WHERE datname = %s", (source,)).fetchone()
+    if not has_acl or not has_acl[0]:
+        return
+    admin.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target_id))
+    grants = admin.execute(
+        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable"
+        " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s AND a.grantee <> d.datdba", (source,)).fetchall()
+    for grantee, privilege, grantable in grants:
+        if privilege not in _DATABASE_PRIVILEGES:
+            continue
+        admin.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+            sql.SQL(privilege), target_id, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
+            sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+
+
 def trim_kept(admin: psycopg.Connection[Any], live: str, keep: int) -> list[str]:
     """Drop kept previous copies of `live` beyond the newest `keep`."""
     kept = managed(admin, live, KEPT)
