@@ -1,15 +1,16 @@
 """Celery configuration, read from the validated settings. JSON only; events on; nothing retried blindly."""
 
-from __future__ import annotations
+# Every module-level name here becomes a Celery setting (shown by `celery inspect conf` and on Flower's
+# worker page): helpers are imported under private names so that only real settings are public.
+import sys as _sys
 
-import sys
-
-from worker.settings import SettingsError, get_settings
+from worker.settings import SettingsError as _SettingsError
+from worker.settings import get_settings as _get_settings
 
 try:
-    _settings = get_settings()
-except SettingsError as _error:  # a worker or beat started with bad settings: one line, exit 2
-    print(f"[ERROR] {_error}", file=sys.stderr)
+    _settings = _get_settings()
+except _SettingsError as _error:  # a worker, beat or Flower started with bad settings: one line, exit 2
+    print(f"[ERROR] {_error}", file=_sys.stderr)
     raise SystemExit(2) from None
 
 broker_url = _settings.broker_url or "redis://127.0.0.1:6379/0"
@@ -35,6 +36,6 @@ worker_prefetch_multiplier = 1
 timezone = "UTC"
 enable_utc = True
 
-from beat_schedule import build_schedule  # noqa: E402  (needs the settings above)
+from beat_schedule import build_schedule as _build_schedule  # noqa: E402  (needs the settings above)
 
-beat_schedule = build_schedule(_settings)
+beat_schedule = _build_schedule(_settings)
