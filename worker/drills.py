@@ -37,7 +37,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
         with kept_alive(lock, max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)):
             progress("checking", {})
             prepared = prepare(settings, executor, file)
-            with swap.admin_connection(executor.connect_kwargs()) as admin:
+            with swap.admin_connection(executor.connect_kwargs(), prepared.meta.database) as admin:
                 swap.drop_leftover_scratches(admin, prepared.meta.database)
                 swap.repair_refused_connections(admin, prepared.meta.database)
                 shape = swap.shape_of(admin, prepared.meta.database) or default_shape(admin)

@@ -167,7 +167,7 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
 
 def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
                     mode: str, progress: Progress) -> dict[str, Any]:
-    with swap.admin_connection(executor.connect_kwargs()) as admin:
+    with swap.admin_connection(executor.connect_kwargs(), live) as admin:
         cleaned = swap.drop_leftover_scratches(admin, live)
         repaired = swap.repair_refused_connections(admin, live)
         shape = swap.shape_of(admin, live)
@@ -234,7 +234,7 @@ def rollback(settings: Settings, executor: Executor, live: str, confirm: str, lo
         raise BackupError(f"rollback refused: the confirmation {confirm!r} does not match the database {live!r}")
     lock.acquire()
     try:
-        with swap.admin_connection(executor.connect_kwargs()) as admin:
+        with swap.admin_connection(executor.connect_kwargs(), live) as admin:
             kept = swap.managed(admin, live, swap.KEPT)
             if not kept:
                 raise BackupError(f"no kept previous copy of {live!r} to roll back to")

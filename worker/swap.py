@@ -45,8 +45,10 @@ class ManagedDatabase:
     run: str
 
 
-def admin_connection(connect_kwargs: dict[str, Any]) -> psycopg.Connection[Any]:
-    return connect(connect_kwargs, MAINTENANCE_DB, autocommit=True)
+def admin_connection(connect_kwargs: dict[str, Any], live: str) -> psycopg.Connection[Any]:
+    """A session outside the database being replaced: `postgres`, or `template1` when `postgres` is the
+    one being restored (a session cannot rename the database it is connected to)."""
+    return connect(connect_kwargs, MAINTENANCE_DB if live != MAINTENANCE_DB else "template1", autocommit=True)
 
 
 def fit_name(name: str, unique: str) -> str:
