@@ -6,10 +6,17 @@
 #      tma-local/python-base:bookworm) and reuses the ones that exist; the worker image is rebuilt
 #      from the working tree through the build cache (seconds when nothing changed;
 #      SKIP_IF_EXISTS=1 reuses it as it is);
-#   3. creates .env from .env.example with random passwords when there is none (never overwrites);
+#   3. creates the env file (.env) from .env.example with random passwords when there is none (never
+#      overwrites);
 #   4. `docker-compose up -d` and waits until postgres and redis are healthy and the others run.
-# Never reads stdin (fine with CI=true). Logs to stderr. Options: --build-only (steps 1-2 only).
-# Stop with: docker-compose down   (add -v to delete the database, broker and backup volumes)
+# Never reads stdin (fine with CI=true). Logs to stderr. Options:
+#   --build-only             steps 1-2 only
+#   --project-directory DIR  where the env file and relative paths live (default: the repository)
+#   --env-file FILE          the settings (default: DIR/.env)
+#   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
+# Host ports: REDIS_HOST_PORT (default 56379), FLOWER_HOST_PORT (default 5555), from the environment.
+# Stop with: docker-compose down   (add -v to delete the database, broker and backup volumes; pass the
+# same --project-directory/--env-file/-p as here)
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -17,14 +24,30 @@ LOG_TAG=up
 . "$HERE/images/common.sh"
 
 build_only=0
-for arg in "$@"; do
-  case $arg in
+project_dir=$REPO
+env_file=
+project_name=
+while [ $# -gt 0 ]; do
+  case $1 in
     --build-only) build_only=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
-    *) die "unknown option $arg (try --help)" ;;
+    --project-directory) [ $# -ge 2 ] || die "$1 needs a folder"; project_dir=$2; shift ;;
+    --env-file) [ $# -ge 2 ] || die "$1 needs a file"; env_file=$2; shift ;;
+    -p|--project-name) [ $# -ge 2 ] || die "$1 needs a name"; project_name=$2; shift ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    *) die "unknown option $1 (try --help)" ;;
   esac
+  shift
 done
 exec </dev/null
+project_dir=$(cd "$project_dir" && pwd) || die "no folder $project_dir"
+env_file=${env_file:-$project_dir/.env}
+case $env_file in /*) ;; *) env_file=$(pwd)/$env_file ;; esac
+export TMA_ENV_FILE="$env_file"   # the containers' env_file (docker-compose.yml)
+# docker-compose with this stack's file, folder, settings and name, whatever the current folder
+dc() {
+  docker-compose -f "$REPO/docker-compose.yml" --project-directory "$project_dir" --env-file "$env_file" \
+    ${project_name:+-p "$project_name"} "$@"
+}
 
 t0=$(date +%s)
 need_pkgs "debootstrap" debootstrap
@@ -42,33 +65,41 @@ if [ $build_only = 1 ]; then
 fi
 
 need_pkgs "docker-compose" docker-compose
-cd "$REPO"
-if [ ! -e .env ]; then
-  [ -r .env.example ] || die ".env and .env.example are both missing in $REPO"
-  log "no .env: creating it from .env.example with random DB_PASSWORD and FLOWER_PASSWORD (mode 600)"
+cd "$project_dir"
+if [ ! -e "$env_file" ]; then
+  [ -r "$REPO/.env.example" ] || die "$env_file and $REPO/.env.example are both missing"
+  log "no $env_file: creating it from .env.example with random DB_PASSWORD and FLOWER_PASSWORD (mode 600)"
   umask 077
   rand() { od -An -N18 -tx1 /dev/urandom | tr -d ' \n'; }
   sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$(rand)/" -e "s/^FLOWER_PASSWORD=.*/FLOWER_PASSWORD=$(rand)/" \
-    .env.example >.env.tmp && mv .env.tmp .env
+    "$REPO/.env.example" >"$env_file.tmp" && mv "$env_file.tmp" "$env_file"
   umask 022
 fi
 
 log "docker-compose config"
-docker-compose config -q || die "docker-compose.yml does not validate (see above)"
+dc config -q || die "docker-compose.yml does not validate (see above)"
+# fixed container names (tma-cloud-postgres, tma-backup-beat) may belong to something else: say so clearly
+ours=$(dc ps -q 2>/dev/null || true)
+for name in tma-cloud-postgres tma-backup-beat; do
+  id=$(docker inspect -f '{{.Id}}' "$name" 2>/dev/null) || continue
+  if ! printf '%s\n' "$ours" | grep -q "^$id"; then
+    die "a container named $name exists outside this stack ($(docker inspect -f '{{.Config.Image}}, {{.State.Status}}' "$name")): remove it or stop its stack first"
+  fi
+done
 log "docker-compose up -d"
-docker-compose up -d --no-build >&2 || die "docker-compose up failed"
+dc up -d --no-build >&2 || die "docker-compose up failed"
 
 # wait for health (postgres, redis) and for the others to be running
 deadline=$(( $(date +%s) + ${UP_TIMEOUT:-120} ))
 for svc in postgres redis worker beat flower; do
   while :; do
-    id=$(docker-compose ps -q "$svc")
+    id=$(dc ps -q "$svc")
     state=$( [ -n "$id" ] && docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id" || echo missing)
     case $state in
       "running healthy"|"running ") break ;;
-      exited*|dead*|missing) docker-compose logs --tail=30 "$svc" >&2; die "$svc is $state" ;;
+      exited*|dead*|missing) dc logs --tail=30 "$svc" >&2; die "$svc is $state" ;;
     esac
-    [ "$(date +%s)" -lt "$deadline" ] || { docker-compose logs --tail=30 "$svc" >&2; die "$svc still '$state' after ${UP_TIMEOUT:-120} s"; }
+    [ "$(date +%s)" -lt "$deadline" ] || { dc logs --tail=30 "$svc" >&2; die "$svc still '$state' after ${UP_TIMEOUT:-120} s"; }
     sleep 1
   done
   log "$svc: $state"
@@ -76,12 +107,12 @@ done
 # a Celery process that dies on start (bad settings, import error) shows as running for a moment
 sleep "${UP_SETTLE:-5}"
 for svc in worker beat flower; do
-  id=$(docker-compose ps -q "$svc")
+  id=$(dc ps -q "$svc")
   set -- $(docker inspect -f '{{.State.Status}} {{.RestartCount}}' "$id")
   if [ "$1" != running ] || [ "$2" != 0 ]; then
-    docker-compose logs --tail=30 "$svc" >&2
+    dc logs --tail=30 "$svc" >&2
     die "$svc is $1 after $2 restarts"
   fi
 done
-docker-compose ps >&2
-log "stack up in $(( $(date +%s) - t0 )) s; Flower: http://127.0.0.1:5555; broker for the host CLI: redis://$(docker-compose port redis 6379)/0"
+dc ps >&2
+log "stack up in $(( $(date +%s) - t0 )) s; Flower: http://$(dc port flower 5555); broker for the host CLI: redis://$(dc port redis 6379)/0"

@@ -1,0 +1,228 @@
+"""docker-compose.yml for real: it validates, and the stack comes up on the local Docker engine from
+locally built images (docker/up.sh) and runs one backup end to end, then goes away (`down -v`).
+
+Every run uses a throwaway settings file and project folder under tmp_path (never a `.env` in the
+repository: the settings read `.env` from the working directory), its own project name, and random
+host ports. The stack's fixed container names (tma-cloud-postgres, tma-backup-beat) cannot be shared:
+when another stack or test holds them, this test waits for them to go away.
+
+Needs: docker.io, docker-compose and the images `docker/ci-setup.sh` builds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import services
+from tests.conftest import _unavailable
+
+REPO = services.REPO
+COMPOSE_FILE = REPO / "docker-compose.yml"
+FIXED_NAMES = ("tma-cloud-postgres", "tma-backup-beat")
+BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/python-base:bookworm")
+CHAIN = ("tma_backup.dump", "tma_backup.verify", "tma_backup.checksum", "tma_backup.meta", "tma_backup.prune")
+
+
+def _run(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    if "input" not in kwargs:
+        kwargs["stdin"] = subprocess.DEVNULL
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _write_env_file(path: Path, project: str, omit: tuple[str, ...] = ()) -> dict[str, str]:
+    """A throwaway settings file (mode 600) with fresh random passwords."""
+    settings = {
+        "DB_USER": "postgres", "DB_PASSWORD": f"dbpw-{secrets.token_hex(8)}", "DB_NAME": "tma_cloud_storage",
+        "BACKUP_RETAIN_COUNT": "3", "FLOWER_USER": "admin", "FLOWER_PASSWORD": f"flpw-{secrets.token_hex(8)}",
+        "COMPOSE_PROJECT_NAME": project,
+    }
+    settings = {key: value for key, value in settings.items() if key not in omit}
+    path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+    path.chmod(0o600)
+    return settings
+
+
+class Compose:
+    """docker-compose with the repository's file, a throwaway folder and settings file, and its own name."""
+
+    def __init__(self, folder: Path, env_file: Path, project: str) -> None:
+        self.folder, self.env_file, self.project = folder, env_file, project
+        self.environ = {**_clean_environ(), "TMA_ENV_FILE": str(env_file), "REDIS_HOST_PORT": "0",
+                        "FLOWER_HOST_PORT": "0"}
+
+    def args(self, *args: str) -> list[str]:
+        return ["docker-compose", "-f", str(COMPOSE_FILE), "--project-directory", str(self.folder),
+                "--env-file", str(self.env_file), "-p", self.project, *args]
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return _run(self.args(*args), timeout=timeout, env=self.environ, cwd=self.folder)
+
+    def exec(self, service: str, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self("exec", "-T", service, *command, timeout=timeout)
+
+
+def _clean_environ() -> dict[str, str]:
+    """No inherited settings: the stack's must come from its settings file only."""
+    return {key: value for key, value in os.environ.items()
+            if not key.startswith(("DB_", "BACKUP_", "CELERY_", "FLOWER_", "COMPOSE_", "TMA_", "REDIS_"))}
+
+
+def _config(compose: Compose) -> dict[str, Any]:
+    """`docker-compose config`, parsed with the YAML module docker-compose itself runs on."""
+    result = compose("config")
+    assert result.returncode == 0, result.stderr
+    parsed = _run(["/usr/bin/python3", "-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"],
+                  input=result.stdout)
+    assert parsed.returncode == 0, parsed.stderr
+    return dict(json.loads(parsed.stdout))
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> None:
+    if not shutil.which("docker-compose"):
+        _unavailable("docker-compose not found: apt-get install docker-compose (or run docker/ci-setup.sh)")
+
+
+@pytest.fixture(scope="module")
+def docker_engine(docker_compose: None) -> None:
+    if not shutil.which("docker"):
+        _unavailable("docker not found: run docker/ci-setup.sh (installs docker.io and builds the images)")
+    if _run(["docker", "info"], timeout=30).returncode != 0:
+        _unavailable("the Docker engine does not answer: run docker/ci-setup.sh (starts dockerd)")
+    missing = [image for image in BASE_IMAGES if _run(["docker", "image", "inspect", image]).returncode != 0]
+    if missing:
+        _unavailable(f"images {', '.join(missing)} are missing: run docker/ci-setup.sh")
+
+
+def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose, tmp_path):
+    project = f"tmacfg{secrets.token_hex(4)}"
+    settings = _write_env_file(tmp_path / "settings.env", project)
+    config = _config(Compose(tmp_path, tmp_path / "settings.env", project))
+    services_ = config["services"]
+    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "worker"]
+
+    postgres = services_["postgres"]
+    assert postgres["container_name"] == "tma-cloud-postgres" and "healthcheck" in postgres
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == settings["DB_PASSWORD"]
+    worker = services_["worker"]
+    assert "-E" in worker["command"].split() and worker["user"] == "1000:1000"
+    assert worker["build"]["dockerfile"] == "Dockerfile"
+    assert any(volume.startswith("backups:/backups") for volume in worker["volumes"])
+    assert "backups" in config["volumes"]
+    assert worker["environment"]["DB_PASSWORD"] == settings["DB_PASSWORD"], "settings come from the env file"
+    # exactly one beat: a fixed container name, so `--scale beat=2` cannot start a second one
+    assert services_["beat"]["container_name"] == "tma-backup-beat" and "beat" in services_["beat"]["command"]
+    flower = services_["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == f"admin:{settings['FLOWER_PASSWORD']}"
+    assert settings["FLOWER_PASSWORD"] not in flower["command"], "credentials stay out of argv"
+    published = [str(port) for name in ("flower", "redis") for port in services_[name]["ports"]]
+    assert published and all(port.startswith("127.0.0.1:") for port in published), published
+    for name in ("worker", "beat", "flower"):
+        assert services_[name]["image"] == "tma-local/tma-backup-worker:latest"
+        assert services_[name]["environment"]["CELERY_BROKER_URL"] == "redis://redis:6379/0"
+
+    # Without a password the file refuses to resolve, naming the variable.
+    _write_env_file(tmp_path / "nopw.env", project, omit=("DB_PASSWORD",))
+    refused = Compose(tmp_path, tmp_path / "nopw.env", project)("config", "-q")
+    assert refused.returncode != 0 and "DB_PASSWORD" in refused.stderr
+
+
+def _wait_for_fixed_names_to_be_free(timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        taken = [name for name in FIXED_NAMES if _run(["docker", "inspect", name]).returncode == 0]
+        if not taken:
+            return
+        if time.monotonic() > deadline:
+            _unavailable(f"containers {', '.join(taken)} exist (another stack or test) and did not go away in "
+                         f"{timeout:.0f}s; the compose stack needs those names")
+        time.sleep(2)
+
+
+def _http(url: str, auth: tuple[str, str] | None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+@pytest.fixture
+def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
+    project = f"tmatest{secrets.token_hex(4)}"
+    settings = _write_env_file(tmp_path / "settings.env", project)
+    compose = Compose(tmp_path, tmp_path / "settings.env", project)
+    _wait_for_fixed_names_to_be_free()
+    try:
+        up = _run([str(REPO / "docker" / "up.sh"), "--project-directory", str(tmp_path), "--env-file",
+                   str(compose.env_file), "-p", project], timeout=900,
+                  env={**compose.environ, "UP_SETTLE": "3"}, cwd=tmp_path)
+        assert up.returncode == 0, f"docker/up.sh failed:\n{up.stderr[-5000:]}"
+        yield compose, settings
+    finally:
+        down = compose("down", "-v", "--remove-orphans", "--timeout", "20", timeout=180)
+        assert down.returncode == 0, down.stderr
+        left = _run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"])
+        assert left.stdout.strip() == "", "no container of the test stack is left"
+
+
+def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(stack):
+    compose, settings = stack
+    secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"])
+
+    # TMA Cloud's database gets a table with rows (pg_dump of an empty database holds no TOC entries).
+    created = compose.exec("postgres", "psql", "-v", "ON_ERROR_STOP=1", "-q", "-U", "postgres", "-d",
+                           "tma_cloud_storage", "-c", "CREATE TABLE files (id bigserial PRIMARY KEY, name text); "
+                           "INSERT INTO files (name) SELECT 'file-' || g FROM generate_series(1, 1000) g;")
+    assert created.returncode == 0, created.stderr
+
+    backup = compose.exec("worker", "tma-backup", "backup", timeout=300)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert "redis://redis:6379/0" in backup.stderr and "[OK]" in backup.stderr, "went through the broker"
+
+    listing = compose.exec("worker", "ls", "/backups")
+    files = sorted(listing.stdout.split())
+    dumps = [name for name in files if name.endswith(".dump")]
+    assert len(dumps) == 1 and files == [dumps[0], dumps[0] + ".meta"], files
+    assert dumps[0].startswith("tma_cloud_storage_")
+    meta = compose.exec("worker", "cat", f"/backups/{dumps[0]}.meta").stdout
+    assert "public.files=1000" in meta and "mode=host" in meta
+    verify = compose.exec("worker", "tma-backup", "verify", f"/backups/{dumps[0]}")
+    assert verify.returncode == 0, verify.stderr
+    assert "Backup is intact" in verify.stderr
+
+    # The worker runs as uid 1000; beat is one container; Flower asks for credentials and shows the chain.
+    assert compose.exec("worker", "id", "-u").stdout.strip() == "1000"
+    assert len(compose("ps", "-q", "beat").stdout.split()) == 1
+    assert "beat: Starting..." in compose("logs", "--no-color", "beat").stdout
+    flower = "http://" + compose("port", "flower", "5555").stdout.strip()
+    assert _http(flower + "/api/tasks", None)[0] == 401
+    assert _http(flower + "/api/tasks", (settings["FLOWER_USER"], "wrong"))[0] == 401
+    status, body = _http(flower + "/api/tasks", (settings["FLOWER_USER"], settings["FLOWER_PASSWORD"]))
+    assert status == 200
+    states = {task["name"]: task["state"] for task in json.loads(body).values()}
+    assert all(states.get(name) == "SUCCESS" for name in CHAIN), states
+
+    # No secret in any process's argv inside the stack, in Flower's answer, in the backup's .meta, or logs.
+    for container in compose("ps", "-q").stdout.split():
+        top = _run(["docker", "top", container, "-eo", "pid,args"])
+        assert top.returncode == 0 and not [secret for secret in secrets_ if secret in top.stdout]
+    assert not [secret for secret in secrets_ if secret in body or secret in meta]
+    logs = compose("logs", "--no-color").stdout
+    assert not [secret for secret in secrets_ if secret in logs]
