@@ -3,11 +3,14 @@ Colour only on a terminal (Rich turns it off by itself otherwise)."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.markup import escape
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False, soft_wrap=True)
+# Without a terminal Rich assumes 80 columns and would cut file names in tables: be wide instead.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 
 _STYLES = {"INFO": "cyan", "OK": "green", "WARN": "yellow", "ERROR": "bold red"}
 
