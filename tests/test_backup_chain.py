@@ -143,9 +143,10 @@ def test_pg_dump_killed_mid_dump_leaves_nothing(pg, admin, cli_env, backup_dir, 
     with table_locked(pg, tma_db):
         process = _start_backup(cli_env, tmp_path)
         wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
-        wait_for(lambda: subprocess.run(["pgrep", "-x", "pg_dump"], capture_output=True).returncode == 0,
+        ours = f"--file={backup_dir}/"  # only this test's pg_dump, never another one on the machine
+        wait_for(lambda: subprocess.run(["pgrep", "-f", "--", ours], capture_output=True).returncode == 0,
                  what="pg_dump running")
-        subprocess.run(["pkill", "-KILL", "-x", "pg_dump"], check=True)
+        subprocess.run(["pkill", "-KILL", "-f", "--", ours], check=True)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     assert len(error_lines(stderr)) == 1 and "pg_dump failed" in stderr and "signal 9" in stderr, stderr

@@ -133,7 +133,7 @@ def test_a_killed_worker_frees_the_lock_and_the_next_backup_cleans_up(pg, admin,
             assert client.keys("tma_backup:lock:*"), "the running backup holds the lock"
             wait_for(lambda: list(backups.glob("*.partial")), what="pg_dump to create its output file")
             worker.kill()
-            subprocess.run(["pkill", "-KILL", "-x", "pg_dump"], check=False)
+            subprocess.run(["pkill", "-KILL", "-f", "--", f"--file={backups}/"], check=False)
         killed_at = time.monotonic()
         wait_for(lambda: not client.keys("tma_backup:lock:*"), timeout=30, what="the lock to expire")
         assert time.monotonic() - killed_at < 15
