@@ -58,7 +58,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         raise BackupError(str(error)) from None
     lock.acquire()
     try:
-        dump = catalogue.new_backup_path(directory, database)
+        dump = catalogue.new_backup_path(directory, database, parse_compression(settings.BACKUP_COMPRESSION).suffix)
     except BaseException:
         lock.release()
         raise
@@ -66,7 +66,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         "run_id": run_id,
         "database": database,
         "backup": str(dump),
-        "timestamp": dump.name.removeprefix(f"{database}_").removesuffix(catalogue.DUMP_SUFFIX),
+        "timestamp": catalogue.timestamp_of(dump, database),
         "host": settings.WORKER_HOST,
         "started_at": time.time(),
     }
@@ -100,13 +100,14 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                 with exported_snapshot(connection, settings.PG_LOCK_WAIT_TIMEOUT) as snapshot:
                     options = [
                         "--format=custom",
-                        f"--compress={compression}",
+                        f"--compress={compression.pg_dump_value}",
                         f"--snapshot={snapshot}",
                         "--no-owner",
                         "--no-privileges",
                         f"--lock-wait-timeout={settings.PG_LOCK_WAIT_TIMEOUT}",
                     ]
-                    process = executor.start_dump(options, tool_environment(settings, database), partial)
+                    process = executor.start_dump(
+                        options, tool_environment(settings, database), partial, compression.zstd_level)
                     try:
                         progress("counting rows", {})
                         counts = exact_row_counts(connection)
@@ -234,7 +235,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
             database=run["database"],
             user=settings.DB_USER,
             mode=run["mode"],
-            compression=parse_compression(settings.BACKUP_COMPRESSION),
+            compression=parse_compression(settings.BACKUP_COMPRESSION).label.removeprefix("--compress="),
             toc_entries=run["toc_entries"],
             file_size_bytes=run["size_bytes"],
             duration_seconds=time.time() - run["started_at"],

@@ -20,6 +20,8 @@ from worker.meta import BackupMeta, MetaError, read_meta
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _TIMESTAMP = r"(?P<timestamp>\d{8}T\d{6}Z)"
 DUMP_SUFFIX = ".dump"
+ZST_DUMP_SUFFIX = ".dump.zst"  # the zstd-stream fast mode
+_ANY_DUMP = r"\.dump(?:\.zst)?"
 META_SUFFIX = ".meta"
 PARTIAL_SUFFIX = ".partial"
 
@@ -32,12 +34,17 @@ def parse_timestamp(text: str) -> datetime:
     return datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc)
 
 
-def backup_name(database: str, timestamp: str) -> str:
-    return f"{database}_{timestamp}{DUMP_SUFFIX}"
+def backup_name(database: str, timestamp: str, suffix: str = DUMP_SUFFIX) -> str:
+    return f"{database}_{timestamp}{suffix}"
+
+
+def timestamp_of(dump: Path, database: str) -> str:
+    return dump.name.removeprefix(f"{database}_").removesuffix(ZST_DUMP_SUFFIX).removesuffix(DUMP_SUFFIX)
 
 
 def _pattern(database: str, suffix: str) -> re.Pattern[str]:
-    return re.compile(re.escape(database) + "_" + _TIMESTAMP + re.escape(suffix) + r"\Z", re.DOTALL)
+    """`<database>_<timestamp><.dump or .dump.zst><suffix>`."""
+    return re.compile(re.escape(database) + "_" + _TIMESTAMP + _ANY_DUMP + re.escape(suffix) + r"\Z", re.DOTALL)
 
 
 def meta_path(dump: Path) -> Path:
@@ -58,11 +65,13 @@ def run_files(dump: Path) -> list[Path]:
     return [partial_path(dump), counts_path(dump), meta_path(dump).with_name(meta_path(dump).name + ".tmp")]
 
 
-def new_backup_path(directory: Path, database: str) -> Path:
+def new_backup_path(directory: Path, database: str, suffix: str = DUMP_SUFFIX) -> Path:
     """A fresh name; waits for the next second when a backup of this second already exists."""
     while True:
-        dump = directory / backup_name(database, utc_timestamp())
-        taken = [dump, meta_path(dump), *run_files(dump)]
+        timestamp = utc_timestamp()
+        names = [directory / backup_name(database, timestamp, kind) for kind in (DUMP_SUFFIX, ZST_DUMP_SUFFIX)]
+        dump = directory / backup_name(database, timestamp, suffix)
+        taken = [path for name in names for path in (name, meta_path(name), *run_files(name))]
         if not any(os.path.lexists(path) for path in taken):
             return dump
         time.sleep(0.25)
@@ -113,7 +122,7 @@ def inspect_backup(dump: Path, database: str, timestamp: str) -> BackupEntry:
 
 def list_backups(directory: Path, database: str) -> list[BackupEntry]:
     """This database's backups by this tool's naming, oldest first; symlinks and folders are skipped."""
-    pattern = _pattern(database, DUMP_SUFFIX)
+    pattern = _pattern(database, "")
     entries = []
     for name in _names(directory):
         match = pattern.match(name)
@@ -124,7 +133,7 @@ def list_backups(directory: Path, database: str) -> list[BackupEntry]:
 
 def list_all_backups(directory: Path) -> list[BackupEntry]:
     """Every `*_<timestamp>.dump` regular file in the folder, whatever its database, oldest first."""
-    any_database = re.compile(r"(?P<database>.+)_" + _TIMESTAMP + re.escape(DUMP_SUFFIX) + r"\Z", re.DOTALL)
+    any_database = re.compile(r"(?P<database>.+)_" + _TIMESTAMP + _ANY_DUMP + r"\Z", re.DOTALL)
     entries = []
     for name in _names(directory):
         match = any_database.match(name)
@@ -158,11 +167,13 @@ def plan_prune(directory: Path, database: str, retain: int, keep: Path | None = 
             continue
         doomed += [entry.path, meta_path(entry.path)]
     leftovers = [
-        _pattern(database, DUMP_SUFFIX + PARTIAL_SUFFIX),
-        _pattern(database, DUMP_SUFFIX + PARTIAL_SUFFIX + ".counts"),
-        _pattern(database, DUMP_SUFFIX + META_SUFFIX + ".tmp"),
+        _pattern(database, PARTIAL_SUFFIX),
+        _pattern(database, PARTIAL_SUFFIX + ".counts"),
+        _pattern(database, META_SUFFIX + ".tmp"),
     ]
-    orphan_meta = _pattern(database, DUMP_SUFFIX + META_SUFFIX)
+    leftovers.append(re.compile(  # a crashed restore's decompressed copy of a .dump.zst (streams.plain_archive)
+        r"\." + re.escape(database) + "_" + _TIMESTAMP + _ANY_DUMP + r"\.restore-[0-9a-f]{8}\.dump\Z", re.DOTALL))
+    orphan_meta = _pattern(database, META_SUFFIX)
     for name in _names(directory):
         path = directory / name
         if not _is_regular_file(path):

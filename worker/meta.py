@@ -94,7 +94,7 @@ class BackupMeta:
             "user": self.user,
             "mode": self.mode,
             "format": self.format,
-            "compression": f"--compress={self.compression}",
+            "compression": self.compression if self.compression.startswith("zstd-stream") else f"--compress={self.compression}",
             "toc_entries": str(self.toc_entries),
             "file_size": human_size(self.file_size_bytes),
             "duration_seconds": str(round(self.duration_seconds)),

@@ -13,7 +13,7 @@ from typing import Any
 
 from psycopg import conninfo, sql
 
-from worker import catalogue, swap
+from worker import catalogue, streams, swap
 from worker.backup import Progress, _no_progress, sha256_of, tool_environment
 from worker.database import connect, exact_row_counts, first_line
 from worker.errors import BackupError, VerificationFailed
@@ -89,7 +89,11 @@ def _pg_restore(settings: Settings, executor: Executor, archive: Path, target: s
                 single_transaction: bool = False) -> None:
     environment = tool_environment(settings, target)
     options = [*_restore_options(jobs, single_transaction), f"--dbname={conninfo.make_conninfo(dbname=target)}"]
-    result = executor.restore(options, environment, archive)
+    try:
+        with streams.plain_archive(archive) as plain:
+            result = executor.restore(options, environment, plain)
+    except OSError as error:
+        raise BackupError(f"cannot decompress {archive.name} for pg_restore: {error.strerror or error}") from None
     if result.returncode != 0:
         raise BackupError(f"pg_restore failed: {result.last_error_line()}")
 

@@ -55,12 +55,14 @@ class Executor(Protocol):
 
     def tool_major(self, tool: str) -> int: ...
 
-    def start_dump(self, options: list[str], env: dict[str, str], output: Path) -> ToolProcess:
-        """Start pg_dump writing a custom-format archive to `output`."""
+    def start_dump(self, options: list[str], env: dict[str, str], output: Path,
+                   zstd_level: int | None = None) -> ToolProcess:
+        """Start pg_dump writing a custom-format archive to `output`, compressed by this process with
+        zstd at `zstd_level` when one is given (the `.dump.zst` fast mode)."""
         ...
 
     def list_archive(self, archive: Path, env: dict[str, str]) -> ToolResult:
-        """`pg_restore --list` of a local archive file."""
+        """`pg_restore --list` of a local archive file (a `.dump.zst` is decompressed on the way)."""
         ...
 
     def restore(self, options: list[str], env: dict[str, str], archive: Path) -> ToolResult:

@@ -22,7 +22,6 @@ which container is used, and why, is decided in `choose.py`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from worker import streams
 from worker.errors import BackupError
 from worker.executors.base import ToolResult, parse_tool_major
 from worker.executors.docker_streams import CHUNK, PID_MARKER, STDOUT, DumpStream, ExecStream, StderrTail, tar_stream, text
@@ -103,15 +103,15 @@ class DockerExecutor:
             self._majors[tool] = parse_tool_major(result.stdout, tool)
         return self._majors[tool]
 
-    def start_dump(self, options: list[str], env: dict[str, str], output: Path) -> DumpStream:
+    def start_dump(self, options: list[str], env: dict[str, str], output: Path,
+                   zstd_level: int | None = None) -> DumpStream:
         # `sh` reports the PID (inside the container) that pg_dump then takes over by `exec`, so that
         # kill() stops exactly this pg_dump and no other one running in the container.
         argv = ["sh", "-c", f'echo "{PID_MARKER}$$" >&2; exec "$@"', "sh", "pg_dump", *options]
         try:
-            descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            handle = streams.open_output(output, zstd_level)
         except OSError as error:
             raise BackupError(f"cannot write {output}: {error.strerror}") from None
-        handle = open(descriptor, "wb", buffering=CHUNK)
         try:
             stream = self._exec(argv, env)
         except BaseException:

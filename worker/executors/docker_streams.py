@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from worker import streams
 from worker.errors import BackupError
 from worker.executors.base import ToolResult
 
@@ -64,7 +65,7 @@ class ExecStream:
         """Send the file into the exec's stdin, then end its input. The tool may stop reading early
         (`pg_restore --list` reads the TOC only): that is not an error here; its exit code says."""
         try:
-            with open(path, "rb", buffering=0) as handle:
+            with streams.open_archive(path) as handle:
                 buffer = bytearray(CHUNK)
                 view = memoryview(buffer)
                 while not self._stop_sending.is_set() and (count := handle.readinto(buffer)):

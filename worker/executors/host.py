@@ -6,9 +6,11 @@ import functools
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
+from worker import streams
 from worker.errors import BackupError
 from worker.executors.base import ToolResult, parse_tool_major
 from worker.settings import Settings
@@ -41,6 +43,65 @@ class HostProcess:
             stdout.decode("utf-8", "replace") if stdout else "",
             stderr.decode("utf-8", "replace") if stderr else "",
         )
+
+
+class StreamedDump:
+    """pg_dump writing its archive to a pipe while a thread of this process compresses it (zstd) into
+    the output file: two cores at work instead of one."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], output: Path, zstd_level: int) -> None:
+        self._output = output
+        self._problem: str | None = None
+        self._stderr = b""
+        target = streams.open_output(output, zstd_level)
+        try:
+            self._process = subprocess.Popen(argv, env=tool_environment(env), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as error:
+            target.close()
+            raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None
+        self._pump = threading.Thread(target=self._compress, args=(target,), name="zstd-stream", daemon=True)
+        self._errors = threading.Thread(target=self._read_stderr, name="pg_dump-stderr", daemon=True)
+        self._pump.start()
+        self._errors.start()
+
+    def _compress(self, target: Any) -> None:
+        try:
+            streams.pump(self._process.stdout, target)  # type: ignore[arg-type]
+        except OSError as error:
+            self._problem = f"cannot write {self._output.name}: {error.strerror or error}"
+            self._process.kill()
+
+    def _read_stderr(self) -> None:
+        self._stderr = self._process.stderr.read()  # type: ignore[union-attr]
+
+    def poll(self) -> int | None:
+        return None if self._pump.is_alive() else self._process.poll()
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+
+    def wait(self) -> ToolResult:
+        self._process.wait()
+        self._pump.join()
+        self._errors.join()
+        stderr = self._stderr.decode("utf-8", "replace")
+        if self._problem:
+            return ToolResult(self._process.returncode or 1, "", f"{stderr}\nerror: {self._problem}".strip())
+        return ToolResult(self._process.returncode, "", stderr)
+
+
+def _feed(source: Path, descriptor: int) -> None:
+    """Write the decompressed archive into a pipe; the reader may stop early (--list reads the TOC)."""
+    try:
+        with streams.open_archive(source) as archive, open(descriptor, "wb", buffering=0) as pipe:
+            while chunk := archive.read(streams.CHUNK):
+                pipe.write(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except (OSError, ValueError):
+        pass  # pg_restore sees the input end early and says what is wrong with it
 
 
 class HostExecutor:
@@ -93,11 +154,29 @@ class HostExecutor:
                 stdin_handle.close()  # type: ignore[union-attr]
         return HostProcess(process)
 
-    def start_dump(self, options: list[str], env: dict[str, str], output: Path) -> HostProcess:
+    def start_dump(self, options: list[str], env: dict[str, str], output: Path,
+                   zstd_level: int | None = None) -> HostProcess | StreamedDump:
+        if zstd_level is not None:
+            return StreamedDump(["pg_dump", *options], env, output, zstd_level)
         return self._start(["pg_dump", *options, f"--file={output}"], env)
 
     def list_archive(self, archive: Path, env: dict[str, str]) -> ToolResult:
-        return self._start(["pg_restore", "--list", "--", str(archive)], env).wait()
+        if not streams.is_compressed_stream(archive):
+            return self._start(["pg_restore", "--list", "--", str(archive)], env).wait()
+        read_end, write_end = os.pipe()
+        feeder = threading.Thread(target=_feed, args=(archive, write_end), daemon=True)
+        try:
+            process = subprocess.Popen(["pg_restore", "--list"], env=tool_environment(env), stdin=read_end,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as error:
+            os.close(write_end)
+            raise BackupError(f"cannot run pg_restore: {error.strerror}") from None
+        finally:
+            os.close(read_end)
+        feeder.start()
+        result = HostProcess(process).wait()
+        feeder.join()
+        return result
 
     def restore(self, options: list[str], env: dict[str, str], archive: Path) -> ToolResult:
         return self._start(["pg_restore", *options, "--", str(archive)], env).wait()

@@ -1,0 +1,73 @@
+"""The zstd-stream fast mode: `.dump.zst` backups that verify, restore, drill and prune like any other."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import zstandard
+
+from tests import tma_cloud
+from tests.conftest import run_cli
+from tests.helpers import error_lines, restore_copy, sha256_file, toc_entries
+from tests.test_restore import change_live, digests, managed_databases
+from worker.meta import read_meta
+
+
+def zst_backups(directory: Path, database: str) -> list[Path]:
+    pattern = re.compile(re.escape(database) + r"_\d{8}T\d{6}Z\.dump\.zst")
+    return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
+
+
+def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env, backup_dir, tma_db, tmp_path):
+    env = {**cli_env, "BACKUP_COMPRESSION": "zstd-stream"}
+    result = run_cli(["backup"], env, tmp_path)
+    assert result.returncode == 0, result.output
+    [dump] = zst_backups(backup_dir, tma_db)
+    meta = read_meta(dump.with_name(dump.name + ".meta"))
+    assert dump.with_name(dump.name + ".meta").read_text().splitlines()[5] == "compression=zstd-stream:3"
+    assert meta.sha256 == sha256_file(dump)
+    plain = tmp_path / "plain.dump"
+    with open(dump, "rb") as source, open(plain, "wb") as target:
+        zstandard.ZstdDecompressor().copy_stream(source, target)
+    assert meta.toc_entries == toc_entries(plain), "the .zst holds a plain custom-format archive"
+    with pg.connect(tma_db) as connection:
+        assert meta.row_counts == tma_cloud.exact_counts(connection)
+    restore_copy(pg, admin, plain, f"{tma_db}_plain")
+    tma_cloud.drop_database(admin, f"{tma_db}_plain")
+
+    assert run_cli(["verify", str(dump)], env, tmp_path).returncode == 0
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged = dump.with_name(dump.name.replace(tma_db + "_", tma_db + "_damaged_"))
+    damaged.write_bytes(bytes(data))
+    damaged.with_name(damaged.name + ".meta").write_text(dump.with_name(dump.name + ".meta").read_text())
+    result = run_cli(["verify", str(damaged)], env, tmp_path)
+    assert result.returncode == 1 and "SHA-256 mismatch" in error_lines(result.stderr)[0]
+
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert digests(pg, tma_db) == at_backup
+    assert not [p for p in backup_dir.iterdir() if ".restore-" in p.name], "the decompressed copy is removed"
+    assert run_cli(["drill"], env, tmp_path).returncode == 0
+    for name in managed_databases(admin, "previous"):
+        tma_cloud.drop_database(admin, name)
+
+
+def test_retention_counts_zst_and_plain_backups_together(cli_env, backup_dir, tma_db, tmp_path):
+    for compression in ("6", "zstd-stream:1", "6", "zstd-stream"):
+        env = {**cli_env, "BACKUP_COMPRESSION": compression, "BACKUP_RETAIN_COUNT": "2"}
+        assert run_cli(["backup"], env, tmp_path).returncode == 0
+    kept = sorted(p.name for p in backup_dir.iterdir() if not p.name.endswith(".meta") and not p.name.startswith("."))
+    assert len(kept) == 2
+    assert kept[0].endswith(".dump") and kept[1].endswith(".dump.zst")
+
+
+def test_lz4_and_native_zstd_are_refused_up_front_by_pg_dump_15(cli_env, backup_dir, tma_db, tmp_path):
+    result = run_cli(["backup"], {**cli_env, "BACKUP_COMPRESSION": "zstd:3"}, tmp_path)
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert "needs pg_dump 16" in line and "zstd-stream" in line
+    assert [p for p in backup_dir.iterdir() if not p.name.startswith(".")] == []
