@@ -18,9 +18,25 @@ from worker.executors import choose_executor
 from worker.locks import database_lock
 from worker.meta import human_size
 from worker.settings import get_settings
+from worker.slots import claim_slot
 
 logger = get_task_logger(__name__)
 Run = dict[str, Any]
+
+# A dump that lost its database server (restart, failover) is retried BACKUP_RETRIES times, after 3 s,
+# 6 s, 12 s ... (at most 30 s; no jitter: one dump per database, no herd to spread). The run keeps its
+# lock across the wait, and the dump removed its partial files before raising.
+RETRY_BACKOFF = 3
+RETRY_BACKOFF_MAX = 30
+
+
+class DumpTask(Task):
+    """The dump link's task class: its retry limit is the BACKUP_RETRIES setting, read when a retry is
+    decided (in the worker, with the worker's settings), not when this module is imported."""
+
+    @property  # type: ignore[override]
+    def max_retries(self) -> int:
+        return get_settings().BACKUP_RETRIES
 
 
 def _progress(task: Task) -> backup.Progress:
@@ -41,13 +57,26 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     settings = get_settings()
     database = database or settings.DB_NAME
     run_id = self.request.id
+    lock = database_lock(settings, database, run_id)
     try:
-        run = backup.start_run(settings, database, run_id, database_lock(settings, database, run_id))
+        run = backup.start_run(settings, database, run_id, lock)
     except LockHeld as busy:
         if scheduled:
             logger.warning("scheduled backup skipped: %s", busy)
             return {"skipped": str(busy), "database": database}
         raise
+    if scheduled:
+        try:
+            taken = claim_slot(settings, database, run_id)
+        except BaseException:
+            lock.release()
+            raise
+        if taken:
+            lock.release()
+            logger.warning("scheduled backup skipped: %s", taken)
+            return {"skipped": taken, "database": database}
+    for warning in run["warnings"]:
+        logger.warning("%s", warning)
     queue = host_queue(settings.WORKER_HOST)
     links = chain(
         dump.s(run).set(queue=queue),
@@ -64,13 +93,34 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
         steps.append(node.id)
         node = node.parent
     logger.info("backup %s of %r started on %s", run["backup"], database, settings.WORKER_HOST)
-    return {"run_id": run_id, "database": database, "backup": run["backup"], "host": run["host"], "steps": steps[::-1]}
+    return {
+        "run_id": run_id,
+        "database": database,
+        "backup": run["backup"],
+        "host": run["host"],
+        "steps": steps[::-1],
+        "lock": getattr(lock, "key", None),  # the follower watches it: a dead worker's run loses it
+        "warnings": run["warnings"],
+    }
 
 
-@app.task(name="tma_backup.dump", bind=True)
+@app.task(
+    name="tma_backup.dump",
+    bind=True,
+    base=DumpTask,
+    autoretry_for=(backup.ServerUnavailable,),
+    retry_backoff=RETRY_BACKOFF,
+    retry_backoff_max=RETRY_BACKOFF_MAX,
+    retry_jitter=False,
+)
 def dump(self: Task, run: Run) -> Run:
     settings = get_settings()
-    return backup.dump(run, settings, choose_executor(settings), _lock(run), _progress(self))
+    lock = _lock(run)
+    try:
+        return backup.dump(run, settings, choose_executor(settings), lock, _progress(self))
+    except backup.ServerUnavailable:
+        lock.hold(settings.BACKUP_LOCK_TIMEOUT + RETRY_BACKOFF_MAX)  # still ours while it waits to retry
+        raise
 
 
 @app.task(name="tma_backup.verify", bind=True)
@@ -102,7 +152,9 @@ def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str,
     if not isinstance(run, dict) or "backup" not in run:
         logger.error("backup link %s failed: %s", request.id, exc)
         return {"error": str(exc)}
-    removed = backup.abandon_files(run)
-    _lock(run).release()
+    try:
+        removed = backup.abandon_files(run)
+    finally:
+        _lock(run).release()
     logger.error("backup of %r failed: %s (removed %s)", run["database"], exc, removed or "nothing")
     return {"database": run["database"], "error": str(exc), "removed": removed}

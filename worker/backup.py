@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from worker.errors import BackupError
 from worker.executors import Executor
 from worker.locks import DatabaseLock, kept_alive
 from worker.meta import BackupMeta, fsync_dir, human_size, write_atomically
-from worker.settings import Settings, SettingsError, ensure_backup_dir
+from worker.settings import Settings, SettingsError, check_database_name, ensure_backup_dir, folder_warning
 
 Run = dict[str, Any]
 Progress = Callable[[str, dict[str, Any]], None]
@@ -33,6 +34,39 @@ HASH_CHUNK = 4 * 1024 * 1024
 
 def _no_progress(phase: str, fields: dict[str, Any]) -> None:
     pass
+
+
+class ServerUnavailable(BackupError):
+    """PostgreSQL could not be reached, or went away during the dump (a restart, a failover, the network).
+    Worth another attempt: the Celery dump task retries it (BACKUP_RETRIES, with backoff)."""
+
+
+# What libpq, psycopg and pg_dump say when the server is not there (any more); not "database does not
+# exist", a bad password or a permission error, which another attempt would not cure.
+_SERVER_GONE = re.compile(
+    r"connection refused|could not connect to server|server closed the connection"
+    r"|terminating connection due to administrator command|no connection to the server"
+    r"|the database system is (?:shutting down|starting up|in recovery mode|not (?:yet )?accepting connections)"
+    r"|could not (?:receive data from|send data to) server|connection timed out|timeout expired"
+    r"|no route to host|network is unreachable|ssl syscall error",
+    re.IGNORECASE,
+)
+_SERVER_GONE_STATES = {"57P01", "57P02", "57P03"}  # admin shutdown, crash shutdown, cannot connect now
+
+
+def server_gone(error: BaseException | str) -> bool:
+    """Whether an error (or a tool's stderr) says that the server is unreachable or went away."""
+    if isinstance(error, str):
+        return bool(_SERVER_GONE.search(error))
+    # worker.database.connect() re-raises psycopg's error as a BackupError `from None`: look behind it.
+    for candidate in (error, error.__cause__, error.__context__):
+        if isinstance(candidate, psycopg.Error):
+            sqlstate = candidate.sqlstate or ""
+            if sqlstate.startswith("08") or sqlstate in _SERVER_GONE_STATES:
+                return True
+            if isinstance(candidate, psycopg.OperationalError) and _SERVER_GONE.search(str(candidate)):
+                return True
+    return False
 
 
 def tool_environment(settings: Settings, database: str) -> dict[str, str]:
@@ -53,6 +87,10 @@ def tool_environment(settings: Settings, database: str) -> dict[str, str]:
 def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock) -> Run:
     """Take the database's lock (owner: the run id) and choose the backup's name."""
     try:
+        check_database_name(database)  # it names files: `../x` must never write outside BACKUP_DIR
+    except ValueError as error:
+        raise BackupError(f"database {database!r}: {error}") from None
+    try:
         directory = ensure_backup_dir(settings)
     except SettingsError as error:
         raise BackupError(str(error)) from None
@@ -62,6 +100,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
     except BaseException:
         lock.release()
         raise
+    warning = folder_warning(directory)
     return {
         "run_id": run_id,
         "database": database,
@@ -69,7 +108,17 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         "timestamp": catalogue.timestamp_of(dump, database),
         "host": settings.WORKER_HOST,
         "started_at": time.time(),
+        "warnings": [warning] if warning else [],
     }
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty, mode 0600, refusing anything already there (a file, a link, a folder):
+    the tools then write into a file only its owner can read, whatever the umask and folder mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except OSError as error:
+        raise BackupError(f"cannot create {path}: {error.strerror}") from None
 
 
 def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
@@ -106,6 +155,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                         "--no-privileges",
                         f"--lock-wait-timeout={settings.PG_LOCK_WAIT_TIMEOUT}",
                     ]
+                    _create_private(partial)
                     process = executor.start_dump(
                         options, tool_environment(settings, database), partial, compression.zstd_level)
                     try:
@@ -113,6 +163,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                         counts = exact_row_counts(connection)
                         reported = 0.0
                         while process.poll() is None:
+                            if lock_lost.is_set():
+                                lock.confirm()  # raises: another run may take the lock; stop pg_dump now
                             if time.monotonic() - reported >= 1:
                                 written = partial.stat().st_size if partial.exists() else 0
                                 progress("dumping", {"bytes": written})
@@ -124,7 +176,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                         raise
                     result = process.wait()
             if result.returncode != 0:
-                raise BackupError(f"pg_dump failed: {result.last_error_line()}")
+                failure = ServerUnavailable if server_gone(result.stderr) else BackupError
+                raise failure(f"pg_dump failed: {result.last_error_line()}")
             if not partial.exists() or partial.stat().st_size == 0:
                 raise BackupError("pg_dump reported success but wrote nothing")
             if lock_lost.is_set():
@@ -132,10 +185,17 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             _write_counts(catalogue.counts_path(backup), counts)
         except BaseException as error:
             abandon_files(run)
+            if isinstance(error, ServerUnavailable):
+                raise
+            if server_gone(error):
+                raise ServerUnavailable(str(error) if isinstance(error, BackupError) else
+                                        f"lost the database server during the dump: {first_line(error)}") from None
             if isinstance(error, BackupError):
                 raise
             if isinstance(error, psycopg.Error):
                 raise BackupError(f"database error during the dump: {first_line(error)}") from None
+            if isinstance(error, OSError):
+                raise BackupError(f"cannot write the dump into {partial.parent}: {error.strerror}") from None
             raise
     run["mode"] = executor.mode
     run["mode_fields"] = executor.meta_fields()
@@ -173,12 +233,19 @@ def verify_archive(path: Path, executor: Executor, settings: Settings) -> int:
     return entries
 
 
+def _renewal_interval(settings: Settings) -> float:
+    return max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)
+
+
 def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     progress("verifying", {})
     try:
-        run["toc_entries"] = verify_archive(partial, executor, settings)
+        with kept_alive(lock, _renewal_interval(settings)) as lock_lost:
+            run["toc_entries"] = verify_archive(partial, executor, settings)
+            if lock_lost.is_set():
+                lock.confirm()
     except BaseException:
         abandon_files(run)
         raise
@@ -202,17 +269,22 @@ def checksum(run: Run, settings: Settings, lock: DatabaseLock, progress: Progres
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     try:
-        run["sha256"] = sha256_of(partial, progress)
-        run["size_bytes"] = partial.stat().st_size
-    except OSError as error:
+        with kept_alive(lock, _renewal_interval(settings)) as lock_lost:  # a large file takes a while
+            run["sha256"] = sha256_of(partial, progress)
+            run["size_bytes"] = partial.stat().st_size
+            if lock_lost.is_set():
+                lock.confirm()
+    except BaseException as error:
         abandon_files(run)
-        raise BackupError(f"cannot read {partial.name}: {error.strerror}") from None
+        if isinstance(error, OSError):
+            raise BackupError(f"cannot read {partial.name}: {error.strerror}") from None
+        raise
     return run
 
 
 def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | None = None) -> Run:
     """Write `<name>.dump.meta` atomically, then rename `.partial` → `.dump`: the backup is complete."""
-    lock.confirm()
+    lock.confirm()  # the last check: this run still owns the database, so it may publish
     backup = Path(run["backup"])
     partial = catalogue.partial_path(backup)
     try:
@@ -272,12 +344,19 @@ def prune(run: Run, settings: Settings, lock: DatabaseLock) -> Run:
 
 
 def abandon_files(run: Run) -> list[str]:
-    """Remove what this run wrote, short of a complete backup. Never touches other backups."""
+    """Remove what this run wrote, short of a complete backup. Never touches other backups. Best effort:
+    a file that cannot be removed (a read-only file system) stays for the next run's prune, and the
+    caller still goes on to release the lock."""
     backup = Path(run["backup"])
-    removed = [path.name for path in catalogue.delete_files(catalogue.run_files(backup))]
-    meta = catalogue.meta_path(backup)
+    doomed = catalogue.run_files(backup)
     if not os.path.lexists(backup):
-        removed += [path.name for path in catalogue.delete_files([meta])]
+        doomed.append(catalogue.meta_path(backup))
+    removed = []
+    for path in doomed:
+        try:
+            removed += [found.name for found in catalogue.delete_files([path])]
+        except OSError:
+            pass
     return removed
 
 

@@ -18,7 +18,7 @@ import click
 from worker import catalogue, output
 from worker.errors import BackupError
 from worker.meta import human_size
-from worker.settings import Settings, SettingsError, ensure_backup_dir, get_settings
+from worker.settings import Settings, SettingsError, check_database_name, ensure_backup_dir, folder_warning, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,6 +36,10 @@ def guarded(command: F) -> F:
         except BackupError as error:
             output.error(str(error))
             sys.exit(1)
+        except OSError as error:  # the file system said no (permissions, a full disk, a name too long)
+            where = f"{error.filename}: " if error.filename else ""
+            output.error(f"{where}{error.strerror or error}")
+            sys.exit(1)
         except KeyboardInterrupt:
             output.error("interrupted")
             sys.exit(130)
@@ -46,6 +50,21 @@ def guarded(command: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Back up and restore PostgreSQL through Celery workers (see README)."""
+
+
+def _database(given: str | None, settings: Settings) -> str:
+    """`--database`, checked like DB_NAME (it names files in BACKUP_DIR), or DB_NAME."""
+    if given is None:
+        return settings.DB_NAME
+    try:
+        return check_database_name(given)
+    except ValueError as error:
+        raise SettingsError(f"--database: {error} (got {given!r})") from None
+
+
+def printable(name: str) -> str:
+    """A file name as one line of plain text: control characters (a newline could fake a row) escaped."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
 
 
 PHASE_MESSAGES = {
@@ -88,7 +107,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def backup(database: str | None) -> None:
     """Take a backup: dump → verify → checksum → meta → prune."""
     settings = get_settings()
-    database = database or settings.DB_NAME
+    database = _database(database, settings)
     output.section("Full Database Backup")
     if settings.broker_url:
         summary = _backup_through_workers(settings, database)
@@ -102,7 +121,9 @@ def _backup_in_process(settings: Settings, database: str) -> dict[str, Any]:
     from worker.inprocess import run_backup
 
     output.info("No broker configured (CELERY_BROKER_URL unset): running the backup in this process.")
-    ensure_backup_dir(settings)
+    warning = folder_warning(ensure_backup_dir(settings))
+    if warning:
+        output.warn(warning)
     executor = choose_executor(settings)
     output.info(f"Tools      : {executor.describe()}")
     output.info(f"Database   : {database}")
@@ -125,12 +146,24 @@ def _backup_through_workers(settings: Settings, database: str) -> dict[str, Any]
         if step == "kickoff":
             output.info(f"Run        : {info['run_id']} on worker host {info['host']}")
             output.info(f"Target     : {info['backup']}")
+            for warning in info.get("warnings", []):
+                output.warn(warning)
+        elif state == "RETRY":
+            output.warn(f"{step}: {info}; trying again (BACKUP_RETRIES={settings.BACKUP_RETRIES}, with backoff)")
         elif state == "PROGRESS" and isinstance(info, dict):
             show(str(info.get("phase", step)), info)
         elif state == "STARTED" and step in STEP_PHASES:
             show(STEP_PHASES[step], {})
 
-    return follow_backup(app, kickoff, settings.FOLLOW_TIMEOUT, on_event)
+    def owner_of(key: str) -> str | None:
+        from worker.locks import lock_owner
+
+        return lock_owner(settings, key)
+
+    # A link notices a lost lock within a third of BACKUP_LOCK_TIMEOUT and then fails: wait that long
+    # (and a little more) for its own report before saying that the run was lost.
+    grace = settings.BACKUP_LOCK_TIMEOUT / 3 + 3
+    return follow_backup(app, kickoff, settings.FOLLOW_TIMEOUT, on_event, owner_of, grace)
 
 
 def _resolve_existing(settings: Settings, file: str) -> Path:
@@ -152,7 +185,7 @@ def verify(file: str) -> None:
     settings = get_settings()
     path = _resolve_existing(settings, file)
     output.section("Verify Backup")
-    output.info(f"File       : {path}")
+    output.info(f"File       : {printable(str(path))}")
     checked = verify_backup(path, settings, choose_executor(settings))
     output.ok(f"SHA-256    : {checked.meta.sha256} (matches .meta)")
     output.ok(f"TOC entries: {checked.toc_entries} (matches .meta)")
@@ -165,6 +198,7 @@ def verify(file: str) -> None:
 def list_backups() -> None:
     """List backups in BACKUP_DIR: size, date, TOC entries, and whether each is complete."""
     from rich.table import Table
+    from rich.text import Text
 
     settings = get_settings()
     entries = catalogue.list_all_backups(settings.backup_dir)
@@ -177,7 +211,7 @@ def list_backups() -> None:
         table.add_column(column)
     for entry in entries:
         table.add_row(
-            entry.path.name,
+            Text(printable(entry.path.name)),  # Text: a name is never read as Rich markup
             human_size(entry.size),
             entry.created.strftime("%Y-%m-%d %H:%M:%S"),
             str(entry.meta.toc_entries) if entry.meta else "-",
@@ -192,13 +226,13 @@ def list_backups() -> None:
 def status(database: str | None) -> None:
     """Newest complete backup, its age and size; exit 1 when older than BACKUP_MAX_AGE_HOURS."""
     settings = get_settings()
-    database = database or settings.DB_NAME
+    database = _database(database, settings)
     newest = catalogue.newest_complete(settings.backup_dir, database)
     output.section(f"Backup Status: {database}")
     if newest is None:
         raise BackupError(f"no complete backup of {database!r} in {settings.backup_dir}")
     age_hours = (datetime.now(timezone.utc) - newest.created).total_seconds() / 3600
-    output.info(f"Newest     : {newest.path.name}")
+    output.info(f"Newest     : {printable(newest.path.name)}")
     output.info(f"Size       : {human_size(newest.size)}")
     output.info(f"Age        : {age_hours:.1f} h (limit BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
     from worker.drills import last_drill

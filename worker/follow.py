@@ -58,12 +58,14 @@ def dispatch(app: Celery, task_name: str, kwargs: dict[str, Any]) -> AsyncResult
         raise BackupError(f"cannot reach the broker at {sanitized(app.conf.broker_url)}: {error}") from None
 
 
-def _poll(result: AsyncResult, lost_since: list[float | None]) -> tuple[str, Any]:
+def _poll(result: AsyncResult, lost_since: list[float | None], outage_seen: list[bool] | None = None) -> tuple[str, Any]:
     """(state, info) of a result; backend errors are tolerated for LOST_TRACK_SECONDS."""
     try:
         state, info = result.state, result.info
     except Exception as error:
         now = time.monotonic()
+        if outage_seen is not None:
+            outage_seen[0] = True
         if lost_since[0] is None:
             lost_since[0] = now
         if now - lost_since[0] > LOST_TRACK_SECONDS:
@@ -120,10 +122,11 @@ def wait_for(
     """Wait for one task; returns its result or raises BackupError with the task's own message.
     `watch(state)` runs on every poll while the task is unfinished and may raise LostTrack."""
     lost_since: list[float | None] = [None]
+    outage_seen = [False]
     pending_since = time.monotonic()
     last: tuple[str, Any] | None = None
     while True:
-        state, info = _poll(result, lost_since)
+        state, info = _poll(result, lost_since, outage_seen)
         if on_state and (state, info) != last:
             on_state(state, info)
         last = (state, info)
@@ -134,6 +137,12 @@ def wait_for(
         if watch is not None:
             watch(state)
         if state == "PENDING" and pending_limit and time.monotonic() - pending_since > pending_limit:
+            if outage_seen[0]:
+                raise LostTrack(
+                    f"lost track of task {result.id}: Redis was unreachable meanwhile and still knows nothing "
+                    f"of it {pending_limit:.0f}s later (restarted without persistence?); check `tma-backup list` "
+                    "and the worker's log before starting another backup"
+                )
             raise LostTrack(
                 f"task {result.id} was not picked up within {pending_limit:.0f}s; is a worker running "
                 "and consuming the tma_backup queue?"

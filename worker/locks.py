@@ -37,6 +37,10 @@ class DatabaseLock(Protocol):
     def release(self) -> None:
         """Release it if we own it; never someone else's."""
 
+    def hold(self, seconds: float) -> None:
+        """Keep it for at least `seconds` from now without anyone renewing it (a retry's wait); raises
+        BackupError when we no longer own it."""
+
     def holder(self) -> str | None: ...
 
 
@@ -52,6 +56,11 @@ class RedisDatabaseLock:
         self._key = lock_key(server, database)
         self._lock = client.lock(self._key, timeout=timeout, thread_local=False)
         self._client = client
+
+    @property
+    def key(self) -> str:
+        """The Redis key; its value is the owner's run id while the lock is held."""
+        return self._key
 
     def acquire(self) -> None:
         try:
@@ -75,6 +84,15 @@ class RedisDatabaseLock:
         except RedisError as error:
             raise BackupError(f"cannot reach Redis to renew the lock of {self.database!r}: {error}") from None
 
+    def hold(self, seconds: float) -> None:
+        self._lock.local.token = self.owner.encode()
+        try:
+            self._lock.extend(max(seconds, self.timeout), replace_ttl=True)
+        except (LockNotOwnedError, LockError):
+            raise BackupError(f"lost the lock of {self.database!r} (it expired or another run took it)") from None
+        except RedisError as error:
+            raise BackupError(f"cannot reach Redis to keep the lock of {self.database!r}: {error}") from None
+
     def release(self) -> None:
         self._lock.local.token = self.owner.encode()
         try:
@@ -91,7 +109,11 @@ class RedisDatabaseLock:
 
 
 class FileDatabaseLock:
-    """For in-process runs without a broker: an exclusive flock on `BACKUP_DIR/.<db>.lock`."""
+    """For in-process runs without a broker: an exclusive flock on `BACKUP_DIR/.<db>.lock`.
+
+    The file exists only while the lock is held: its holder removes it before unlocking, and a taker
+    checks, once it has the flock, that the file it locked is still the one at that name (else the
+    previous holder removed it meanwhile, and it tries again)."""
 
     def __init__(self, directory: Path, database: str, owner: str) -> None:
         self.database = database
@@ -100,15 +122,23 @@ class FileDatabaseLock:
         self._descriptor: int | None = None
 
     def acquire(self) -> None:
-        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise LockHeld(
-                f"database {self.database!r} is busy: another backup or restore on this host holds its lock "
-                f"(run {self.holder() or 'unknown'}); try again when it has finished"
-            ) from None
+        while True:
+            descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                raise LockHeld(
+                    f"database {self.database!r} is busy: another backup or restore on this host holds its lock "
+                    f"(run {self.holder() or 'unknown'}); try again when it has finished"
+                ) from None
+            try:
+                current = os.stat(self._path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(descriptor)):
+                break
+            os.close(descriptor)  # its holder removed it between our open and our flock: again
         os.ftruncate(descriptor, 0)
         os.write(descriptor, self.owner.encode())
         self._descriptor = descriptor
@@ -117,8 +147,15 @@ class FileDatabaseLock:
         if self._descriptor is None:
             raise BackupError(f"the lock of {self.database!r} is not held by this run")
 
+    def hold(self, seconds: float) -> None:
+        self.confirm()  # an flock lasts as long as its process: nothing to extend
+
     def release(self) -> None:
         if self._descriptor is not None:
+            try:
+                self._path.unlink()  # while still locked: nobody else can hold this file
+            except OSError:
+                pass  # a read-only folder: the empty lock file stays, harmless
             fcntl.flock(self._descriptor, fcntl.LOCK_UN)
             os.close(self._descriptor)
             self._descriptor = None
@@ -165,6 +202,14 @@ def redis_client(url: str) -> redis.Redis:
 
 def server_identity(settings: Settings) -> str:
     return f"container:{settings.DB_CONTAINER}" if settings.DB_CONTAINER else f"{settings.DB_HOST}:{settings.DB_PORT}"
+
+
+def lock_owner(settings: Settings, key: str) -> str | None:
+    """Who holds the lock stored at `key` (None: nobody). Raises RedisError when Redis is unreachable."""
+    if not settings.broker_url:
+        return None
+    value = redis_client(settings.broker_url).get(key)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def database_lock(settings: Settings, database: str, owner: str) -> DatabaseLock:

@@ -16,8 +16,10 @@ name round-trips. Readers ignore keys they do not know.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,8 @@ SEED_KEYS = (
 )
 ROW_COUNTS_HEADER = "# Table row counts at backup time"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COUNT = re.compile(r"^[0-9]+$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+MAX_META_BYTES = 64 * 1024 * 1024  # far beyond any real .meta (one line per table)
 _PLAIN_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
 
@@ -116,7 +120,9 @@ def parse_meta(text: str) -> BackupMeta:
     values: dict[str, str] = {}
     counts: dict[str, int] = {}
     in_counts = False
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on \x85, \u2028 and other characters that may
+    # stand unescaped inside a database or table name.
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
             continue
@@ -127,7 +133,7 @@ def parse_meta(text: str) -> BackupMeta:
         if not separator or not key:
             raise MetaError(f"line {number} is not key=value")
         if in_counts:
-            if not value.isdigit():
+            if not _COUNT.match(value):
                 raise MetaError(f"line {number}: row count {value!r} is not a whole number")
             counts[_unescape(key)] = int(value)
         else:
@@ -143,6 +149,8 @@ def parse_meta(text: str) -> BackupMeta:
         duration = float(values.get("duration_seconds_exact", values.get("duration_seconds", "0")))
     except ValueError as error:
         raise MetaError(f"bad number ({error})") from None
+    if not math.isfinite(duration) or duration < 0:
+        raise MetaError(f"duration {duration} is not a number of seconds")
     known = set(SEED_KEYS) | {"file_size_bytes", "duration_seconds_exact"}
     return BackupMeta(
         timestamp=values["timestamp"],
@@ -161,12 +169,28 @@ def parse_meta(text: str) -> BackupMeta:
 
 
 def read_meta(path: Path) -> BackupMeta:
+    """Read and parse a `.meta`. Only a regular file is read: a FIFO (which would block), a device or a
+    folder named like one is refused, and a symlink is followed only to a regular file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise MetaError(f"{path.name} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise MetaError(f"{path.name} cannot be read ({error.strerror})") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise MetaError(f"{path.name} is not a regular file")
+        if status.st_size > MAX_META_BYTES:
+            raise MetaError(f"{path.name} is {status.st_size} bytes: not a .meta")
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as error:
+        raise MetaError(f"{path.name} cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
         raise MetaError(f"{path.name} cannot be read ({error})") from None
+    finally:
+        os.close(descriptor)
     return parse_meta(text)
 
 

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     BACKUP_COMPRESSION: str = "6"
     BACKUP_MAX_AGE_HOURS: float = Field(default=26, gt=0)
     BACKUP_LOCK_TIMEOUT: int = Field(default=60, ge=5, le=3600)
+    BACKUP_RETRIES: int = Field(default=2, ge=0, le=10)
     PG_LOCK_WAIT_TIMEOUT: str = Field(default="60s", pattern=r"^[0-9]+(ms|s|min|h)?$")
     CELERY_BROKER_URL: str | None = None
     CELERY_RESULT_BACKEND: str | None = None
@@ -55,8 +56,18 @@ class Settings(BaseSettings):
     @field_validator("DB_NAME")
     @classmethod
     def _name_fits_a_file_name(cls, value: str) -> str:
-        if not value or "/" in value or "\0" in value or value in {".", ".."}:
-            raise ValueError("must be a non-empty database name without '/' (it names the backup files)")
+        check_database_name(value)
+        return value
+
+    @field_validator("BACKUP_DIR")
+    @classmethod
+    def _usable_path(cls, value: Path) -> Path:
+        try:
+            value.expanduser()
+        except RuntimeError:  # `~user/...` for a user this machine does not know
+            raise ValueError("names the home folder of an unknown user") from None
+        if "\0" in str(value):
+            raise ValueError("must not contain a NUL character")
         return value
 
     @field_validator("DB_CONTAINER", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", mode="before")
@@ -97,6 +108,16 @@ class Settings(BaseSettings):
         return self.DB_PASSWORD.get_secret_value() if self.DB_PASSWORD else None
 
 
+def check_database_name(name: str) -> str:
+    """A database name also names files in BACKUP_DIR (`<name>_<timestamp>.dump`): it must not be empty,
+    contain `/` or NUL, be `.` or `..`, or be longer than PostgreSQL's 63 bytes. Raises ValueError saying so."""
+    if not name or "/" in name or "\0" in name or name in {".", ".."}:
+        raise ValueError("must be a non-empty database name without '/' (it names the backup files)")
+    if len(name.encode("utf-8", "surrogateescape")) > 63:
+        raise ValueError("must be at most 63 bytes long (PostgreSQL's limit for a name)")
+    return name
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     variable = ".".join(str(part) for part in first["loc"]) or "settings"
@@ -113,6 +134,24 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
+
+
+def folder_warning(directory: Path) -> str | None:
+    """A warning when BACKUP_DIR lets other users in (group or other permission bits).
+
+    An existing folder's mode is the operator's decision and is left as it is (another tool, such as an
+    off-site copy running under a group, may rely on it); every file tma-backup writes is 0600 anyway,
+    from its creation on, so the folder's mode exposes names and sizes, never contents."""
+    try:
+        mode = directory.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (
+            f"BACKUP_DIR {directory} is mode {mode:04o}: other users can list it; backups are created "
+            f"0600 regardless, but `chmod 700 {directory}` keeps even their names private"
+        )
+    return None
 
 
 def ensure_backup_dir(settings: Settings) -> Path:

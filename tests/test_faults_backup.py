@@ -1,0 +1,415 @@
+"""Faults on the backup side, against a real PostgreSQL, real Redis servers and real Celery worker
+processes: workers killed with SIGKILL at each link, Redis and PostgreSQL restarted mid-chain, full,
+missing and read-only backup folders, two beats by mistake. After each: no complete-looking backup that
+is not one, earlier backups untouched, the lock free within its timeout, the next backup fine, and one
+clear line for the operator. See docs/reliability.md for the table these tests prove.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+
+from tests import services
+from tests.conftest import run_cli
+from tests.faults import (
+    Stack,
+    fill,
+    finished_within,
+    free_bytes,
+    kill_worker_and_tools,
+    private_stack,
+    remount,
+    tmpfs,
+)
+from tests.helpers import (
+    backups_in,
+    dump_waiting_on_lock,
+    error_lines,
+    leftovers,
+    only_backup,
+    sha256_file,
+    table_locked,
+    wait_for,
+)
+from worker import catalogue
+
+LOCK_TIMEOUT = 6  # seconds; production default 60. Short so that expiry is measured, not assumed.
+
+
+@pytest.fixture
+def stack(pg: services.PostgresServer, tma_db: str, tmp_path: Path) -> Iterator[Stack]:
+    """A private Redis and the workers this test starts, over the session's PostgreSQL."""
+    with private_stack(pg, tma_db, tmp_path, BACKUP_LOCK_TIMEOUT=str(LOCK_TIMEOUT)) as created:
+        yield created
+
+
+def complete_backups(directory: Path, database: str) -> list[str]:
+    return [entry.path.name for entry in catalogue.list_backups(directory, database) if entry.complete]
+
+
+# ---------------------------------------------------------------------------------------------------
+# SIGKILL of the worker at each link
+
+
+@pytest.mark.parametrize("point", ["dump", "verify", "meta-written"])
+def test_a_worker_killed_mid_chain_leaves_no_backup_frees_the_lock_and_is_not_redelivered(
+        point, stack, pg, admin, tma_db):
+    """SIGKILL during the dump (pg_dump waiting on a table lock), during verify, and during meta (the
+    `.meta` written, the `.partial` not yet renamed): nothing complete-looking is left; the lock expires
+    within BACKUP_LOCK_TIMEOUT; the follower says it lost track instead of waiting for FOLLOW_TIMEOUT;
+    the killed link is dropped (acked on receipt: task_acks_late is off), never redelivered; the next
+    backup succeeds and removes the killed run's files."""
+    worker = stack.start_worker(pause=None if point == "dump" else point)
+    backups = stack.backups
+    with table_locked(pg, tma_db) if point == "dump" else nullcontext():
+        follower = stack.start_backup()
+        if point == "dump":
+            wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
+            wait_for(lambda: list(backups.glob("*.dump.partial")), what="pg_dump's output file")
+        else:
+            stack.wait_for_signal(point)
+        run_id = stack.lock_holder()
+        assert run_id, "the running chain holds the database's lock"
+        kill_worker_and_tools(worker)
+        killed_at = time.monotonic()
+
+    assert complete_backups(backups, tma_db) == []
+    assert backups_in(backups, tma_db) == [], "no file carries a final backup name"
+    if point == "meta-written":
+        assert list(backups.glob("*.dump.meta")), "killed between the .meta and the rename, as intended"
+
+    assert stack.redis().hlen("unacked") == 0, "nothing is waiting to be redelivered"
+    fresh = stack.start_worker()
+    wait_for(lambda: stack.lock_holder() is None, timeout=LOCK_TIMEOUT + 10, interval=0.05,
+             what="the dead run's lock to expire")
+    freed_after = time.monotonic() - killed_at
+    assert freed_after <= LOCK_TIMEOUT + 1, f"lock freed {freed_after:.1f}s after the kill"
+    assert "Received task" not in fresh.log(), "the killed link is dropped, not redelivered"
+
+    result = run_cli(["backup"], stack.env, stack.root, timeout=120)
+    assert result.returncode == 0, result.output
+
+    _, stderr = finished_within(follower, max(0.0, killed_at + LOCK_TIMEOUT * 3 - time.monotonic()))
+    assert follower.returncode == 1, stderr
+    [line] = error_lines(stderr)
+    assert "lost track" in line and "Traceback" not in stderr, stderr
+    dump, _ = only_backup(backups, tma_db)
+    assert sorted(path.name for path in backups.iterdir()) == [dump.name, dump.name + ".meta"], \
+        "the killed run's partial files are gone"
+
+
+def test_a_worker_killed_right_after_publishing_leaves_a_complete_verified_backup(stack, tma_db):
+    """Killed after the rename `.partial` → `.dump` (before prune): the backup is complete and correct
+    (it passed verify and checksum before the rename), `tma-backup verify` says so; the scratch counts
+    file is removed by the next run; the lock expires."""
+    worker = stack.start_worker(pause="published")
+    follower = stack.start_backup()
+    stack.wait_for_signal("published")
+    kill_worker_and_tools(worker)
+    killed_at = time.monotonic()
+    dump, meta = only_backup(stack.backups, tma_db)
+    assert meta.sha256 == sha256_file(dump)
+    checked = run_cli(["verify", str(dump)], stack.env, stack.root)
+    assert checked.returncode == 0, checked.output
+    wait_for(lambda: stack.lock_holder() is None, timeout=LOCK_TIMEOUT + 10, interval=0.05, what="lock expiry")
+    assert time.monotonic() - killed_at <= LOCK_TIMEOUT + 1
+
+    stack.start_worker()
+    result = run_cli(["backup"], stack.env, stack.root, timeout=120)
+    assert result.returncode == 0, result.output
+    _, stderr = finished_within(follower, max(0.0, killed_at + LOCK_TIMEOUT * 3 - time.monotonic()))
+    assert follower.returncode == 1 and "lost track" in error_lines(stderr)[0], stderr
+    assert len(complete_backups(stack.backups, tma_db)) == 2
+    assert leftovers(stack.backups) == []
+
+
+def test_a_checksum_that_outlasts_the_lock_timeout_keeps_the_lock(stack, tma_db):
+    """Every link renews the lock while it works (a checksum of a large dump takes longer than
+    BACKUP_LOCK_TIMEOUT), so a slow link is not mistaken for a dead one."""
+    stack.start_worker(pause=f"slow-checksum:{LOCK_TIMEOUT + 1}")
+    result = run_cli(["backup"], stack.env, stack.root, timeout=120)
+    assert result.returncode == 0, result.output
+    assert (stack.signals / "checksum").exists()
+    only_backup(stack.backups, tma_db)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Redis and PostgreSQL restarted
+
+
+def test_redis_restarted_mid_dump_fails_the_chain_cleanly_and_the_follower_says_so(stack, pg, admin, tma_db):
+    """The private Redis (no persistence: queues, results and the lock are all lost) is killed and
+    restarted on the same port while pg_dump runs. The dump notices that its lock is gone at its next
+    renewal, stops pg_dump and fails; the follower reports that within a bounded time; the worker
+    reconnects and the next backup succeeds; the earlier backup is untouched."""
+    worker = stack.start_worker()
+    assert run_cli(["backup"], stack.env, stack.root).returncode == 0
+    good, _ = only_backup(stack.backups, tma_db)
+    before = sha256_file(good)
+    with table_locked(pg, tma_db):
+        follower = stack.start_backup()
+        wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
+        follower.wait_for_line("Target     :")  # the follower knows the run (see docs/reliability.md)
+        stack.redis_server.stop()
+        time.sleep(1)
+        stack.redis_server.start()
+        _, stderr = finished_within(follower, 60)  # with the table still locked: the dump stopped itself
+    assert follower.returncode == 1, stderr
+    assert len(error_lines(stderr)) == 1, stderr
+    [line] = error_lines(stderr)
+    assert "lock" in line or "lost track" in line, line
+    assert "Traceback" not in stderr
+    wait_for(lambda: not dump_waiting_on_lock(admin, tma_db), timeout=10, what="pg_dump to be stopped")
+    assert backups_in(stack.backups, tma_db) == [good] and sha256_file(good) == before
+    wait_for(lambda: leftovers(stack.backups) == [], timeout=10, what="the failed run's files to go")
+
+    result = run_cli(["backup"], stack.env, stack.root, timeout=120)
+    assert result.returncode == 0, result.output + worker.log()[-3000:]
+    assert len(complete_backups(stack.backups, tma_db)) == 2 and sha256_file(good) == before
+
+
+def test_postgres_restarted_during_a_dump_is_retried_with_backoff_and_the_backup_completes(
+        stack, pg, admin, tma_db):
+    worker = stack.start_worker()
+    with table_locked(pg, tma_db):
+        follower = stack.start_backup()
+        wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
+        run_id = stack.lock_holder()
+        pg.stop("fast")
+    try:
+        wait_for(lambda: "Retry in 3s" in worker.log(), timeout=20, what="the dump task to schedule a retry")
+        assert stack.lock_holder() == run_id, "the run keeps its lock while it waits to retry"
+        assert leftovers(stack.backups) == [], "the failed attempt removed its partial files first"
+    finally:
+        pg.start()
+    _, stderr = finished_within(follower, 60)
+    assert follower.returncode == 0, stderr
+    assert any(line.startswith("[WARN]") and "trying again" in line for line in stderr.splitlines()), stderr
+    only_backup(stack.backups, tma_db)
+    assert leftovers(stack.backups) == []
+    assert stack.lock_holder() is None
+
+
+def test_postgres_down_longer_than_the_retries_fails_cleanly_after_backing_off(stack, pg, admin, tma_db):
+    worker = stack.start_worker()
+    assert run_cli(["backup"], stack.env, stack.root).returncode == 0
+    good, _ = only_backup(stack.backups, tma_db)
+    before = sha256_file(good)
+    try:
+        with table_locked(pg, tma_db):
+            follower = stack.start_backup()
+            wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
+            pg.stop("fast")
+        stopped_at = time.monotonic()
+        _, stderr = finished_within(follower, 60)
+        failed_after = time.monotonic() - stopped_at
+    finally:
+        pg.start()
+    assert follower.returncode == 1, stderr
+    [line] = error_lines(stderr)
+    assert "Connection refused" in line or "connect" in line, line
+    assert "Traceback" not in stderr
+    assert worker.log().count("Retry in") == 2, "BACKUP_RETRIES=2 (the default): three attempts"
+    assert "Retry in 3s" in worker.log() and "Retry in 6s" in worker.log(), "exponential backoff"
+    assert failed_after >= 3 + 6, f"gave up after {failed_after:.1f}s, before backing off 3 s and 6 s"
+    assert backups_in(stack.backups, tma_db) == [good] and sha256_file(good) == before
+    assert leftovers(stack.backups) == []
+    assert stack.lock_holder() is None, "the error callback released the lock"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two (here three) beats by mistake
+
+
+def _beat(stack: Stack, name: str) -> subprocess.Popen[bytes]:
+    env = {**stack.env, "BACKUP_SCHEDULE": "* * * * *"}
+    log = stack.root / f"beat-{name}.log"
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel=INFO",
+         "-s", str(stack.root / f"beat-{name}-schedule")],
+        env=env, cwd=stack.root, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+@pytest.mark.timeout(150)
+def test_beats_running_by_mistake_still_make_one_backup_per_schedule_slot(stack, tma_db):
+    """Three beats with BACKUP_SCHEDULE='* * * * *' send three kickoffs for the same minute. Two arrive
+    together: the database's lock refuses the second. The third beat is paused (SIGSTOP) across the
+    minute and resumed only after the first backup has finished, as a late beat, a paused host or a
+    busy queue would deliver it: the lock is free by then, and only the slot claim (SET NX in Redis)
+    refuses it. Exactly one complete backup for the slot; two kickoffs skipped with a warning."""
+    if time.time() % 60 > 53:  # the beats need a few seconds to start before the minute boundary
+        time.sleep(61 - time.time() % 60)
+    worker = stack.start_worker(BACKUP_SCHEDULE="* * * * *")
+    beats = {name: _beat(stack, name) for name in ("a", "b", "late")}
+    try:
+        for name in beats:
+            wait_for(lambda name=name: "beat: Starting..." in (stack.root / f"beat-{name}.log").read_text(),
+                     timeout=20, what=f"beat {name} to start")
+        assert time.time() % 60 < 58, "the late beat must be paused before the minute"
+        os.kill(beats["late"].pid, signal.SIGSTOP)
+        sent = "Sending due task nightly-backup (tma_backup.backup)"
+        wait_for(lambda: complete_backups(stack.backups, tma_db) and stack.lock_holder() is None,
+                 timeout=75, interval=0.2, what="the slot's backup to complete")
+        slot_minute = time.strftime("%Y%m%dT%H%M", time.gmtime())
+        assert "scheduled backup skipped" in worker.log(), "the second beat's copy met the lock"
+        os.kill(beats["late"].pid, signal.SIGCONT)
+        wait_for(lambda: sent in (stack.root / "beat-late.log").read_text(), timeout=15,
+                 what="the late beat to send its copy")
+        wait_for(lambda: worker.log().count("scheduled backup skipped") == 2, timeout=15,
+                 what="the late copy to be skipped")
+    finally:
+        for process in beats.values():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    for name in beats:
+        assert (stack.root / f"beat-{name}.log").read_text().count(sent) == 1, name
+    [backup] = complete_backups(stack.backups, tma_db)
+    assert backup.startswith(f"{tma_db}_{slot_minute}"), (backup, slot_minute)
+    assert "was already started by run" in worker.log(), "the late copy was refused by the slot claim"
+    assert leftovers(stack.backups) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# A full, read-only or missing BACKUP_DIR
+
+
+def _add_incompressible_rows(pg: services.PostgresServer, database: str, megabytes: int) -> None:
+    with pg.connect(database, autocommit=True) as connection:
+        connection.execute(
+            "INSERT INTO files (owner_id, path, mime, content) SELECT 1, '/big', 'application/octet-stream',"
+            " (SELECT string_agg(gen_random_bytes(1024), ''::bytea) FROM generate_series(1, %s))",
+            (megabytes * 1024,))
+
+
+def _remove_big_rows(pg: services.PostgresServer, database: str) -> None:
+    with pg.connect(database, autocommit=True) as connection:
+        connection.execute("DELETE FROM files WHERE path = '/big'")
+
+
+def test_a_full_backup_folder_fails_cleanly_in_the_dump_and_in_meta_and_keeps_earlier_backups(stack, pg, tma_db):
+    in_process = {**stack.env, "CELERY_BROKER_URL": ""}
+    with tmpfs(stack.backups, "2m"):
+        stack.start_worker(pause="slow-checksum:2")
+        assert run_cli(["backup"], stack.env, stack.root).returncode == 0
+        good, _ = only_backup(stack.backups, tma_db)
+        before, free_before = sha256_file(good), free_bytes(stack.backups)
+
+        # 1. pg_dump itself runs out of space (through the workers, and in-process)
+        _add_incompressible_rows(pg, tma_db, 3)
+        for env, mode in ((stack.env, "workers"), (in_process, "in-process")):
+            result = run_cli(["backup"], env, stack.root, timeout=120)
+            assert result.returncode == 1, (mode, result.output)
+            [line] = error_lines(result.stderr)
+            assert "No space left on device" in line, (mode, line)
+            assert "Traceback" not in result.output
+            assert backups_in(stack.backups, tma_db) == [good] and sha256_file(good) == before, mode
+            assert leftovers(stack.backups) == [], mode
+            assert free_bytes(stack.backups) == free_before, f"{mode}: no space held by a deleted open file"
+        assert stack.lock_holder() is None
+        _remove_big_rows(pg, tma_db)
+
+        # 2. the dump fits, then the file system fills up (another writer) before the .meta is written
+        (stack.signals / "checksum").unlink()
+        follower = stack.start_backup()
+        stack.wait_for_signal("checksum")
+        filler = fill(stack.backups)
+        _, stderr = finished_within(follower, 60)
+        assert follower.returncode == 1, stderr
+        [line] = error_lines(stderr)
+        assert "cannot write the backup's .meta" in line and "No space left on device" in line, line
+        filler.unlink()
+        assert backups_in(stack.backups, tma_db) == [good] and sha256_file(good) == before
+        assert leftovers(stack.backups) == [] and not list(stack.backups.glob("*.meta.tmp"))
+        assert sorted(path.name for path in stack.backups.iterdir()) == [good.name, good.name + ".meta"]
+
+        # 3. with room again, the next backup succeeds
+        result = run_cli(["backup"], stack.env, stack.root, timeout=120)
+        assert result.returncode == 0, result.output
+        assert len(complete_backups(stack.backups, tma_db)) == 2
+
+
+def test_a_read_only_backup_folder_fails_cleanly_and_keeps_earlier_backups(stack, tma_db):
+    in_process = {**stack.env, "CELERY_BROKER_URL": ""}
+    with tmpfs(stack.backups, "4m"):
+        stack.start_worker()
+        assert run_cli(["backup"], stack.env, stack.root).returncode == 0
+        good, _ = only_backup(stack.backups, tma_db)
+        before = sha256_file(good)
+        listing = sorted(path.name for path in stack.backups.iterdir())
+        remount(stack.backups, "ro")
+        try:
+            for env, code in ((stack.env, 1), (in_process, 2)):  # in-process: a settings problem, exit 2
+                result = run_cli(["backup"], env, stack.root, timeout=60)
+                assert result.returncode == code, result.output
+                [line] = error_lines(result.stderr)
+                assert "BACKUP_DIR" in line and "Read-only file system" in line, line
+                assert "Traceback" not in result.output
+            assert sorted(path.name for path in stack.backups.iterdir()) == listing
+            assert sha256_file(good) == before
+            assert stack.lock_holder() is None
+            for command in (["list"], ["status"], ["verify", str(good)]):  # reading still works
+                assert run_cli(command, in_process, stack.root).returncode == 0, command
+        finally:
+            remount(stack.backups, "rw")
+        assert run_cli(["backup"], stack.env, stack.root).returncode == 0
+        assert len(complete_backups(stack.backups, tma_db)) == 2
+
+
+def test_a_missing_backup_folder_is_created_0700_but_never_a_missing_parent(stack, tma_db):
+    absent = stack.root / "absent" / "backups"
+    env = {**stack.env, "BACKUP_DIR": str(absent)}
+    in_process = {**env, "CELERY_BROKER_URL": ""}
+    stack.start_worker(BACKUP_DIR=str(absent))
+    for run_env, code in ((env, 1), (in_process, 2)):
+        result = run_cli(["backup"], run_env, stack.root, timeout=60)
+        assert result.returncode == code, result.output
+        [line] = error_lines(result.stderr)
+        assert line.startswith("[ERROR] BACKUP_DIR:") and "No such file or directory" in line, line
+        assert not (stack.root / "absent").exists(), "a typo in BACKUP_DIR never creates a tree"
+    (stack.root / "absent").mkdir()
+    for run_env in (env, in_process):
+        result = run_cli(["backup"], run_env, stack.root, timeout=60)
+        assert result.returncode == 0, result.output
+        assert (absent.stat().st_mode & 0o777) == 0o700
+        assert "[WARN]" not in result.stderr
+        absent_backups = complete_backups(absent, tma_db)
+        assert absent_backups
+        for name in absent_backups:
+            assert ((absent / name).stat().st_mode & 0o777) == 0o600
+            assert ((absent / (name + ".meta")).stat().st_mode & 0o777) == 0o600
+        shutil.rmtree(absent)
+        absent.parent.mkdir(exist_ok=True)
+
+
+def test_backups_are_private_from_creation_even_in_a_folder_left_open(stack, pg, admin, tma_db):
+    """An existing BACKUP_DIR keeps the mode its operator gave it (0755 here: an off-site copy job may
+    rely on it), with a warning; every file is 0600 from the moment it exists, the `.partial` included."""
+    stack.backups.mkdir(mode=0o755)
+    os.chmod(stack.backups, 0o755)
+    stack.start_worker()
+    with table_locked(pg, tma_db):
+        follower = stack.start_backup()
+        wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="pg_dump waiting on the table lock")
+        [partial] = stack.backups.glob("*.dump.partial")
+        assert (partial.stat().st_mode & 0o777) == 0o600, oct(partial.stat().st_mode)
+    _, stderr = finished_within(follower, 60)
+    assert follower.returncode == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("[WARN]")]
+    assert len(warnings) == 1 and "mode 0755" in warnings[0] and "chmod 700" in warnings[0], stderr
+    dump, _ = only_backup(stack.backups, tma_db)
+    for path in (dump, dump.with_name(dump.name + ".meta")):
+        assert (path.stat().st_mode & 0o777) == 0o600, path
+    assert (stack.backups.stat().st_mode & 0o777) == 0o755, "the operator's folder mode is left as it is"
+    result = run_cli(["backup"], {**stack.env, "CELERY_BROKER_URL": ""}, stack.root)
+    assert result.returncode == 0 and "[WARN]  BACKUP_DIR" in result.stderr, result.output
