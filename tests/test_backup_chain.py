@@ -174,3 +174,27 @@ def test_server_stopped_mid_dump_fails_cleanly(pg, admin, cli_env, backup_dir, t
     assert backups_in(backup_dir, tma_db) == [good]
     assert sha256_file(good) == before
     assert leftovers(backup_dir) == []
+
+
+def test_an_empty_database_is_backed_up_verified_and_restored(pg, admin, backup_dir, tmp_path):
+    from tests.conftest import base_env
+
+    name = "tma_empty_database"
+    tma_cloud.drop_database(admin, name)
+    tma_cloud.create_database(admin, name)
+    try:
+        env = base_env(pg, backup_dir, DB_NAME=name)
+        result = run_cli(["backup"], env, tmp_path)
+        assert result.returncode == 0, result.output
+        dump, meta = only_backup(backup_dir, name)
+        assert meta.row_counts == {} and meta.toc_entries == toc_entries(dump)
+        assert run_cli(["verify", str(dump)], env, tmp_path).returncode == 0
+        assert run_cli(["drill"], env, tmp_path).returncode == 0
+        empty = backup_dir / f"{name}_20000101T000000Z.dump"
+        empty.write_bytes(b"")
+        empty.with_name(empty.name + ".meta").write_text(
+            dump.with_name(dump.name + ".meta").read_text().replace(meta.sha256, sha256_file(empty)))
+        result = run_cli(["verify", str(empty)], env, tmp_path)
+        assert result.returncode == 1 and "not a readable dump" in error_lines(result.stderr)[0]
+    finally:
+        tma_cloud.drop_database(admin, name)

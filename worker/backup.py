@@ -222,13 +222,14 @@ def count_toc_entries(listing: str) -> int:
     return sum(1 for line in listing.splitlines() if line.strip() and not line.lstrip().startswith(";"))
 
 
-def verify_archive(path: Path, executor: Executor, settings: Settings) -> int:
-    """`pg_restore --list` the archive; returns its TOC entry count or raises BackupError."""
+def verify_archive(path: Path, executor: Executor, settings: Settings, allow_empty: bool = False) -> int:
+    """`pg_restore --list` the archive; returns its TOC entry count or raises BackupError. No entries
+    is an error unless the database really was empty (`allow_empty`: it had no tables at all)."""
     result = executor.list_archive(path, tool_environment(settings, "postgres"))
     if result.returncode != 0:
         raise BackupError(f"{path.name} is not a readable dump: {result.last_error_line()}")
     entries = count_toc_entries(result.stdout)
-    if entries == 0:
+    if entries == 0 and not allow_empty:
         raise BackupError(f"{path.name} holds no TOC entries (empty or truncated dump)")
     return entries
 
@@ -243,7 +244,8 @@ def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock,
     progress("verifying", {})
     try:
         with kept_alive(lock, _renewal_interval(settings)) as lock_lost:
-            run["toc_entries"] = verify_archive(partial, executor, settings)
+            empty_database = not _read_counts(catalogue.counts_path(Path(run["backup"])))
+            run["toc_entries"] = verify_archive(partial, executor, settings, allow_empty=empty_database)
             if lock_lost.is_set():
                 lock.confirm()
     except BaseException:

@@ -34,7 +34,7 @@ def verify_backup(path: Path, settings: Settings, executor: Executor) -> Verifie
     actual = sha256_of(path)
     if actual != meta.sha256:
         raise VerificationFailed(f"{path.name}: SHA-256 mismatch: expected {meta.sha256}, actual {actual}")
-    entries = verify_archive(path, executor, settings)
+    entries = verify_archive(path, executor, settings, allow_empty=meta.toc_entries == 0 and not meta.row_counts)
     if entries != meta.toc_entries:
         raise VerificationFailed(f"{path.name}: {entries} TOC entries, but its .meta says {meta.toc_entries}")
     return VerifiedBackup(path, meta, entries)
