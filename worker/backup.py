@@ -8,6 +8,7 @@ the CLI's in-process mode calls them in sequence.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -23,7 +24,7 @@ from worker.compression import check_supported, parse_compression
 from worker.database import connect, exact_row_counts, exported_snapshot, first_line, server_major, server_version_text
 from worker.errors import BackupError
 from worker.executors import Executor
-from worker.locks import DatabaseLock, kept_alive
+from worker.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.meta import BackupMeta, fsync_dir, human_size, write_atomically
 from worker.settings import Settings, SettingsError, check_database_name, ensure_backup_dir, folder_warning
 
@@ -130,7 +131,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
     database = run["database"]
     compression = parse_compression(settings.BACKUP_COMPRESSION)
     started = time.monotonic()
-    with kept_alive(lock, max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)) as lock_lost:
+    with kept_alive(lock, renewal_interval(settings)) as lock_lost:
         try:
             pg_dump_major = executor.tool_major("pg_dump")
             try:
@@ -206,14 +207,10 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
 
 
 def _write_counts(path: Path, counts: dict[str, int]) -> None:
-    import json
-
     write_atomically(path, json.dumps(counts))
 
 
 def _read_counts(path: Path) -> dict[str, int]:
-    import json
-
     return {str(key): int(value) for key, value in json.loads(path.read_text()).items()}
 
 
@@ -234,16 +231,12 @@ def verify_archive(path: Path, executor: Executor, settings: Settings, allow_emp
     return entries
 
 
-def _renewal_interval(settings: Settings) -> float:
-    return max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)
-
-
 def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     progress("verifying", {})
     try:
-        with kept_alive(lock, _renewal_interval(settings)) as lock_lost:
+        with kept_alive(lock, renewal_interval(settings)) as lock_lost:
             empty_database = not _read_counts(catalogue.counts_path(Path(run["backup"])))
             run["toc_entries"] = verify_archive(partial, executor, settings, allow_empty=empty_database)
             if lock_lost.is_set():
@@ -271,7 +264,7 @@ def checksum(run: Run, settings: Settings, lock: DatabaseLock, progress: Progres
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     try:
-        with kept_alive(lock, _renewal_interval(settings)) as lock_lost:  # a large file takes a while
+        with kept_alive(lock, renewal_interval(settings)) as lock_lost:  # a large file takes a while
             run["sha256"] = sha256_of(partial, progress)
             run["size_bytes"] = partial.stat().st_size
             if lock_lost.is_set():

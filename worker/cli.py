@@ -155,14 +155,14 @@ def _backup_through_workers(settings: Settings, database: str) -> dict[str, Any]
         elif state == "STARTED" and step in STEP_PHASES:
             show(STEP_PHASES[step], {})
 
-    def owner_of(key: str) -> str | None:
-        from worker.locks import lock_owner
+    from worker.locks import lock_owner, renewal_interval
 
+    def owner_of(key: str) -> str | None:
         return lock_owner(settings, key)
 
-    # A link notices a lost lock within a third of BACKUP_LOCK_TIMEOUT and then fails: wait that long
-    # (and a little more) for its own report before saying that the run was lost.
-    grace = settings.BACKUP_LOCK_TIMEOUT / 3 + 3
+    # A link notices a lost lock within one renewal interval and then fails: wait that long (and a
+    # little more) for its own report before saying that the run was lost.
+    grace = renewal_interval(settings) + 3
     return follow_backup(app, kickoff, settings.FOLLOW_TIMEOUT, on_event, owner_of, grace)
 
 

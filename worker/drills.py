@@ -14,7 +14,7 @@ from worker import catalogue, swap
 from worker.backup import Progress, _no_progress
 from worker.errors import BackupError, LockHeld
 from worker.executors import Executor
-from worker.locks import DatabaseLock, database_lock, kept_alive
+from worker.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
 from worker.meta import write_atomically
 from worker.restore import _restore_into_scratch, default_shape, prepare
 from worker.settings import Settings
@@ -34,7 +34,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
     started = time.monotonic()
     lock.acquire()
     try:
-        with kept_alive(lock, max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)):
+        with kept_alive(lock, renewal_interval(settings)):
             progress("checking", {})
             prepared = prepare(settings, executor, file)
             with swap.admin_connection(executor.connect_kwargs(), prepared.meta.database) as admin:

@@ -167,6 +167,11 @@ class FileDatabaseLock:
             return None
 
 
+def renewal_interval(settings: Settings) -> float:
+    """How often a running step renews its lock: three times per BACKUP_LOCK_TIMEOUT."""
+    return max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)
+
+
 @contextmanager
 def kept_alive(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]:
     """Renew the lock every `interval` seconds while the block runs. The yielded event is set when

@@ -19,7 +19,7 @@ from worker.database import connect, exact_row_counts, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
 from worker.faults import crash_point
-from worker.locks import DatabaseLock, kept_alive
+from worker.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.meta import BackupMeta
 from worker.settings import Settings
 from worker.tokens import TokenBinding, TokenRefused, TokenStore, consume
@@ -154,7 +154,7 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
     started = time.monotonic()
     lock.acquire()
     try:
-        with kept_alive(lock, max(settings.BACKUP_LOCK_TIMEOUT / 3, 1)):
+        with kept_alive(lock, renewal_interval(settings)):
             progress("checking", {})
             path = Path(binding.file)
             if not path.is_file() or sha256_of(path) != binding.sha256:
