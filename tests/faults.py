@@ -12,11 +12,15 @@ named point and then blocks there until the test kills the worker. `TMA_TEST_PAU
 - `slow-checksum:N`: the checksum link takes N seconds longer (a large file, without writing one).
 
 The dump link needs no hook: `tests.helpers.table_locked` makes the real pg_dump wait on a table lock.
+
+`BeatSlot` runs the "beats by mistake" scenario in a thread, on a PostgreSQL and a Redis of its own, so
+that its wait for a minute boundary overlaps the module's other tests instead of adding to them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,9 +34,9 @@ from typing import Any
 
 import redis
 
-from tests import services
+from tests import services, tma_cloud
 from tests.conftest import _unavailable as unavailable
-from tests.conftest import base_env
+from tests.conftest import PASSWORD_ROLE, TEST_PASSWORD, base_env
 from tests.helpers import wait_for
 
 PAUSE_ENV = "TMA_TEST_PAUSE"
@@ -317,6 +321,147 @@ def timed(action: Callable[[], Any]) -> float:
     started = time.monotonic()
     action()
     return time.monotonic() - started
+
+
+class Stopped(Exception):
+    """The scenario was stopped from outside (module teardown)."""
+
+
+class BeatSlot:
+    """Three `celery -A worker beat` processes with BACKUP_SCHEDULE='* * * * *' and one worker, for one
+    minute slot. Beats `a` and `b` send their kickoffs together; beat `late` is paused (SIGSTOP) across the
+    minute boundary and resumed (SIGCONT) only once the slot's backup has finished and released its lock,
+    as a late or paused beat, or a busy queue, would deliver it. Run by `start()` in a thread; `result()`
+    waits for it and returns what the test asserts on."""
+
+    SENT = "Sending due task nightly-backup (tma_backup.backup)"
+    BEATS = ("a", "b", "late")
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database = "tma_beats"
+        self.outcome: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="beat-slot", daemon=True)
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._stack: Stack | None = None
+        self._pg: services.PostgresServer | None = None
+        self._redis: services.RedisServer | None = None
+
+    def start(self) -> "BeatSlot":
+        self._thread.start()
+        return self
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"the beat scenario did not finish within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(30)
+        self._cleanup()
+
+    def _wait(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self._stopping.is_set():
+                raise Stopped()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"beat-{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _run(self) -> None:
+        try:
+            self._scenario()
+        except Stopped:
+            pass
+        except BaseException as error:  # reported by result(), in the test
+            self.error = error
+        finally:
+            self._cleanup()
+
+    def _scenario(self) -> None:
+        self._pg = services.start_postgres()
+        with self._pg.connect(autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{TEST_PASSWORD}'")
+            tma_cloud.create_database(admin, self.database)
+        with self._pg.connect(self.database, autocommit=True) as connection:
+            tma_cloud.create_schema(connection)
+            tma_cloud.populate(connection, users=5)
+        self._redis = services.start_redis()
+        stack = self._stack = Stack(self._pg, self._redis, self.root, self.database,
+                                    settings={"BACKUP_SCHEDULE": "* * * * *"})
+        worker = stack.start_worker()
+        # A beat's schedule starts when its scheduler is set up: all three must be set up within one
+        # minute, to share its boundary. Start them with at least half a minute to spare.
+        if time.time() % 60 > 30:
+            self._wait(lambda: time.time() % 60 < 30, 35, "the next minute")
+        for name in self.BEATS:
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel=DEBUG",
+                 "-s", str(self.root / f"beat-{name}-schedule")],
+                env=stack.env, cwd=self.root, stdout=open(self.root / f"beat-{name}.log", "ab"),
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+        for name in self.BEATS:  # "Waking up in …": its scheduler is set up and waits for the boundary
+            self._wait(lambda name=name: "beat: Waking up" in self.log(name), 30, f"beat {name} to start")
+        late = self._processes[-1]
+        os.kill(late.pid, signal.SIGSTOP)
+
+        def backed_up() -> bool:
+            complete = [entry for entry in catalogue_list(stack.backups, self.database) if entry.complete]
+            return bool(complete) and stack.lock_holder() is None
+
+        self._wait(backed_up, 75, "the slot's backup to complete and release its lock")
+        self.outcome["late_sent_before_resumed"] = self.log("late").count(self.SENT)
+        self.outcome["skipped_before_the_late_copy"] = worker.log().count("scheduled backup skipped")
+        os.kill(late.pid, signal.SIGCONT)
+        self._wait(lambda: self.SENT in self.log("late"), 15, "the late beat to send its copy")
+        self._wait(lambda: worker.log().count("scheduled backup skipped") >= 2, 15, "the late copy to be skipped")
+        time.sleep(1)  # anything else it would have started, it has started by now
+        for process in self._processes:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.outcome.update(
+            sent_at={name: _sent_minutes(self.log(name)) for name in self.BEATS},
+            complete=[entry.path.name for entry in catalogue_list(stack.backups, self.database) if entry.complete],
+            leftovers=sorted(p.name for p in stack.backups.iterdir() if ".partial" in p.name or p.name.endswith(".tmp")),
+            worker_log=worker.log(),
+            database=self.database,
+        )
+
+    def _cleanup(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if self._stack is not None:
+            self._stack.stop()
+        if self._redis is not None:
+            self._redis.stop()
+        if self._pg is not None:
+            self._pg.stop("immediate")
+
+
+def _sent_minutes(log: str) -> list[str]:
+    """The minutes (`YYYYmmddTHHMM`, UTC) at which a beat's log says it sent the nightly backup."""
+    pattern = re.compile(r"^\[(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):[^\]]*\] Scheduler: " + re.escape(BeatSlot.SENT),
+                         re.MULTILINE)
+    return ["{}{}{}T{}{}".format(*match.groups()) for match in pattern.finditer(log)]
+
+
+def catalogue_list(directory: Path, database: str) -> list[Any]:
+    from worker import catalogue
+
+    return catalogue.list_backups(directory, database) if directory.exists() else []
 
 
 if __name__ == "__main__":
