@@ -146,3 +146,32 @@ def test_a_killed_worker_frees_the_lock_and_the_next_backup_cleans_up(pg, admin,
         assert leftovers(backups) == [], "the next run's prune removes the killed run's partial files"
     finally:
         worker.stop()
+
+
+def test_pg_dump_dies_with_the_worker_process_that_started_it(pg, admin, redis_server, tma_db, tmp_path):
+    broker = f"redis://127.0.0.1:{redis_server.port}/12"
+    backups = tmp_path / "backups"
+    env = base_env(pg, backups, CELERY_BROKER_URL=broker, WORKER_HOST="host-o", DB_NAME=tma_db,
+                   TEST_CWD=str(tmp_path))
+    worker = services.WorkerProcess("o@host-o", env, tmp_path / "worker.log").start()
+    ours = f"--file={backups}/"
+
+    def pg_dump_pid() -> int | None:
+        found = subprocess.run(["pgrep", "-f", "--", ours], capture_output=True, text=True).stdout.split()
+        return int(found[0]) if found else None
+
+    try:
+        with table_locked(pg, tma_db):
+            process = _start_cli_backup(env, tmp_path)
+            pid = wait_for(pg_dump_pid, what="pg_dump running")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert parent != worker.process.pid, "pg_dump runs under a pool process"
+            import os
+            import signal
+
+            os.kill(parent, signal.SIGKILL)  # the OOM killer takes the pool process, not the whole worker
+            wait_for(lambda: pg_dump_pid() is None, timeout=10, what="the orphaned pg_dump to die")
+        process.kill()
+        process.wait()
+    finally:
+        worker.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import signal
 import shutil
 import subprocess
 import threading
@@ -17,6 +19,16 @@ from worker.settings import Settings
 
 # Variables that would silently redirect the tools to another server or user.
 _SCRUBBED = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGPASSFILE", "PGOPTIONS")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if the worker process that started this tool dies (SIGKILL, the OOM
+    killer), the kernel kills the tool too, so no orphaned pg_dump holds table locks or writes on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def tool_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -56,7 +68,8 @@ class StreamedDump:
         target = streams.open_output(output, zstd_level)
         try:
             self._process = subprocess.Popen(argv, env=tool_environment(env), stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             preexec_fn=_die_with_parent)
         except OSError as error:
             target.close()
             raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None
@@ -146,6 +159,7 @@ class HostExecutor:
                 stdin=stdin_handle,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
             )
         except OSError as error:
             raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None
@@ -167,7 +181,7 @@ class HostExecutor:
         feeder = threading.Thread(target=_feed, args=(archive, write_end), daemon=True)
         try:
             process = subprocess.Popen(["pg_restore", "--list"], env=tool_environment(env), stdin=read_end,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         except OSError as error:
             os.close(write_end)
             raise BackupError(f"cannot run pg_restore: {error.strerror}") from None
