@@ -1,0 +1,1 @@
+"""Benchmarks of tma-backup against the bare PostgreSQL tools (see bench/README.md)."""

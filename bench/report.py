@@ -1,0 +1,185 @@
+"""The benchmark's outputs: `latest.json`, a Markdown table `latest.md` and a chart `latest.png`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+# Issue 6's targets (reported beside the figures; nothing here asserts a timing).
+TARGETS: dict[str, tuple[str, float]] = {
+    "chain_vs_bare": ("<=", 1.05),
+    "fast_vs_seed": (">=", 2.5),
+    "fast_size_vs_seed": ("<=", 1.0),
+    "restore_vs_seed": ("<=", 0.9),
+    "docker_stream_vs_exec": (">=", 0.95),
+    "docker_worker_rss_growth_mb": ("<", 100.0),
+    "fleet_2w_vs_1w": (">=", 1.6),
+}
+RATIO_MEANING = {
+    "chain_vs_bare": "b / a wall: the tma-backup chain (Celery, exact counts, checks) vs the seed's bare tools, same compression",
+    "fast_vs_seed": "a / c wall: how many times faster tma-backup's fastest safe mode is than the seed's sequence",
+    "fast_size_vs_seed": "c / a bytes: that mode's file size vs the seed's",
+    "restore_vs_seed": "tma / seed wall: tma-backup's restore vs the seed's drop, create, --single-transaction restore",
+    "docker_stream_vs_exec": "throughput of tma-backup's docker mode / `docker exec … pg_dump > file`",
+    "docker_worker_rss_growth_mb": "peak growth of the docker-mode worker's RSS during a backup, MiB",
+    "fleet_2w_vs_1w": "throughput of 8 backups with two worker processes / with one",
+    "db_size_bytes": "pg_database_size of the reference database",
+}
+
+
+@dataclass
+class Measurement:
+    key: str
+    label: str
+    short: str = ""  # the chart's label
+    walls: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    extra: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    na: str | None = None
+
+    @property
+    def wall(self) -> float | None:
+        return statistics.median(self.walls) if self.walls else None
+
+    @property
+    def size(self) -> int | None:
+        return int(statistics.median(self.sizes)) if self.sizes else None
+
+    def step_medians(self) -> dict[str, float]:
+        names = [name for name in (self.steps[0] if self.steps else {})]
+        return {name: round(statistics.median(s[name] for s in self.steps if name in s), 3) for name in names}
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "median_wall_s": None if self.wall is None else round(self.wall, 3),
+            "median_bytes": self.size,
+            "walls_s": [round(value, 3) for value in self.walls],
+            "bytes": self.sizes,
+            "step_medians_s": self.step_medians(),
+            "extra": self.extra,
+            "errors": self.errors,
+            "na": self.na,
+        }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def meets(key: str, value: float | None) -> str:
+    if value is None or key not in TARGETS:
+        return ""
+    op, bound = TARGETS[key]
+    ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound}[op]
+    return "yes" if ok else "no"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _size(value: int | None) -> str:
+    return "" if value is None else f"{value / MIB:,.1f} MiB"
+
+
+def markdown(results: dict[str, Any], measurements: list[Measurement]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"# tma-backup benchmark ({'quick smoke run' if results['quick'] else 'reference run'})",
+        "",
+        f"{results['finished_at']} · {machine['nproc']} cores ({machine['cpu']}), {machine['mem_gib']} GiB RAM · "
+        f"{machine['pg_dump']} · server {machine['server_version']} · load average at start "
+        f"{machine['loadavg_start']}, at end {machine.get('loadavg_end', '?')}",
+        f"Database `{results['database']}`: {_size(results['db_size_bytes'])} on disk "
+        f"({results['db_size_bytes']} bytes) · medians of {results['runs']} run(s) each",
+        "",
+        "| figure | value | target | meets | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key in [*TARGETS, "db_size_bytes"]:
+        value = results[key]
+        target = " ".join((TARGETS[key][0], str(TARGETS[key][1]))) if key in TARGETS else ""
+        note = RATIO_MEANING[key]
+        if key in ("fast_vs_seed", "fast_size_vs_seed") and results.get("fast_mode"):
+            note += f" (mode: {results['fast_mode']})"
+        lines.append(f"| `{key}` | {_fmt(value)} | {target} | {meets(key, value)} | {note} |")
+    lines += ["", "| measurement | median wall (s) | runs (s) | file | where the time goes (median s) |",
+              "| --- | --- | --- | --- | --- |"]
+    for item in measurements:
+        if item.na is not None and not item.walls:
+            lines.append(f"| {item.label} | n/a | | | {item.na} |")
+            continue
+        steps = ", ".join(f"{name} {value:.2f}" for name, value in item.step_medians().items())
+        notes = [f"{key} {value}" for extra in item.extra[-1:] for key, value in extra.items()]
+        steps = "; ".join(part for part in (steps, ", ".join(notes)) if part)
+        if item.errors:
+            steps = (steps + "; " if steps else "") + f"FAILED: {item.errors[0]}"
+        runs = ", ".join(f"{value:.2f}" for value in item.walls)
+        lines.append(f"| {item.label} | {_fmt(item.wall, 2)} | {runs} | {_size(item.size)} | {steps} |")
+    if results.get("paired"):
+        lines += ["", "Ratios within each round (a round's variants run back to back, so under about the same load from elsewhere):", ""]
+        lines += [f"- `{name}`: median {value['median']:.3f} of {', '.join(f'{r:.3f}' for r in value['rounds'])}"
+                  for name, value in results["paired"].items()]
+    if results.get("fleet_bare_2_vs_1") is not None:
+        lines += ["", f"The machine's own ceiling for `fleet_2w_vs_1w`: the same 8 seed backups with bare tools "
+                  f"in 2 parallel streams vs 1: {results['fleet_bare_2_vs_1']:.3f}."]
+    if results.get("notes"):
+        lines += ["", *[f"- {note}" for note in results["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[WARN]  matplotlib is not installed (pip install -r bench/requirements.txt): no chart", file=sys.stderr)
+        return False
+    timed = [item for item in measurements if item.wall is not None]
+    sized = [item for item in timed if item.size is not None and not item.key.startswith(("restore", "fleet"))]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * max(len(timed), 4) + 1.8),
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    labels = [item.short or item.key for item in timed]
+    left.barh(labels, [item.wall for item in timed], color="#4c72b0")
+    for index, item in enumerate(timed):
+        left.text(item.wall, index, f" {item.wall:.2f}s", va="center", fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("median wall time (s)")
+    right.barh([item.short or item.key for item in sized], [item.size / MIB for item in sized], color="#dd8452")
+    for index, item in enumerate(sized):
+        right.text(item.size / MIB, index, f" {item.size / MIB:,.0f}", va="center", fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("file size (MiB)")
+    figure.suptitle(f"tma-backup vs bare PostgreSQL tools · {results['db_size_bytes'] / MIB:,.0f} MiB database · "
+                    f"{results['machine']['nproc']} cores · medians of {results['runs']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write(folder: Path, results: dict[str, Any], measurements: list[Measurement]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {**results, "measurements": {item.key: item.as_json() for item in measurements}}
+    (folder / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results, measurements)
+    (folder / "latest.md").write_text(table)
+    chart(folder / "latest.png", results, measurements)
+    return table
