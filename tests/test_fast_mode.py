@@ -25,7 +25,7 @@ def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env,
     assert result.returncode == 0, result.output
     [dump] = zst_backups(backup_dir, tma_db)
     meta = read_meta(dump.with_name(dump.name + ".meta"))
-    assert dump.with_name(dump.name + ".meta").read_text().splitlines()[5] == "compression=zstd-stream:3"
+    assert dump.with_name(dump.name + ".meta").read_text().splitlines()[5] == "compression=zstd-stream:1"
     assert meta.sha256 == sha256_file(dump)
     plain = tmp_path / "plain.dump"
     with open(dump, "rb") as source, open(plain, "wb") as target:
@@ -57,7 +57,7 @@ def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env,
 
 
 def test_retention_counts_zst_and_plain_backups_together(cli_env, backup_dir, tma_db, tmp_path):
-    for compression in ("6", "zstd-stream:1", "6", "zstd-stream"):
+    for compression in ("6", "zstd-stream:3", "6", "zstd-stream"):
         env = {**cli_env, "BACKUP_COMPRESSION": compression, "BACKUP_RETAIN_COUNT": "2"}
         assert run_cli(["backup"], env, tmp_path).returncode == 0
     kept = sorted(p.name for p in backup_dir.iterdir() if not p.name.endswith(".meta") and not p.name.startswith("."))

@@ -81,6 +81,13 @@ def test_wrong_name_expired_token_and_token_for_another_file_are_refused(pg, bro
     token = _prepare(broker_env, tmp_path, dump)
     result = run_cli(["restore", str(other), "--token", token, "--confirm", tma_db], broker_env, tmp_path)
     assert result.returncode == 1 and "issued for" in error_lines(result.stderr)[0]
+
+    token = _prepare(broker_env, tmp_path, other)
+    data = bytearray(other.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the file changes between prepare and restore
+    other.write_bytes(bytes(data))
+    result = run_cli(["restore", "--token", token, "--confirm", tma_db], broker_env, tmp_path)
+    assert result.returncode == 1 and "SHA-256 mismatch" in error_lines(result.stderr)[0]
     assert digests(pg, tma_db) == live
 
 

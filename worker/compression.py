@@ -3,7 +3,7 @@
 - `0`-`9`, `gzip:N`, `none`: pg_dump compresses (custom format, `.dump`; any pg_restore reads it).
 - `lz4[:N]`, `zstd[:N]`: pg_dump 16+ compresses with them itself.
 - `zstd-stream[:N]`: pg_dump writes uncompressed (`--compress=0`) into a pipe and this process
-  compresses with zstd (level N, default 3) on the other core, into `.dump.zst`. Works with
+  compresses with zstd (level N, default 1) on the other core, into `.dump.zst`. Works with
   PostgreSQL 15 tools; verify, restore and drills decompress it transparently.
 """
 
@@ -18,7 +18,7 @@ _SPELLINGS = re.compile(
     r"^(?:(?P<level>[0-9])|(?P<method>gzip|lz4|zstd|none|zstd-stream)(?::(?P<method_level>[0-9]{1,2}))?)$")
 _NEEDS_PG16 = {"lz4", "zstd"}
 STREAM = "zstd-stream"
-DEFAULT_STREAM_LEVEL = 3
+DEFAULT_STREAM_LEVEL = 1  # keeps pace with pg_dump on one core; level 3 does not (bench/README.md)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from typing import Any
 from psycopg import conninfo, sql
 
 from worker import catalogue, streams, swap
-from worker.backup import Progress, _no_progress, sha256_of, tool_environment
+from worker.backup import Progress, _no_progress, tool_environment
 from worker.database import connect, exact_row_counts, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
 from worker.faults import crash_point
 from worker.locks import DatabaseLock, kept_alive, renewal_interval
-from worker.meta import BackupMeta
+from worker.meta import BackupMeta, MetaError, read_meta
 from worker.settings import Settings
 from worker.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.verification import verify_backup
@@ -71,6 +71,14 @@ def prepare(settings: Settings, executor: Executor, file: str) -> PreparedRestor
     path = resolve_backup_file(settings, file)
     checked = verify_backup(path, settings, executor)
     return PreparedRestore(path, checked.meta, checked.toc_entries)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 a backup's .meta records, or None when there is no readable .meta."""
+    try:
+        return read_meta(catalogue.meta_path(path)).sha256
+    except MetaError:
+        return None
 
 
 def issue_token(store: TokenStore, prepared: PreparedRestore, host: str, ttl: int, hashed: str) -> TokenBinding:
@@ -157,11 +165,11 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
         with kept_alive(lock, renewal_interval(settings)):
             progress("checking", {})
             path = Path(binding.file)
-            if not path.is_file() or sha256_of(path) != binding.sha256:
-                raise VerificationFailed(f"{path.name} changed since the restore was prepared (SHA-256 differs); refused")
+            # One pass over the file: prepare() checks its SHA-256 against the .meta, and the .meta's
+            # against the token's, so the bytes restored are the bytes the operator confirmed.
+            if recorded_sha256(path) != binding.sha256:
+                raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
             prepared = prepare(settings, executor, str(path))
-            if prepared.meta.sha256 != binding.sha256:
-                raise VerificationFailed(f"{path.name}: its .meta changed since the restore was prepared; refused")
             result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress)
     finally:
         lock.release()

@@ -1,0 +1,44 @@
+"""The benchmark runs end to end on a tiny database (a smoke test: no timing is asserted anywhere).
+
+It uses the machine's PostgreSQL (127.0.0.1:5432, user postgres) and Redis (127.0.0.1:6379, db 11), as
+`bench/README.md` describes; `.ci/run` starts both."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import IN_CI
+from tests.services import REPO
+
+
+def _machine_services_up() -> str | None:
+    try:
+        psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3).close()
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=3).ping()
+    except Exception as error:  # either service: say which and how to start it
+        return (f"the machine's PostgreSQL (127.0.0.1:5432) or Redis (6379) is not running ({error}); start them: "
+                "pg_ctlcluster --skip-systemctl-redirect 15 main start; redis-server --daemonize yes --port 6379")
+    return None
+
+
+def test_bench_quick_measures_every_section_it_can(tmp_path):
+    problem = _machine_services_up()
+    if problem:
+        if IN_CI:
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((out / "latest.json").read_text())
+    for key in ("chain_vs_bare", "fast_vs_seed", "fast_size_vs_seed", "restore_vs_seed", "fleet_2w_vs_1w"):
+        assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
+    assert figures["db_size_bytes"] > 0
+    assert (out / "latest.md").read_text().startswith("# tma-backup benchmark")
