@@ -33,7 +33,7 @@ Progress = Callable[[str, dict[str, Any]], None]
 HASH_CHUNK = 4 * 1024 * 1024
 
 
-def _no_progress(phase: str, fields: dict[str, Any]) -> None:
+def no_progress(phase: str, fields: dict[str, Any]) -> None:
     pass
 
 
@@ -122,7 +122,7 @@ def _create_private(path: Path) -> None:
         raise BackupError(f"cannot create {path}: {error.strerror}") from None
 
 
-def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
+def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
     """pg_dump inside an exported SERIALIZABLE READ ONLY DEFERRABLE snapshot, with exact row counts
     taken in that same snapshot, into `<name>.dump.partial`."""
     lock.confirm()
@@ -231,7 +231,7 @@ def verify_archive(path: Path, executor: Executor, settings: Settings, allow_emp
     return entries
 
 
-def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
+def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     progress("verifying", {})
@@ -247,7 +247,7 @@ def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock,
     return run
 
 
-def sha256_of(path: Path, progress: Progress = _no_progress) -> str:
+def sha256_of(path: Path, progress: Progress = no_progress) -> str:
     digest = hashlib.sha256()
     done = 0
     progress("checksumming", {"bytes": 0})
@@ -260,7 +260,7 @@ def sha256_of(path: Path, progress: Progress = _no_progress) -> str:
     return digest.hexdigest()
 
 
-def checksum(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = _no_progress) -> Run:
+def checksum(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
     lock.confirm()
     partial = catalogue.partial_path(Path(run["backup"]))
     try:

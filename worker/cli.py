@@ -52,7 +52,7 @@ def cli() -> None:
     """Back up and restore PostgreSQL through Celery workers (see README)."""
 
 
-def _database(given: str | None, settings: Settings) -> str:
+def database_option(given: str | None, settings: Settings) -> str:
     """`--database`, checked like DB_NAME (it names files in BACKUP_DIR), or DB_NAME."""
     if given is None:
         return settings.DB_NAME
@@ -107,7 +107,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def backup(database: str | None) -> None:
     """Take a backup: dump → verify → checksum → meta → prune."""
     settings = get_settings()
-    database = _database(database, settings)
+    database = database_option(database, settings)
     output.section("Full Database Backup")
     if settings.broker_url:
         summary = _backup_through_workers(settings, database)
@@ -226,7 +226,7 @@ def list_backups() -> None:
 def status(database: str | None) -> None:
     """Newest complete backup, its age and size; exit 1 when older than BACKUP_MAX_AGE_HOURS."""
     settings = get_settings()
-    database = _database(database, settings)
+    database = database_option(database, settings)
     newest = catalogue.newest_complete(settings.backup_dir, database)
     output.section(f"Backup Status: {database}")
     if newest is None:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from worker import output
-from worker.cli import cli, guarded
+from worker.cli import cli, database_option, guarded
 from worker.errors import BackupError
 from worker.meta import human_size
 from worker.settings import Settings, SettingsError, get_settings
@@ -202,7 +202,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
 def rollback_command(database: str | None, confirm_name: str) -> None:
     """Swap the kept previous copy back in (the current one is kept in its turn)."""
     settings = get_settings()
-    database = database or settings.DB_NAME
+    database = database_option(database, settings)
     output.section("Rollback")
     if settings.broker_url:
         result = _call(settings, "tma_backup.rollback", {"database": database, "confirm": confirm_name}, None)
@@ -228,7 +228,7 @@ def drill_command(file: str | None, database: str | None, host: str | None) -> N
     """Restore a backup (default: the newest complete one) into a scratch database, compare exact
     row counts with its .meta, drop the scratch database. Touches nothing live."""
     settings = get_settings()
-    database = database or settings.DB_NAME
+    database = database_option(database, settings)
     output.section("Restore Drill")
     if settings.broker_url:
         result = _call(settings, "tma_backup.drill", {"database": database, "file": file}, host,

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from worker import catalogue, swap
-from worker.backup import Progress, _no_progress
+from worker.backup import Progress, no_progress
 from worker.errors import BackupError, LockHeld
 from worker.executors import Executor
 from worker.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
 from worker.meta import write_atomically
-from worker.restore import _restore_into_scratch, default_shape, prepare
+from worker.restore import restore_into_scratch, default_shape, prepare
 from worker.settings import Settings
 
 
@@ -25,7 +25,7 @@ def record_path(settings: Settings, database: str) -> Path:
 
 
 def drill(settings: Settings, executor: Executor, database: str, file: str | None, lock: DatabaseLock, run: str,
-          progress: Progress = _no_progress) -> dict[str, Any]:
+          progress: Progress = no_progress) -> dict[str, Any]:
     if file is None:
         newest = catalogue.newest_complete(settings.backup_dir, database)
         if newest is None:
@@ -41,7 +41,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
                 swap.drop_leftover_scratches(admin, prepared.meta.database)
                 swap.repair_refused_connections(admin, prepared.meta.database)
                 shape = swap.shape_of(admin, prepared.meta.database) or default_shape(admin)
-                scratch, counts = _restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
+                scratch, counts = restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
                 swap.drop(admin, scratch)
     finally:
         lock.release()
@@ -55,7 +55,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
 
 
 def run_and_record(settings: Settings, executor: Executor, database: str, file: str | None, run: str,
-                   progress: Progress = _no_progress, scheduled: bool = False) -> dict[str, Any]:
+                   progress: Progress = no_progress, scheduled: bool = False) -> dict[str, Any]:
     """Run a drill and record pass or fail. A scheduled drill that finds the database busy skips."""
     lock = database_lock(settings, database, run)
     at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)

@@ -14,7 +14,7 @@ from typing import Any
 from psycopg import conninfo, sql
 
 from worker import catalogue, streams, swap
-from worker.backup import Progress, _no_progress, tool_environment
+from worker.backup import Progress, no_progress, tool_environment
 from worker.database import connect, exact_row_counts, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
@@ -124,7 +124,7 @@ def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> None:
     raise BackupError(f"row counts differ from the backup's .meta ({shown})")
 
 
-def _restore_into_scratch(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore,
+def restore_into_scratch(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore,
                           shape: swap.DatabaseShape, role: str, run: str, progress: Progress) -> tuple[str, dict[str, int]]:
     scratch = swap.scratch_name(role)
     swap.create_like(admin, scratch, shape, role, prepared.meta.database, run)
@@ -150,7 +150,7 @@ def default_shape(admin: Any) -> swap.DatabaseShape:
 
 
 def restore(settings: Settings, executor: Executor, store: TokenStore, token: str, confirm: str,
-            lock: DatabaseLock, run: str, mode: str = "swap", progress: Progress = _no_progress,
+            lock: DatabaseLock, run: str, mode: str = "swap", progress: Progress = no_progress,
             file: str | None = None) -> dict[str, Any]:
     """The restore task's body. Consumes the token first: whatever happens next, it is used up.
     `file`, when the operator named one with the token, must be the file the token was issued for."""
@@ -187,7 +187,7 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
             counts = _restore_in_place(settings, executor, admin, prepared, live, shape or default_shape(admin), progress)
             kept, dropped = None, []
         else:
-            scratch, counts = _restore_into_scratch(
+            scratch, counts = restore_into_scratch(
                 settings, executor, admin, prepared, shape or default_shape(admin), swap.SCRATCH, run, progress)
             progress("swapping", {})
             if shape is None:
