@@ -46,7 +46,7 @@ def test_an_unwritable_backup_dir_is_refused_with_exit_2(cli_env, tmp_path):
 
 
 def test_the_environment_wins_over_dot_env(cli_env, backup_dir, tma_db, tmp_path):
-    (tmp_path / ".env").write_text(f"DB_NAME=not_this_one\nBACKUP_RETAIN_COUNT=0\nDB_PORT=1\n")
+    (tmp_path / ".env").write_text("DB_NAME=not_this_one\nBACKUP_RETAIN_COUNT=0\nDB_PORT=1\n")
     env = {**cli_env, "BACKUP_RETAIN_COUNT": "2"}
     result = run_cli(["backup"], env, tmp_path)
     assert result.returncode == 0, result.output
