@@ -62,12 +62,7 @@ def admin(pg: services.PostgresServer) -> Iterator[psycopg.Connection[Any]]:
 @pytest.fixture
 def tma_db(pg: services.PostgresServer) -> Iterator[str]:
     """A fresh database shaped like TMA Cloud's, with data; dropped afterwards."""
-    name = f"tma_{uuid.uuid4().hex[:10]}"
-    with pg.connect(autocommit=True) as admin:
-        tma_cloud.create_database(admin, name)
-    with pg.connect(name, autocommit=True) as connection:
-        tma_cloud.create_schema(connection)
-        tma_cloud.populate(connection)
+    name = tma_cloud.create_populated(pg, f"tma_{uuid.uuid4().hex[:10]}")
     yield name
     with pg.connect(autocommit=True) as admin:  # a fresh connection: a test may have restarted the server
         tma_cloud.drop_database(admin, name)

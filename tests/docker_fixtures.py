@@ -187,13 +187,7 @@ def pg_container(request: pytest.FixtureRequest) -> PgContainer:
 
 def create_tma_database(server: PgContainer, name: str | None = None) -> str:
     """A database shaped like TMA Cloud's (pg_trgm, pgcrypto, pgboss schema), with data."""
-    name = name or f"tma_{uuid.uuid4().hex[:10]}"
-    with server.connect(autocommit=True) as admin:
-        tma_cloud.create_database(admin, name)
-    with server.connect(name, autocommit=True) as connection:
-        tma_cloud.create_schema(connection)
-        tma_cloud.populate(connection)
-    return name
+    return tma_cloud.create_populated(server, name or f"tma_{uuid.uuid4().hex[:10]}")
 
 
 def drop_database(server: PgContainer, name: str) -> None:

@@ -100,6 +100,17 @@ def create_database(admin: psycopg.Connection[Any], name: str, **options: str) -
     admin.execute(sql.SQL("CREATE DATABASE {} {}").format(sql.Identifier(name), extra))
 
 
+def create_populated(server: Any, name: str) -> str:
+    """Create `name` on `server` (anything with `connect(dbname, **options)`: the private cluster or a
+    container) shaped like TMA Cloud's, with data."""
+    with server.connect(autocommit=True) as admin:
+        create_database(admin, name)
+    with server.connect(name, autocommit=True) as connection:
+        create_schema(connection)
+        populate(connection)
+    return name
+
+
 def drop_database(admin: psycopg.Connection[Any], name: str) -> None:
     admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
