@@ -186,6 +186,7 @@ def test_an_empty_database_is_backed_up_verified_and_restored(pg, admin, backup_
         env = base_env(pg, backup_dir, DB_NAME=name)
         result = run_cli(["backup"], env, tmp_path)
         assert result.returncode == 0, result.output
+        assert "[WARN]  The database has no tables" in result.stderr
         dump, meta = only_backup(backup_dir, name)
         assert meta.row_counts == {} and meta.toc_entries == toc_entries(dump)
         assert run_cli(["verify", str(dump)], env, tmp_path).returncode == 0

@@ -90,6 +90,8 @@ def _progress_printer() -> Callable[[str, dict[str, Any]], None]:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     output.ok(f"Backup contains {summary['toc_entries']} TOC entries.")
+    if summary["tables"] == 0:
+        output.warn("The database has no tables: is DB_NAME the database you meant to back up?")
     output.section("Backup Complete")
     output.ok(f"File       : {summary['backup']}")
     output.ok(f"Size       : {summary['size']} ({summary['size_bytes']} bytes)")
