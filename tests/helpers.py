@@ -30,6 +30,20 @@ def only_backup(directory: Path, database: str) -> tuple[Path, BackupMeta]:
     return found[0], read_meta(found[0].with_name(found[0].name + ".meta"))
 
 
+def assert_counts_and_checksum(server: Any, backup_dir: Path, database: str) -> tuple[Path, BackupMeta]:
+    """The one backup of `database` records exactly the live row counts of every TMA table, and its
+    .meta's SHA-256 and size are the file's. `server` is anything with `connect(dbname)`."""
+    dump, meta = only_backup(backup_dir, database)
+    with server.connect(database) as connection:
+        live = tma_cloud.exact_counts(connection)
+    assert meta.row_counts == live
+    assert set(tma_cloud.TABLES) <= set(meta.row_counts)
+    assert meta.row_counts["public.files"] == 200 and meta.row_counts["pgboss.job"] == 100
+    assert meta.sha256 == sha256_file(dump)
+    assert meta.file_size_bytes == dump.stat().st_size
+    return dump, meta
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -25,7 +25,7 @@ from tests.docker_fixtures import (  # noqa: F401  (fixtures)
     remove,
     start_container,
 )
-from tests.helpers import PsSampler, backups_in, error_lines, leftovers, only_backup, sha256_file, wait_for
+from tests.helpers import PsSampler, assert_counts_and_checksum, backups_in, error_lines, leftovers, only_backup, sha256_file, wait_for
 from worker.errors import BackupError
 from worker.executors.choose import PROJECT_CONTAINER, ContainerInfo, pick_container
 
@@ -86,18 +86,11 @@ def test_docker_mode_backup_is_exact_and_names_its_container(container_db, backu
     assert result.returncode == 0, result.output
     assert f"Tools      : docker mode: pg_dump/pg_restore inside container '{server.name}'" in result.stderr
     assert f"chosen because DB_CONTAINER={server.name}" in result.stderr
-    dump, meta = only_backup(backup_dir, database)
-    with server.connect(database) as connection:
-        live = tma_cloud.exact_counts(connection)
-    assert meta.row_counts == live
-    assert set(tma_cloud.TABLES) <= set(meta.row_counts)
-    assert meta.row_counts["public.files"] == 200 and meta.row_counts["pgboss.job"] == 100
+    dump, meta = assert_counts_and_checksum(server, backup_dir, database)
     assert meta.mode == "docker"
     assert meta.extra["container"] == server.name
     assert meta.extra["pg_dump_version"] == str(server.major), "the container's own pg_dump did the dump"
     assert meta.extra["server_version"].startswith(f"{server.major}.")
-    assert meta.sha256 == sha256_file(dump)
-    assert meta.file_size_bytes == dump.stat().st_size
     assert meta.toc_entries == toc_entries_in(server, dump)
     meta_text = dump.with_name(dump.name + ".meta").read_text()
     assert "mode=docker\n" in meta_text and f"container={server.name}\n" in meta_text
