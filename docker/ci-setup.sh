@@ -49,20 +49,28 @@ done_step "engine"
 logs=$(mktemp -d /var/tmp/tma-ci-setup.XXXXXX)
 trap 'rm -rf "$logs"' EXIT
 expected=
+build_pids=
+# A build that has not finished after this long is stopped and reported (a stalled mirror or pip must
+# fail CI with a message, never hang it). A cold build takes about 2.5 min here.
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-1200}
 start_build() {  # NAME SCRIPT [ARG]
   name=$1; shift
   expected="$expected $name"
   (
     s=$(date +%s)
-    if "$@" >"$logs/$name.log" 2>&1; then rc=0; else rc=$?; fi
+    if timeout --kill-after=30 "$BUILD_TIMEOUT" "$@" >"$logs/$name.log" 2>&1; then rc=0; else rc=$?; fi
+    [ "$rc" != 124 ] || echo "timed out after $BUILD_TIMEOUT s" >>"$logs/$name.log"
     echo "$rc $(( $(date +%s) - s ))" >"$logs/$name.rc"
   ) &
+  build_pids="$build_pids $!"
 }
 start_build postgres-15 "$HERE/images/postgres/build.sh" 15
 start_build postgres-17 "$HERE/images/postgres/build.sh" 17
 start_build redis "$HERE/images/redis/build.sh"
 [ "${SKIP_WORKER:-0}" = 1 ] || start_build worker "$HERE/images/worker/build.sh"
-wait
+# only the builds: a bare `wait` would also wait for any other child of this shell
+# shellcheck disable=SC2086
+wait $build_pids
 failed=
 for name in $expected; do
   rc=1 seconds=?

@@ -30,8 +30,10 @@ ensure_engine() {
   if docker info >/dev/null 2>&1; then return 0; fi
   [ "$(id -u)" = 0 ] || die "the Docker engine is not running and starting it needs root"
   log "starting dockerd (log $DOCKERD_LOG, pid file $DOCKERD_PID)"
-  nohup setsid dockerd </dev/null >>"$DOCKERD_LOG" 2>&1 &
-  echo $! >"$DOCKERD_PID"
+  # Started from a subshell so that dockerd is not a child of the calling script: a later bare `wait`
+  # there (ci-setup.sh waits for its image builds) must never wait for the engine.
+  ( nohup setsid dockerd </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
+    echo $! >"$DOCKERD_PID" )
   i=0
   until docker info >/dev/null 2>&1; do
     i=$((i + 1))
