@@ -253,7 +253,7 @@ def test_backup_files_are_private(backed_up, backup_dir):
     assert os.stat(backup_dir).st_mode & 0o077 == 0
 
 
-def test_database_settings_and_grants_survive_the_swap(pg, admin, backed_up, tma_db, tmp_path):
+def test_database_settings_grants_and_comment_survive_the_swap_and_the_rollback(pg, admin, backed_up, tma_db, tmp_path):
     dump, env = backed_up
     admin.execute("DROP ROLE IF EXISTS tma_app_reader")
     admin.execute("CREATE ROLE tma_app_reader")
@@ -261,12 +261,14 @@ def test_database_settings_and_grants_survive_the_swap(pg, admin, backed_up, tma
     admin.execute(f'ALTER DATABASE "{tma_db}" SET work_mem = \'64MB\'')
     admin.execute(f'REVOKE ALL ON DATABASE "{tma_db}" FROM PUBLIC')
     admin.execute(f'GRANT CONNECT ON DATABASE "{tma_db}" TO tma_app_reader')
+    admin.execute(f"COMMENT ON DATABASE \"{tma_db}\" IS 'TMA Cloud production'")
 
     def access() -> tuple:
         settings = admin.execute(
             "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
             " WHERE d.datname = %s AND s.setrole = 0", (tma_db,)).fetchone()
-        acl = admin.execute("SELECT datacl::text FROM pg_database WHERE datname = %s", (tma_db,)).fetchone()
+        acl = admin.execute("SELECT datacl::text, shobj_description(oid, 'pg_database') FROM pg_database"
+                            " WHERE datname = %s", (tma_db,)).fetchone()
         return settings, acl
 
     before = access()
@@ -276,7 +278,11 @@ def test_database_settings_and_grants_survive_the_swap(pg, admin, backed_up, tma
         assert access() == before
         with pg.connect(tma_db) as connection:
             assert connection.execute("SHOW search_path").fetchone()[0] == "pgboss, public"
+        result = run_cli(["rollback", "--database", tma_db, "--confirm", tma_db], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert access() == before
     finally:
+        admin.execute(f'COMMENT ON DATABASE "{tma_db}" IS NULL')
         for name in managed_databases(admin, "previous"):
             tma_cloud.drop_database(admin, name)
         admin.execute(f'REVOKE ALL ON DATABASE "{tma_db}" FROM tma_app_reader')

@@ -183,10 +183,18 @@ def set_allow_connections(admin: psycopg.Connection[Any], database: str, allow: 
     )
 
 
+def database_comment(admin: psycopg.Connection[Any], database: str) -> str | None:
+    row = admin.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                        (database,)).fetchone()
+    return row[0] if row else None
+
+
 def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: str, run: str) -> None:
     """Refuse new sessions on `live`, end its sessions, then in ONE transaction rename live → kept and
     replacement → live. There is never a moment without a live database. On failure before the
-    commit, `live` accepts connections again and is exactly as it was."""
+    commit, `live` accepts connections again and is exactly as it was. The live database's own comment
+    moves to its replacement (a dump without --create does not hold it); the kept copy gets our marker."""
+    live_comment = database_comment(admin, live)
     mark_swapping(admin, live, run)
     set_allow_connections(admin, live, False)
     crash_point("swap:connections-refused")
@@ -196,7 +204,7 @@ def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: s
             admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(live), sql.Identifier(kept)))
             crash_point("swap:between-renames")
             admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(replacement), sql.Identifier(live)))
-            admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
+            admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(live), sql.Literal(live_comment)))
             admin.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(kept), sql.Literal(comment(KEPT, live, run)))
             )
