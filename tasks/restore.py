@@ -35,11 +35,11 @@ def _progress(task: Task) -> Any:
 
 
 @app.task(name="tma_backup.restore_prepare")
-def prepare_restore(file: str, token_hash: str) -> dict[str, Any]:
+def prepare_restore(file: str, token_hash: str, checksum: bool = True) -> dict[str, Any]:
     """Check the backup where it lives (no database touched) and bind the token to it."""
     settings = get_settings()
     executor = choose_executor(settings)
-    prepared = restore.prepare(settings, executor, file)
+    prepared = restore.prepare(settings, executor, file, checksum)
     restore.issue_token(_store(), prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, token_hash)
     return {**prepared.describe(), "host": settings.WORKER_HOST, "server": executor.describe(),
             "expires_in": settings.RESTORE_TOKEN_TTL}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def test_round_trip_restores_backup_time_content_and_rollback_brings_the_change_
     result = run_cli(["restore", str(dump), "--confirm", tma_db], env, tmp_path)
     assert result.returncode == 0, result.output
     assert digests(pg, tma_db) == at_backup
+    with pg.connect(tma_db) as connection:  # every table was analyzed (planner statistics exist)
+        unanalyzed = connection.execute(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE last_analyze IS NULL AND last_autoanalyze IS NULL").fetchone()[0]
+        with_stats = connection.execute("SELECT count(DISTINCT tablename) FROM pg_stats WHERE schemaname = 'public'").fetchone()[0]
+    assert unanalyzed == 0 and with_stats >= 3
+    assert re.search(r"Duration   : [\d.]+s \(checking [\d.]+s, restoring [\d.]+s, counting [\d.]+s, swapping", result.stderr)
     assert "Restart the application to refresh connection pools." in result.stderr
     assert "tma-backup rollback" in result.stderr
     [kept] = managed_databases(admin, "previous")
@@ -110,6 +117,9 @@ def test_refusals_touch_nothing(pg, admin, backed_up, backup_dir, tma_db, tmp_pa
     flipped.write_bytes(bytes(data))
     shutil.copy(dump.with_name(dump.name + ".meta"), flipped.with_name(flipped.name + ".meta"))
     _refused(run_cli(["restore", str(flipped), "--confirm", tma_db], env, tmp_path), live, pg, tma_db, "SHA-256 mismatch")
+    at_prompt = run_cli(["restore", str(flipped)], env, tmp_path, input=f"{tma_db}\n")
+    _refused(at_prompt, live, pg, tma_db, "SHA-256 mismatch")
+    assert "Type the database name" not in at_prompt.output  # checked before the operator is asked
 
     truncated = backup_dir / f"{tma_db}_20000101T000003Z.dump"
     truncated.write_bytes(dump.read_bytes()[:200])

@@ -24,6 +24,7 @@ from worker.tokens import LocalTokenStore, RedisTokenStore, TokenStore, new_toke
 PHASES = {
     "checking": "Checking the backup (SHA-256, TOC, row counts) …",
     "restoring": "Restoring into a scratch database (pg_restore --exit-on-error) …",
+    "counting": "ANALYZE and exact row counts, compared with the backup's .meta …",
     "swapping": "Swapping the restored copy in by rename …",
     "dropping": "Dropping and recreating the database (in-place mode) …",
 }
@@ -44,7 +45,8 @@ def _show_backup(details: dict[str, Any]) -> None:
     output.info(f"File       : {details['file']}")
     output.info(f"Taken      : {details['timestamp']}")
     output.info(f"Size       : {human_size(details['size_bytes'])}")
-    output.info(f"SHA-256    : {details['sha256']} (verified)")
+    checked = "verified" if details.get("sha256_verified", True) else "from its .meta; checked before pg_restore reads the file"
+    output.info(f"SHA-256    : {details['sha256']} ({checked})")
     output.info(f"TOC entries: {details['toc_entries']} (verified)")
     output.info(f"Tables     : {details['tables']}, {details['rows']} rows at backup time")
     for table, rows in list(details["row_counts"].items())[:20]:
@@ -61,7 +63,7 @@ def _report(result: dict[str, Any]) -> None:
     output.ok(f"Tables     : {result['tables']}, {result['rows']} rows (exact, equal to the backup's .meta)")
     for table, rows in result["row_counts"].items():
         output.ok(f"  {table} = {rows}")
-    output.ok(f"Duration   : {result['duration_seconds']:.1f}s")
+    output.ok(f"Duration   : {result['duration_seconds']:.1f}s{_phase_breakdown(result)}")
     if result.get("kept"):
         output.ok(f"Previous   : kept as {result['kept']!r} (connections refused)")
         output.info(f"Roll back  : tma-backup rollback --database {result['database']} --confirm {result['database']}")
@@ -70,6 +72,11 @@ def _report(result: dict[str, Any]) -> None:
     if result.get("repaired_connections"):
         output.warn("The live database was refusing connections after an interrupted swap; re-enabled.")
     output.info("Restart the application to refresh connection pools.")
+
+
+def _phase_breakdown(result: dict[str, Any]) -> str:
+    phases = result.get("phase_seconds") or {}
+    return f" ({', '.join(f'{phase} {seconds:.1f}s' for phase, seconds in phases.items())})" if phases else ""
 
 
 def _ask_confirmation(database: str) -> str:
@@ -119,14 +126,16 @@ def _call(settings: Settings, task: str, kwargs: dict[str, Any], host: str | Non
     return wait_for(result, time.monotonic() + settings.FOLLOW_TIMEOUT, on_state, pending_limit=60)
 
 
-def _prepare(settings: Settings, file: str, hashed: str, host: str | None, store: TokenStore) -> dict[str, Any]:
+def _prepare(settings: Settings, file: str, hashed: str, host: str | None, store: TokenStore,
+             checksum: bool) -> dict[str, Any]:
     if settings.broker_url:
-        return dict(_call(settings, "tma_backup.restore_prepare", {"file": file, "token_hash": hashed}, host))
+        kwargs = {"file": file, "token_hash": hashed, "checksum": checksum}
+        return dict(_call(settings, "tma_backup.restore_prepare", kwargs, host))
     from worker import restore
     from worker.executors import choose_executor
 
     executor = choose_executor(settings)
-    prepared = restore.prepare(settings, executor, file)
+    prepared = restore.prepare(settings, executor, file, checksum)
     restore.issue_token(store, prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, hashed)
     return {**prepared.describe(), "host": settings.WORKER_HOST, "server": executor.describe(), "expires_in": settings.RESTORE_TOKEN_TTL}
 
@@ -179,7 +188,10 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
     if prepare_only and not settings.broker_url:
         raise SettingsError("restore --prepare needs CELERY_BROKER_URL (tokens live in Redis)")
     token = new_token()
-    details = _prepare(settings, file, token_hash(token), host, store)
+    # The restore task hashes the file under the lock before pg_restore reads it. Hash here too only
+    # when someone decides on what we show: at the prompt, or later with a prepared token.
+    checksum = prepare_only or confirm_name is None
+    details = _prepare(settings, file, token_hash(token), host, store, checksum)
     _show_backup(details)
     if prepare_only:
         output.ok(f"Prepared   : token valid for {details['expires_in']}s, single use")
@@ -240,4 +252,5 @@ def drill_command(file: str | None, database: str | None, host: str | None) -> N
         result = drills.run_and_record(settings, choose_executor(settings), database, file,
                                        f"local-{uuid.uuid4()}", _phase_printer())
     output.ok(f"Drill passed: {result['file']} restores with {result['tables']} tables and {result['rows']} rows, "
-              f"equal to its .meta ({result['duration_seconds']:.1f}s); scratch database dropped")
+              f"equal to its .meta ({result['duration_seconds']:.1f}s{_phase_breakdown(result).replace(' (', ': ', 1).rstrip(')')});"
+              " scratch database dropped")

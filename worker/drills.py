@@ -16,6 +16,7 @@ from worker.errors import BackupError, LockHeld
 from worker.executors import Executor
 from worker.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
 from worker.meta import write_atomically
+from worker.phases import PhaseClock
 from worker.restore import restore_into_scratch, default_shape, prepare
 from worker.settings import Settings
 
@@ -32,6 +33,8 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
             raise BackupError(f"no complete backup of {database!r} in {settings.backup_dir} to drill")
         file = str(newest.path)
     started = time.monotonic()
+    clock = PhaseClock(progress)
+    progress = clock
     lock.acquire()
     try:
         with kept_alive(lock, renewal_interval(settings)):
@@ -51,6 +54,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
         "tables": len(counts),
         "rows": sum(counts.values()),
         "duration_seconds": round(time.monotonic() - started, 3),
+        "phase_seconds": clock.finish(),
     }
 
 

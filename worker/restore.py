@@ -15,10 +15,11 @@ from psycopg import conninfo, sql
 
 from worker import catalogue, streams, swap
 from worker.backup import Progress, no_progress, tool_environment
-from worker.database import connect, exact_row_counts, first_line
+from worker.database import analyze_and_count, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
 from worker.faults import crash_point
+from worker.phases import PhaseClock
 from worker.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.meta import BackupMeta, MetaError, read_meta
 from worker.settings import Settings
@@ -51,6 +52,7 @@ class PreparedRestore:
     path: Path
     meta: BackupMeta
     toc_entries: int
+    sha256_verified: bool = True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class PreparedRestore:
             "timestamp": self.meta.timestamp,
             "size_bytes": self.path.stat().st_size,
             "sha256": self.meta.sha256,
+            "sha256_verified": self.sha256_verified,
             "toc_entries": self.toc_entries,
             "tables": len(self.meta.row_counts),
             "rows": sum(self.meta.row_counts.values()),
@@ -66,11 +69,15 @@ class PreparedRestore:
         }
 
 
-def prepare(settings: Settings, executor: Executor, file: str) -> PreparedRestore:
-    """Resolve, require .meta, check SHA-256 and TOC (which also proves pg_restore can read it)."""
+def prepare(settings: Settings, executor: Executor, file: str, checksum: bool = True) -> PreparedRestore:
+    """Resolve, require .meta, check SHA-256 and TOC (which also proves pg_restore can read it).
+
+    The restore task always checks the SHA-256 again under the lock, right before pg_restore reads the
+    file. `checksum=False` leaves the check to it alone: for `restore FILE --confirm DB`, where no
+    operator decision sits between the two passes, a second pass over the file would only cost time."""
     path = resolve_backup_file(settings, file)
-    checked = verify_backup(path, settings, executor)
-    return PreparedRestore(path, checked.meta, checked.toc_entries)
+    checked = verify_backup(path, settings, executor, checksum)
+    return PreparedRestore(path, checked.meta, checked.toc_entries, checksum)
 
 
 def recorded_sha256(path: Path) -> str | None:
@@ -106,10 +113,8 @@ def _pg_restore(settings: Settings, executor: Executor, archive: Path, target: s
         raise BackupError(f"pg_restore failed: {result.last_error_line()}")
 
 
-def _analyze_and_count(executor: Executor, database: str) -> dict[str, int]:
-    with connect(executor.connect_kwargs(), database, autocommit=True) as connection:
-        connection.execute("ANALYZE")
-        return exact_row_counts(connection)
+def _analyze_and_count(settings: Settings, executor: Executor, database: str) -> dict[str, int]:
+    return analyze_and_count(executor.connect_kwargs(), database, settings.RESTORE_JOBS)
 
 
 def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> None:
@@ -132,8 +137,8 @@ def restore_into_scratch(settings: Settings, executor: Executor, admin: Any, pre
         progress("restoring", {"database": scratch})
         _pg_restore(settings, executor, prepared.path, scratch, settings.RESTORE_JOBS)
         crash_point("restore:restored")
-        progress("checking", {})
-        counts = _analyze_and_count(executor, scratch)
+        progress("counting", {})
+        counts = _analyze_and_count(settings, executor, scratch)
         _compare_counts(prepared.meta.row_counts, counts)
     except BaseException:
         swap.drop(admin, scratch)
@@ -160,6 +165,8 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
     if file is not None and resolve_backup_file(settings, file) != Path(binding.file):
         raise TokenRefused(f"restore refused: the token was issued for {Path(binding.file).name}, not {Path(file).name}")
     started = time.monotonic()
+    clock = PhaseClock(progress)
+    progress = clock
     lock.acquire()
     try:
         with kept_alive(lock, renewal_interval(settings)):
@@ -174,6 +181,7 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
     finally:
         lock.release()
     result["duration_seconds"] = round(time.monotonic() - started, 3)
+    result["phase_seconds"] = clock.finish()
     return result
 
 
@@ -234,8 +242,8 @@ def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepar
             sql.Literal(shape.ctype), sql.Identifier(shape.owner)))
     progress("restoring", {"database": live})
     _pg_restore(settings, executor, prepared.path, live, 1, single_transaction=True)
-    progress("checking", {})
-    counts = _analyze_and_count(executor, live)
+    progress("counting", {})
+    counts = _analyze_and_count(settings, executor, live)
     _compare_counts(prepared.meta.row_counts, counts)
     return counts
 

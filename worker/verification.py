@@ -21,7 +21,9 @@ class VerifiedBackup:
     toc_entries: int
 
 
-def verify_backup(path: Path, settings: Settings, executor: Executor) -> VerifiedBackup:
+def verify_backup(path: Path, settings: Settings, executor: Executor, checksum: bool = True) -> VerifiedBackup:
+    """`checksum=False` skips only the SHA-256 pass, for a caller that hashes the file itself later,
+    before anything depends on its bytes."""
     if not path.is_file():
         raise VerificationFailed(f"{path}: no such backup file")
     sidecar = catalogue.meta_path(path)
@@ -31,7 +33,7 @@ def verify_backup(path: Path, settings: Settings, executor: Executor) -> Verifie
         raise VerificationFailed(
             f"{path.name}: its .meta is missing or unreadable ({error}); without it the checksum cannot be checked"
         ) from None
-    actual = sha256_of(path)
+    actual = sha256_of(path) if checksum else meta.sha256
     if actual != meta.sha256:
         raise VerificationFailed(f"{path.name}: SHA-256 mismatch: expected {meta.sha256}, actual {actual}")
     entries = verify_archive(path, executor, settings, allow_empty=meta.toc_entries == 0 and not meta.row_counts)
