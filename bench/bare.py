@@ -51,9 +51,17 @@ def seed_backup(server: Server, database: str, out: Path, compression: str = "6"
     return Timed(clock.wall, out.stat().st_size, clock.steps)
 
 
-def seed_restore(server: Server, archive: Path, target: str) -> Timed:
-    """The seed's restore: drop (terminating sessions), create, `pg_restore --single-transaction`, ANALYZE."""
+def seed_restore(server: Server, archive: Path, target: str, validate: bool = True) -> Timed:
+    """The seed's restore as its documentation lists it: validate the file (SHA-256 with `sha256sum`,
+    TOC with `pg_restore --list`) before touching the database, then drop (terminating sessions),
+    create, `pg_restore --single-transaction`, ANALYZE."""
     clock = _Clock()
+    if validate:
+        env = server.tool_env()
+        run(["sha256sum", str(archive)], env, stdout=subprocess.DEVNULL)
+        clock.lap("validate: sha256sum")
+        run(["pg_restore", "--list", str(archive)], env, stdout=subprocess.DEVNULL)
+        clock.lap("validate: pg_restore --list")
     with server.connect(autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))

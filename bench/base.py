@@ -104,7 +104,8 @@ class BenchBase:
         entries = [("bare_seed", "a. bare: pg_dump -Fc -Z6 --serializable-deferrable, list, sha256sum", "a. bare, Z6")]
         entries += [(f"chain_{mode.key}", mode.label, mode.short) for mode in (SEED_MODE, *FAST_MODES)]
         entries += [
-            ("restore_seed", "d. bare: drop, create, pg_restore --single-transaction, ANALYZE", "d. bare restore"),
+            ("restore_seed", "d. bare: sha256sum, pg_restore --list, drop, create, pg_restore --single-transaction, ANALYZE",
+             "d. bare restore"),
             ("restore_tma", "d. tma-backup restore FILE --confirm DBNAME (scratch + swap)", "d. tma-backup restore"),
             ("docker_exec", "e. bare: docker exec … pg_dump -Fc -Z6 > file", "e. docker exec, Z6"),
             ("docker_tma", "e. tma-backup chain, DB_MODE=docker, BACKUP_COMPRESSION=6", "e. chain docker, Z6"),

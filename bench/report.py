@@ -25,7 +25,8 @@ RATIO_MEANING = {
     "chain_vs_bare": "b / a wall: the tma-backup chain (Celery, exact counts, checks) vs the seed's bare tools, same compression",
     "fast_vs_seed": "a / c wall: how many times faster tma-backup's fastest safe mode is than the seed's sequence",
     "fast_size_vs_seed": "c / a bytes: that mode's file size vs the seed's",
-    "restore_vs_seed": "tma / seed wall: tma-backup's restore vs the seed's drop, create, --single-transaction restore",
+    "restore_vs_seed": "tma / seed wall: tma-backup's restore vs the seed's as documented (check SHA-256 and TOC, drop, "
+                       "create, --single-transaction restore, ANALYZE)",
     "docker_stream_vs_exec": "throughput of tma-backup's docker mode / `docker exec … pg_dump > file`",
     "docker_worker_rss_growth_mb": "peak growth of the docker-mode worker's RSS during a backup, MiB",
     "fleet_2w_vs_1w": "throughput of 8 backups with two worker processes / with one",
@@ -138,6 +139,9 @@ def markdown(results: dict[str, Any], measurements: list[Measurement]) -> str:
     if results.get("fleet_bare_2_vs_1") is not None:
         lines += ["", f"The machine's own ceiling for `fleet_2w_vs_1w`: the same 8 seed backups with bare tools "
                   f"in 2 parallel streams vs 1: {results['fleet_bare_2_vs_1']:.3f}."]
+    if results.get("restore_vs_seed_without_its_checks") is not None:
+        lines += ["", "`restore_vs_seed` without the seed's own check of the file (sha256sum, pg_restore --list), while "
+                  f"tma-backup keeps all of its own: {results['restore_vs_seed_without_its_checks']:.3f}."]
     if results.get("notes"):
         lines += ["", *[f"- {note}" for note in results["notes"]]]
     return "\n".join(lines) + "\n"

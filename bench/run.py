@@ -155,6 +155,7 @@ class Bench(RestoreSection, DockerSection, FleetSection):
             "fleet_2w_vs_1w": report.ratio(m["fleet_1w"].wall, m["fleet_2w"].wall),
             "db_size_bytes": db_size,
             "fleet_bare_2_vs_1": report.ratio(m["fleet_bare_1"].wall, m["fleet_bare_2"].wall),
+            "restore_vs_seed_without_its_checks": report.ratio(m["restore_tma"].wall, seed_restore_unchecked(m["restore_seed"])),
             "paired": self.paired(),
             "fast_mode": pick.key.removeprefix("chain_") if pick else None,
             "fast_modes": {item.key.removeprefix("chain_"): {
@@ -210,6 +211,13 @@ class Bench(RestoreSection, DockerSection, FleetSection):
             except Exception as error:  # noqa: BLE001
                 warn(f"removing container {name}: {error}")
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def seed_restore_unchecked(seed: report.Measurement) -> float | None:
+    """The seed's restore walls less its validation laps (median): the figure without the file check."""
+    walls = [wall - sum(seconds for step, seconds in steps.items() if step.startswith("validate"))
+             for wall, steps in zip(seed.walls, seed.steps)]
+    return statistics.median(walls) if walls and len(walls) == len(seed.walls) else None
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

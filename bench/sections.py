@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -20,6 +21,15 @@ from bench.report import Measurement
 from bench.workers import Worker, clean_environment, dispatch_backup, follow_chain
 
 
+def restore_phases(shown: str) -> dict[str, float]:
+    """The phases `tma-backup restore` reports on its Duration line: `Duration : 13.3s (checking 0.5s, …)`."""
+    found = re.search(r"Duration\s*:\s*[\d.]+s \(([^)]*)\)", shown)
+    if not found:
+        return {}
+    phases = (part.strip().rpartition(" ") for part in found.group(1).split(","))
+    return {name: float(seconds.rstrip("s")) for name, _, seconds in phases if name}
+
+
 class RestoreSection(BenchBase):
     def tma_backup_cli(self) -> Path:
         return Path(sys.executable).with_name("tma-backup")
@@ -33,7 +43,7 @@ class RestoreSection(BenchBase):
         commands = shown.split("Commands:", 1)[-1] if "Commands:" in shown else ""
         return any(line.split()[:1] == ["restore"] for line in commands.splitlines())
 
-    def tma_restore(self, archive: Path, target: str) -> float | None:
+    def tma_restore(self, archive: Path, target: str) -> tuple[float, dict[str, float]] | None:
         """TMA-BACKUP'S RESTORE, timed. Returns None (reported as "n/a") while this build has no
         `tma-backup restore FILE --confirm DBNAME`; runs in-process (no broker) with the bench's settings,
         restoring `archive` (a tma-backup backup of `target`, with its .meta) over `target`."""
@@ -46,9 +56,9 @@ class RestoreSection(BenchBase):
         if self.server.password:
             settings["DB_PASSWORD"] = self.server.password
         started = time.perf_counter()
-        run([str(self.tma_backup_cli()), "restore", str(archive), "--confirm", target], clean_environment(settings),
-            cwd=self.work, timeout=self.timeout)
-        return time.perf_counter() - started
+        shown = run([str(self.tma_backup_cli()), "restore", str(archive), "--confirm", target], clean_environment(settings),
+                    cwd=self.work, timeout=self.timeout).stderr.decode(errors="replace")  # the CLI reports on stderr
+        return time.perf_counter() - started, restore_phases(shown)
 
     def drop_kept_copies(self, target: str) -> None:
         """Untimed: the copies a restore keeps for roll-back (`<db>__pre_restore_<ts>`) and any scratch."""
@@ -87,10 +97,13 @@ class RestoreSection(BenchBase):
                 if number == 0 and self.exact_counts(RESTORE_TARGET) != expected:
                     seed.errors.append("the restored database's row counts differ from the original's")
             if self.restore_cli:
-                wall = self.attempt(tma, lambda: self.tma_restore(archive, RESTORE_TARGET))
+                measured = self.attempt(tma, lambda: self.tma_restore(archive, RESTORE_TARGET))
                 self.drop_kept_copies(RESTORE_TARGET)
-                if wall is not None:
+                if measured is not None:
+                    wall, phases = measured
                     tma.walls.append(wall)
+                    if phases:
+                        tma.steps.append(phases)
                     tma.sizes.append(archive.stat().st_size)
                     if number == 0 and self.exact_counts(RESTORE_TARGET) != expected:
                         tma.errors.append("the restored database's row counts differ from the original's")
