@@ -19,9 +19,9 @@ from worker.database import analyze_and_count, first_line
 from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
 from worker.faults import crash_point
-from worker.phases import PhaseClock
 from worker.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.meta import BackupMeta, MetaError, read_meta
+from worker.phases import PhaseClock
 from worker.settings import Settings
 from worker.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.verification import verify_backup
