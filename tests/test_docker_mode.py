@@ -25,7 +25,17 @@ from tests.docker_fixtures import (  # noqa: F401  (fixtures)
     remove,
     start_container,
 )
-from tests.helpers import PsSampler, assert_counts_and_checksum, backups_in, error_lines, leftovers, only_backup, sha256_file, wait_for
+from tests.helpers import (
+    PsSampler,
+    assert_counts_and_checksum,
+    backups_in,
+    dump_waiting_on_lock,
+    error_lines,
+    leftovers,
+    only_backup,
+    sha256_file,
+    wait_for,
+)
 from worker.errors import BackupError
 from worker.executors.choose import PROJECT_CONTAINER, ContainerInfo, pick_container
 
@@ -170,6 +180,40 @@ def test_killing_a_dump_stops_that_pg_dump_inside_the_container(pg17_db, tmp_pat
         wait_for(lambda: admin.execute(gone, (database,)).fetchone()[0] == 0, what="pg_dump's session to end")
     code, names = server.exec(["sh", "-c", "cat /proc/[0-9]*/comm"])
     assert "pg_dump" not in names.split()
+
+
+def test_a_worker_killed_during_a_docker_mode_dump_leaves_no_pg_dump_or_session_in_the_container(
+        pg17_db, pg, tmp_path):
+    """SIGKILL of the worker (its pool child and main process) while its pg_dump runs inside the
+    container, waiting on a table lock. Nothing of ours keeps the exec's stream open, so once pg_dump
+    goes on it cannot write and ends: no pg_dump process and no session (which would hold its table
+    locks and the xmin horizon) outlive the worker by more than a few seconds; no complete-looking
+    backup is left."""
+    from tests.faults import finished_within, kill_worker_and_tools, private_stack
+
+    server, database = pg17_db
+    settings = {"DB_MODE": "docker", "DB_CONTAINER": server.name, "DB_HOST": server.host, "DB_PORT": str(server.port),
+                "DB_USER": server.user, "DB_PASSWORD": server.password, "BACKUP_LOCK_TIMEOUT": "6"}
+
+    def pg_dump_in_container() -> bool:
+        return "pg_dump" in server.exec(["sh", "-c", "cat /proc/[0-9]*/comm"])[1].split()
+
+    ours = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'tma-backup'"
+    with private_stack(pg, database, tmp_path, **settings) as stack, server.connect(autocommit=True) as admin:
+        worker = stack.start_worker()
+        with server.connect(database) as locker:
+            locker.execute("LOCK TABLE files IN ACCESS EXCLUSIVE MODE")
+            follower = stack.start_backup()
+            wait_for(lambda: dump_waiting_on_lock(admin, database) and pg_dump_in_container(),
+                     what="pg_dump running in the container, waiting on the table lock")
+            kill_worker_and_tools(worker)
+        # the lock is released: pg_dump goes on, finds its output gone, and ends with its session
+        wait_for(lambda: admin.execute(ours, (database,)).fetchone()[0] == 0, timeout=30,
+                 what="pg_dump's session to end after the worker died")
+        wait_for(lambda: not pg_dump_in_container(), timeout=30, what="pg_dump inside the container to end")
+        _, stderr = finished_within(follower, 60)
+        assert follower.returncode == 1 and "lost track" in stderr and "Traceback" not in stderr, stderr
+        assert backups_in(stack.backups, database) == [], "no file carries a final backup name"
 
 
 def _executor_for(server: PgContainer, database: str, **overrides):
