@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests import tma_cloud
-from tests.conftest import run_cli
+from tests import services, tma_cloud
+from tests.conftest import PASSWORD_ROLE, TEST_PASSWORD, _unavailable, base_env, run_cli
 from tests.helpers import error_lines, only_backup, sha256_file
 
 
@@ -297,3 +297,41 @@ def test_database_settings_grants_and_comment_survive_the_swap_and_the_rollback(
             tma_cloud.drop_database(admin, name)
         admin.execute(f'REVOKE ALL ON DATABASE "{tma_db}" FROM tma_app_reader')
         admin.execute("DROP ROLE IF EXISTS tma_app_reader")
+
+
+def test_the_postgres_database_itself_restores_and_rolls_back(backup_dir, tmp_path):
+    """`postgres` is where the swap is normally administered from; restoring it administers from
+    template1 instead. On a cluster of its own: the swap ends every session on `postgres`."""
+    try:
+        server = services.start_postgres()
+    except services.ServiceUnavailable as error:
+        _unavailable(str(error))
+    try:
+        with server.connect(autocommit=True) as connection:
+            connection.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{TEST_PASSWORD}'")
+            connection.execute("CREATE TABLE app_settings (key text PRIMARY KEY, value text)")
+            connection.execute("INSERT INTO app_settings VALUES ('theme', 'dark')")
+        env = base_env(server, backup_dir, DB_NAME="postgres")
+        result = run_cli(["backup"], env, tmp_path)
+        assert result.returncode == 0, result.output
+        dump, meta = only_backup(backup_dir, "postgres")
+        assert meta.row_counts == {"public.app_settings": 1}
+
+        def rows() -> list[tuple[str, str]]:
+            with server.connect("postgres") as connection:
+                return connection.execute("SELECT key, value FROM app_settings ORDER BY key").fetchall()
+
+        with server.connect(autocommit=True) as connection:
+            connection.execute("INSERT INTO app_settings VALUES ('locale', 'de')")
+        result = run_cli(["restore", str(dump), "--confirm", "postgres"], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert rows() == [("theme", "dark")]
+        with server.connect("template1") as connection:
+            kept = connection.execute("SELECT datname FROM pg_database WHERE datname LIKE 'postgres\\_\\_pre\\_restore\\_%'").fetchall()
+        assert len(kept) == 1
+
+        result = run_cli(["rollback", "--database", "postgres", "--confirm", "postgres"], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert rows() == [("locale", "de"), ("theme", "dark")]
+    finally:
+        server.stop("immediate")
