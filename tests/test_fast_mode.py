@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
+
+import pytest
 
 import zstandard
 
 from tests import tma_cloud
 from tests.conftest import run_cli
+from tests.faults import tmpfs
 from tests.helpers import error_lines, restore_copy, sha256_file, toc_entries
 from tests.test_restore import change_live, digests, managed_databases
 from worker.meta import read_meta
@@ -31,6 +35,7 @@ def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env,
     with open(dump, "rb") as source, open(plain, "wb") as target:
         zstandard.ZstdDecompressor().copy_stream(source, target)
     assert meta.toc_entries == toc_entries(plain), "the .zst holds a plain custom-format archive"
+    assert meta.extra["archive_bytes"] == str(plain.stat().st_size), "the room a restore needs is recorded"
     with pg.connect(tma_db) as connection:
         assert meta.row_counts == tma_cloud.exact_counts(connection)
     restore_copy(pg, admin, plain, f"{tma_db}_plain")
@@ -71,3 +76,31 @@ def test_lz4_and_native_zstd_are_refused_up_front_by_pg_dump_15(cli_env, backup_
     [line] = error_lines(result.stderr)
     assert "needs pg_dump 16" in line and "zstd-stream" in line
     assert [p for p in backup_dir.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("mode", ["swap", "in-place"])
+def test_a_zst_restore_without_room_to_decompress_is_refused_before_anything_is_touched(
+        mode, pg, admin, cli_env, backup_dir, tma_db, tmp_path):
+    """The decompressed copy goes beside the `.dump.zst`. On a folder that holds the backup but not that
+    copy, the restore refuses up front: in-place mode must not drop the database and then find the disk
+    full."""
+    env = {**cli_env, "BACKUP_COMPRESSION": "zstd-stream"}
+    assert run_cli(["backup"], env, tmp_path).returncode == 0
+    [dump] = zst_backups(backup_dir, tma_db)
+    meta_file = dump.with_name(dump.name + ".meta")
+    room_kib = (dump.stat().st_size + meta_file.stat().st_size) // 1024 + 256
+    with tmpfs(tmp_path / "small", f"{room_kib}k") as small:
+        shutil.copy(dump, small / dump.name)
+        shutil.copy(meta_file, small / meta_file.name)
+        before = digests(pg, tma_db)
+        change_live(pg, tma_db)
+        changed = digests(pg, tma_db)
+        assert changed != before
+        small_env = {**env, "BACKUP_DIR": str(small)}
+        result = run_cli(["restore", str(small / dump.name), "--confirm", tma_db, "--mode", mode], small_env, tmp_path)
+        assert result.returncode == 1, result.output
+        [line] = error_lines(result.stderr)
+        assert "not enough free space" in line and dump.name in line and "Traceback" not in result.output, line
+        assert digests(pg, tma_db) == changed, "the live database is untouched"
+        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
+        assert sorted(p.name for p in small.iterdir()) == sorted([dump.name, meta_file.name])

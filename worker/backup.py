@@ -151,6 +151,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             if lock_lost.is_set():
                 lock.confirm()  # raises with the reason
             _write_counts(catalogue.counts_path(backup), counts)
+            if compression.zstd_level is not None and result.output_bytes:
+                run["archive_bytes"] = result.output_bytes  # what a restore must decompress: room needed
         except BaseException as error:
             abandon_files(run)
             if isinstance(error, ServerUnavailable):
@@ -258,6 +260,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
             "pg_dump_version": run["pg_dump_version"],
             "server_version": run["server_version"],
             **run.get("mode_fields", {}),
+            **({"archive_bytes": str(run["archive_bytes"])} if run.get("archive_bytes") else {}),
             "worker_host": run["host"],
             "machine": socket.gethostname(),
             "run_id": run["run_id"],

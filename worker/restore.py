@@ -6,7 +6,10 @@ Any failure before the swap drops the scratch database and leaves the live one e
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,14 @@ from worker.errors import BackupError, VerificationFailed
 from worker.executors import Executor
 from worker.faults import crash_point
 from worker.locks import DatabaseLock, kept_alive, renewal_interval
-from worker.meta import BackupMeta, MetaError, read_meta
+from worker.meta import BackupMeta, MetaError, human_size, read_meta
 from worker.phases import PhaseClock
 from worker.settings import Settings
 from worker.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.verification import verify_backup
 
 MODES = ("swap", "in-place")
+ROOM_MARGIN = 64 * 1024 * 1024
 
 
 def resolve_backup_file(settings: Settings, file: str) -> Path:
@@ -100,15 +104,36 @@ def _restore_options(jobs: int, single_transaction: bool) -> list[str]:
     return options
 
 
-def _pg_restore(settings: Settings, executor: Executor, archive: Path, target: str, jobs: int,
+def _check_room_to_decompress(archive: Path, meta: BackupMeta) -> None:
+    """A `.dump.zst` is restored from a decompressed private copy beside it: refuse before anything is
+    created when the folder cannot hold it (its size is in the .meta of backups that recorded it)."""
+    recorded = meta.extra.get("archive_bytes", "")
+    if not streams.is_compressed_stream(archive) or not recorded.isdigit():
+        return
+    needed, free = int(recorded), shutil.disk_usage(archive.parent).free
+    if free < needed + ROOM_MARGIN:
+        raise BackupError(
+            f"not enough free space in {archive.parent} to decompress {archive.name} for pg_restore: it needs"
+            f" {human_size(needed)}B (+{human_size(ROOM_MARGIN)}B margin), {human_size(free)}B are free; nothing was touched")
+
+
+@contextmanager
+def _plain(archive: Path) -> Iterator[Path]:
+    """The archive as pg_restore --jobs needs it (a `.dump.zst` decompressed to a private copy, removed
+    afterwards); a decompression failure is one clear error."""
+    with ExitStack() as stack:
+        try:
+            plain = stack.enter_context(streams.plain_archive(archive))
+        except OSError as error:
+            raise BackupError(f"cannot decompress {archive.name} for pg_restore: {error.strerror or error}") from None
+        yield plain
+
+
+def _pg_restore(settings: Settings, executor: Executor, plain: Path, target: str, jobs: int,
                 single_transaction: bool = False) -> None:
     environment = tool_environment(settings, target)
     options = [*_restore_options(jobs, single_transaction), f"--dbname={conninfo.make_conninfo(dbname=target)}"]
-    try:
-        with streams.plain_archive(archive) as plain:
-            result = executor.restore(options, environment, plain)
-    except OSError as error:
-        raise BackupError(f"cannot decompress {archive.name} for pg_restore: {error.strerror or error}") from None
+    result = executor.restore(options, environment, plain)
     if result.returncode != 0:
         raise BackupError(f"pg_restore failed: {result.last_error_line()}")
 
@@ -131,11 +156,13 @@ def _compare_counts(expected: dict[str, int], actual: dict[str, int]) -> None:
 
 def restore_into_scratch(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore,
                           shape: swap.DatabaseShape, role: str, run: str, progress: Progress) -> tuple[str, dict[str, int]]:
+    _check_room_to_decompress(prepared.path, prepared.meta)
     scratch = swap.scratch_name(role)
     swap.create_like(admin, scratch, shape, role, prepared.meta.database, run)
     try:
         progress("restoring", {"database": scratch})
-        _pg_restore(settings, executor, prepared.path, scratch, settings.RESTORE_JOBS)
+        with _plain(prepared.path) as plain:
+            _pg_restore(settings, executor, plain, scratch, settings.RESTORE_JOBS)
         crash_point("restore:restored")
         progress("counting", {})
         counts = _analyze_and_count(settings, executor, scratch)
@@ -230,18 +257,21 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
 def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore, live: str,
                       shape: swap.DatabaseShape, progress: Progress) -> dict[str, int]:
     """The seed's way, for hosts without room for two copies: drop, recreate, --single-transaction.
-    A failure here leaves the database empty; the CLI warns before it starts."""
-    progress("dropping", {})
-    if swap.shape_of(admin, live):
-        swap.mark_swapping(admin, live, "in-place")
-        swap.set_allow_connections(admin, live, False)
-    swap.drop(admin, live)
-    admin.execute(
-        sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(
-            sql.Identifier(live), sql.Literal(shape.encoding), sql.Literal(shape.collate),
-            sql.Literal(shape.ctype), sql.Identifier(shape.owner)))
-    progress("restoring", {"database": live})
-    _pg_restore(settings, executor, prepared.path, live, 1, single_transaction=True)
+    A failure here leaves the database empty; the CLI warns before it starts. A `.dump.zst` is
+    decompressed before the drop, so that a full disk cannot be what empties it."""
+    _check_room_to_decompress(prepared.path, prepared.meta)
+    with _plain(prepared.path) as plain:
+        progress("dropping", {})
+        if swap.shape_of(admin, live):
+            swap.mark_swapping(admin, live, "in-place")
+            swap.set_allow_connections(admin, live, False)
+        swap.drop(admin, live)
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(
+                sql.Identifier(live), sql.Literal(shape.encoding), sql.Literal(shape.collate),
+                sql.Literal(shape.ctype), sql.Identifier(shape.owner)))
+        progress("restoring", {"database": live})
+        _pg_restore(settings, executor, plain, live, 1, single_transaction=True)
     progress("counting", {})
     counts = _analyze_and_count(settings, executor, live)
     _compare_counts(prepared.meta.row_counts, counts)

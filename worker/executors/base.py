@@ -15,6 +15,7 @@ class ToolResult:
     returncode: int
     stdout: str
     stderr: str
+    output_bytes: int | None = None  # a dump's archive bytes before our own compression, when we saw them
 
     def last_error_line(self) -> str:
         lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]

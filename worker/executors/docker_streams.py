@@ -168,6 +168,7 @@ class DumpStream:
         self._stderr = StderrTail(expect_pid=True)
         self._problems: list[str] = []
         self._returncode: int | None = None
+        self._archive_bytes = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="tma-backup-dump-stream", daemon=True)
         self._thread.start()
@@ -180,6 +181,7 @@ class DumpStream:
                 for stream, data in self._stream.frames():
                     if stream == STDOUT:
                         write(data)
+                        self._archive_bytes += len(data)
                     else:
                         self._stderr.add(data)
             finally:
@@ -225,7 +227,7 @@ class DumpStream:
         stderr = self._stderr.text()
         if self._problems:
             stderr = (stderr + "\n" if stderr else "") + "\n".join(f"error: {problem}" for problem in self._problems)
-        return ToolResult(self._returncode if self._returncode is not None else 1, "", stderr)
+        return ToolResult(self._returncode if self._returncode is not None else 1, "", stderr, self._archive_bytes)
 
 
 def tar_stream(archive: Path, folder: str, name: str, uid: int, gid: int) -> Iterator[bytes]:

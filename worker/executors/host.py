@@ -65,6 +65,7 @@ class StreamedDump:
         self._output = output
         self._problem: str | None = None
         self._stderr = b""
+        self._archive_bytes: int | None = None
         target = streams.open_output(output, zstd_level)
         try:
             self._process = subprocess.Popen(argv, env=tool_environment(env), stdin=subprocess.DEVNULL,
@@ -80,7 +81,7 @@ class StreamedDump:
 
     def _compress(self, target: Any) -> None:
         try:
-            streams.pump(self._process.stdout, target)  # type: ignore[arg-type]
+            self._archive_bytes = streams.pump(self._process.stdout, target)  # type: ignore[arg-type]
         except OSError as error:
             self._problem = f"cannot write {self._output.name}: {error.strerror or error}"
             self._process.kill()
@@ -102,7 +103,7 @@ class StreamedDump:
         stderr = self._stderr.decode("utf-8", "replace")
         if self._problem:
             return ToolResult(self._process.returncode or 1, "", f"{stderr}\nerror: {self._problem}".strip())
-        return ToolResult(self._process.returncode, "", stderr)
+        return ToolResult(self._process.returncode, "", stderr, self._archive_bytes)
 
 
 def _feed(source: Path, descriptor: int) -> None:
