@@ -94,11 +94,12 @@ def user_tables(connection: psycopg.Connection[Any]) -> list[tuple[str, str]]:
 
 def exact_row_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
     """`count(*)` of every user table in every schema (pgboss included), in the current transaction."""
-    counts: dict[str, int] = {}
-    for schema, table in user_tables(connection):
-        query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
-        counts[table_key(schema, table)] = int(connection.execute(query).fetchone()[0])  # type: ignore[index]
-    return counts
+    return {table_key(schema, table): count_rows(connection, schema, table) for schema, table in user_tables(connection)}
+
+
+def count_rows(connection: psycopg.Connection[Any], schema: str, table: str) -> int:
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+    return int(connection.execute(query).fetchone()[0])  # type: ignore[index]
 
 
 def analyze_and_count(connect_kwargs: dict[str, Any], database: str, jobs: int) -> dict[str, int]:
@@ -120,11 +121,9 @@ def analyze_and_count(connect_kwargs: dict[str, Any], database: str, jobs: int) 
                     schema, table = work.get_nowait()
                 except queue.Empty:
                     return counts
-                name = sql.Identifier(schema, table)
-                session.execute(sql.SQL("ANALYZE {}").format(name))
+                session.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(schema, table)))
                 if (schema, table) in counted:
-                    row = session.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
-                    counts[table_key(schema, table)] = int(row[0])  # type: ignore[index]
+                    counts[table_key(schema, table)] = count_rows(session, schema, table)
 
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="analyze") as pool:
         results = [future.result() for future in [pool.submit(drain) for _ in range(max(1, jobs))]]

@@ -266,10 +266,7 @@ def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepar
             swap.mark_swapping(admin, live, "in-place")
             swap.set_allow_connections(admin, live, False)
         swap.drop(admin, live)
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(
-                sql.Identifier(live), sql.Literal(shape.encoding), sql.Literal(shape.collate),
-                sql.Literal(shape.ctype), sql.Identifier(shape.owner)))
+        swap.create_database(admin, live, shape)
         progress("restoring", {"database": live})
         _pg_restore(settings, executor, plain, live, 1, single_transaction=True)
     progress("counting", {})

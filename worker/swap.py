@@ -81,14 +81,19 @@ def comment(role: str, live: str, run: str) -> str:
     return f"{COMMENT_PREFIX}:{role}:{live}:{run}"
 
 
-def create_like(admin: psycopg.Connection[Any], name: str, shape: DatabaseShape, role: str, live: str, run: str) -> None:
-    """An empty database with the live one's encoding, collation, ctype and owner."""
+def create_database(admin: psycopg.Connection[Any], name: str, shape: DatabaseShape) -> None:
+    """An empty database with the given encoding, collation, ctype and owner."""
     admin.execute(
         sql.SQL("CREATE DATABASE {} WITH TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {} OWNER {}").format(
             sql.Identifier(name), sql.Literal(shape.encoding), sql.Literal(shape.collate),
             sql.Literal(shape.ctype), sql.Identifier(shape.owner),
         )
     )
+
+
+def create_like(admin: psycopg.Connection[Any], name: str, shape: DatabaseShape, role: str, live: str, run: str) -> None:
+    """An empty database shaped like the live one, marked as this tool's (`role`) for `live`."""
+    create_database(admin, name, shape)
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment(role, live, run))))
 
 

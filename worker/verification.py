@@ -33,9 +33,10 @@ def verify_backup(path: Path, settings: Settings, executor: Executor, checksum: 
         raise VerificationFailed(
             f"{path.name}: its .meta is missing or unreadable ({error}); without it the checksum cannot be checked"
         ) from None
-    actual = sha256_of(path) if checksum else meta.sha256
-    if actual != meta.sha256:
-        raise VerificationFailed(f"{path.name}: SHA-256 mismatch: expected {meta.sha256}, actual {actual}")
+    if checksum:
+        actual = sha256_of(path)
+        if actual != meta.sha256:
+            raise VerificationFailed(f"{path.name}: SHA-256 mismatch: expected {meta.sha256}, actual {actual}")
     entries = verify_archive(path, executor, settings, allow_empty=meta.toc_entries == 0 and not meta.row_counts)
     if entries != meta.toc_entries:
         raise VerificationFailed(f"{path.name}: {entries} TOC entries, but its .meta says {meta.toc_entries}")
