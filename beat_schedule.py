@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.schedule import parse_cron
+from worker.coordination.schedule import parse_cron
 from worker.settings import Settings
 
 NIGHTLY_BACKUP = "nightly-backup"

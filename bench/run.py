@@ -130,7 +130,7 @@ class Bench(RestoreSection, DockerSection, FleetSection):
         for name, (top, bottom) in pairs.items():
             above, below = self.measurements[top], self.measurements[bottom]
             if above.walls and len(above.walls) == len(below.walls) and not above.errors and not below.errors:
-                rounds = [round(x / y, 3) for x, y in zip(above.walls, below.walls)]
+                rounds = [round(x / y, 3) for x, y in zip(above.walls, below.walls, strict=True)]
                 found[name] = {"rounds": rounds, "median": round(statistics.median(rounds), 3)}
         return found
 
@@ -216,7 +216,7 @@ class Bench(RestoreSection, DockerSection, FleetSection):
 def seed_restore_unchecked(seed: report.Measurement) -> float | None:
     """The seed's restore walls less its validation laps (median): the figure without the file check."""
     walls = [wall - sum(seconds for step, seconds in steps.items() if step.startswith("validate"))
-             for wall, steps in zip(seed.walls, seed.steps)]
+             for wall, steps in zip(seed.walls, seed.steps, strict=False)]
     return statistics.median(walls) if walls and len(walls) == len(seed.walls) else None
 
 

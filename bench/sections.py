@@ -112,7 +112,7 @@ class RestoreSection(BenchBase):
 class DockerSection(BenchBase):
     def docker_mode_works(self, server: Server, container: str) -> str | None:
         """None if tma-backup's docker mode accepts the container, else why not (one line)."""
-        probe = ("from worker.settings import get_settings\nfrom worker.executors import choose_executor\n"
+        probe = ("from worker.settings import get_settings\nfrom worker.pg.executors import choose_executor\n"
                  "print(choose_executor(get_settings()).describe())")
         try:
             run([sys.executable, "-c", probe], clean_environment({**self.docker_settings(server, container),

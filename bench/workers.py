@@ -169,7 +169,7 @@ def follow_chain(app: Celery, started: float, kickoff: AsyncResult, timeout: flo
     steps: dict[str, float] = {}
     if all(value is not None for value in done):
         previous = started
-        for name, value in zip(STEP_NAMES, done):
+        for name, value in zip(STEP_NAMES, done, strict=False):
             steps[name] = round(value - previous, 4)  # type: ignore[operator]
             previous = value  # type: ignore[assignment]
     final = done[-1]

@@ -73,7 +73,7 @@ def main() -> int:
                 raise SystemExit("Flower does not receive the worker's events")
             time.sleep(0.2)
 
-        backup = subprocess.run([sys.executable, "-m", "worker.cli", "backup"], env=env, cwd=work,
+        backup = subprocess.run([str(Path(sys.executable).with_name("tma-backup")), "backup"], env=env, cwd=work,
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
         print(backup.stderr, file=sys.stderr)
         if backup.returncode != 0:

@@ -6,22 +6,24 @@ every link routed to the queue of its own host so that the chain runs where its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from celery import Task, chain
 from celery.utils.log import get_task_logger
 
 from worker import app, backup
+from worker.archive.meta import human_size
+from worker.backup import Run
 from worker.celery_app import host_queue
+from worker.coordination.locks import database_lock
+from worker.coordination.slots import claim_slot
 from worker.errors import LockHeld
-from worker.executors import choose_executor
-from worker.locks import database_lock
-from worker.meta import human_size
+from worker.pg.executors import choose_executor
+from worker.pg.server_errors import ServerUnavailable
+from worker.progress import Progress
 from worker.settings import get_settings
-from worker.slots import claim_slot
 
 logger = get_task_logger(__name__)
-Run = dict[str, Any]
 
 # A dump that lost its database server (restart, failover) is retried BACKUP_RETRIES times, after 3 s,
 # 6 s, 12 s ... (at most 30 s; no jitter: one dump per database, no herd to spread). The run keeps its
@@ -34,12 +36,12 @@ class DumpTask(Task):
     """The dump link's task class: its retry limit is the BACKUP_RETRIES setting, read when a retry is
     decided (in the worker, with the worker's settings), not when this module is imported."""
 
-    @property  # type: ignore[override]
+    @property
     def max_retries(self) -> int:
         return get_settings().BACKUP_RETRIES
 
 
-def _progress(task: Task) -> backup.Progress:
+def _progress(task: Task) -> Progress:
     def report(phase: str, fields: dict[str, Any]) -> None:
         shown = f"{phase}: {human_size(fields['bytes'])}B" if "bytes" in fields else phase
         task.update_state(state="PROGRESS", meta={"phase": phase, **fields})
@@ -108,7 +110,7 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     name="tma_backup.dump",
     bind=True,
     base=DumpTask,
-    autoretry_for=(backup.ServerUnavailable,),
+    autoretry_for=(ServerUnavailable,),
     retry_backoff=RETRY_BACKOFF,
     retry_backoff_max=RETRY_BACKOFF_MAX,
     retry_jitter=False,
@@ -118,7 +120,7 @@ def dump(self: Task, run: Run) -> Run:
     lock = _lock(run)
     try:
         return backup.dump(run, settings, choose_executor(settings), lock, _progress(self))
-    except backup.ServerUnavailable:
+    except ServerUnavailable:
         lock.hold(settings.BACKUP_LOCK_TIMEOUT + RETRY_BACKOFF_MAX)  # still ours while it waits to retry
         raise
 
@@ -140,7 +142,7 @@ def write_meta(self: Task, run: Run) -> Run:
 
 
 @app.task(name="tma_backup.prune")
-def prune(run: Run) -> dict[str, Any]:
+def prune(run: Run) -> backup.Summary:
     return backup.summary(backup.prune(run, get_settings(), _lock(run)))
 
 
@@ -148,10 +150,11 @@ def prune(run: Run) -> dict[str, Any]:
 def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str, Any]:
     """Error callback of the chain, run by the worker where the link failed: remove this run's partial
     files, release the lock if this run still owns it, record one clear line."""
-    run = request.args[0] if request.args else None
-    if not isinstance(run, dict) or "backup" not in run:
+    given = request.args[0] if request.args else None
+    if not isinstance(given, dict) or "backup" not in given:
         logger.error("backup link %s failed: %s", request.id, exc)
         return {"error": str(exc)}
+    run = cast(Run, given)
     try:
         removed = backup.abandon_files(run)
     finally:

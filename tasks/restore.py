@@ -12,11 +12,12 @@ from typing import Any
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from worker import app, drills, restore
-from worker.executors import choose_executor
-from worker.locks import database_lock, redis_client
+from worker import app
+from worker.coordination.locks import database_lock, redis_client
+from worker.pg.executors import choose_executor
+from worker.restore import drills, prepare, restore, rollback
+from worker.restore.tokens import RedisTokenStore
 from worker.settings import get_settings
-from worker.tokens import RedisTokenStore
 
 logger = get_task_logger(__name__)
 
@@ -39,8 +40,8 @@ def prepare_restore(file: str, token_hash: str, checksum: bool = True) -> dict[s
     """Check the backup where it lives (no database touched) and bind the token to it."""
     settings = get_settings()
     executor = choose_executor(settings)
-    prepared = restore.prepare(settings, executor, file, checksum)
-    restore.issue_token(_store(), prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, token_hash)
+    prepared = prepare.prepare(settings, executor, file, checksum)
+    prepare.issue_token(_store(), prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, token_hash)
     return {**prepared.describe(), "host": settings.WORKER_HOST, "server": executor.describe(),
             "expires_in": settings.RESTORE_TOKEN_TTL}
 
@@ -60,7 +61,7 @@ def run_restore(self: Task, token: str, confirm: str, mode: str = "swap", file: 
 def run_rollback(self: Task, database: str, confirm: str) -> dict[str, Any]:
     settings = get_settings()
     lock = database_lock(settings, database, self.request.id)
-    return restore.rollback(settings, choose_executor(settings), database, confirm, lock, self.request.id)
+    return rollback.rollback(settings, choose_executor(settings), database, confirm, lock, self.request.id)
 
 
 @app.task(name="tma_backup.drill", bind=True, acks_late=False, max_retries=0)

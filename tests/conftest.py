@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,7 +98,7 @@ class CliResult:
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, input: str | None = None,
             timeout: float = 300) -> CliResult:
     process = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        [services.TMA_BACKUP, *args], env=env, cwd=cwd, capture_output=True, text=True,
         input=input, stdin=None if input is not None else subprocess.DEVNULL, timeout=timeout,
     )
     return CliResult(process.returncode, process.stdout, process.stderr)

@@ -35,8 +35,8 @@ from typing import Any
 import redis
 
 from tests import services, tma_cloud
-from tests.conftest import _unavailable as unavailable
 from tests.conftest import PASSWORD_ROLE, TEST_PASSWORD, base_env
+from tests.conftest import _unavailable as unavailable
 from tests.helpers import wait_for
 
 PAUSE_ENV = "TMA_TEST_PAUSE"
@@ -55,7 +55,7 @@ def _reached(point: str) -> None:
 
 
 def install_pause_point(spec: str) -> None:
-    import worker.backup as backup
+    import worker.backup.steps as backup
 
     point, _, argument = spec.partition(":")
     if point == "verify":
@@ -194,7 +194,7 @@ class Stack:
 
     def start_backup(self, *args: str) -> "Follower":
         """`tma-backup backup` in a subprocess that follows the chain (the operator's terminal)."""
-        return Follower([sys.executable, "-m", "worker.cli", "backup", *args], self.env, self.root)
+        return Follower([services.TMA_BACKUP, "backup", *args], self.env, self.root)
 
     def wait_for_signal(self, point: str, timeout: float = 60) -> None:
         wait_for(lambda: (self.signals / point).exists(), timeout=timeout, what=f"the worker to reach {point}")
@@ -459,7 +459,7 @@ def _sent_minutes(log: str) -> list[str]:
 
 
 def catalogue_list(directory: Path, database: str) -> list[Any]:
-    from worker import catalogue
+    from worker.archive import catalogue
 
     return catalogue.list_backups(directory, database) if directory.exists() else []
 

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from tests import services, tma_cloud
-from worker.meta import BackupMeta, read_meta
+from worker.archive.meta import BackupMeta, read_meta
 
 
 def backups_in(directory: Path, database: str) -> list[Path]:

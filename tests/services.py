@@ -26,6 +26,8 @@ from typing import Any
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
+# The installed entry point, the command operators run (`pip install -e .` puts it beside the interpreter).
+TMA_BACKUP = str(Path(sys.executable).with_name("tma-backup"))
 
 
 class ServiceUnavailable(Exception):

@@ -7,8 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-
-from tests import tma_cloud
+from tests import services, tma_cloud
 from tests.conftest import run_cli
 from tests.helpers import (
     assert_counts_and_checksum,
@@ -20,7 +19,7 @@ from tests.helpers import (
     sha256_file,
     toc_entries,
 )
-from worker.meta import ROW_COUNTS_HEADER, SEED_KEYS
+from worker.archive.meta import ROW_COUNTS_HEADER, SEED_KEYS
 
 
 def _assert_backup_is_exact(pg, admin, backup_dir: Path, database: str) -> None:
@@ -126,9 +125,8 @@ def test_backup_of_a_missing_database_fails_cleanly_and_keeps_earlier_backups(cl
 
 
 def _start_backup(env, cwd) -> subprocess.Popen[str]:
-    import sys
 
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "backup"], env=env, cwd=cwd, text=True,
+    return subprocess.Popen([services.TMA_BACKUP, "backup"], env=env, cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 

@@ -22,15 +22,17 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, assume, example, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from tests import services, tma_cloud
 from tests.conftest import base_env, run_cli
 from tests.faults import Stack, private_stack
 from tests.helpers import error_lines, only_backup
-from worker import catalogue
-from worker.cli import cli
-from worker.meta import SEED_KEYS, BackupMeta, MetaError, parse_meta, read_meta, table_key
+from worker.archive import catalogue
+from worker.archive.meta import SEED_KEYS, BackupMeta, MetaError, parse_meta, read_meta, table_key
+from worker.cli.main import cli
 from worker.settings import SettingsError, get_settings
 
 # Text that an environment variable, a command-line argument or a file name can hold: no NUL, no lone
@@ -406,7 +408,7 @@ def test_any_file_names_are_listed_or_skipped_and_only_own_files_are_ever_pruned
 
         catalogue.delete_files(doomed)
         assert secret.read_bytes() == b"not yours"
-        for name, kind in hostile.items():
+        for name in hostile:
             if folder / name not in doomed:
                 assert os.path.lexists(folder / name), name
 

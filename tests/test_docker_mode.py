@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +36,7 @@ from tests.helpers import (
     wait_for,
 )
 from worker.errors import BackupError
-from worker.executors.choose import PROJECT_CONTAINER, ContainerInfo, pick_container
+from worker.pg.executors.choose import PROJECT_CONTAINER, ContainerInfo, pick_container
 
 MiB = 1024 * 1024
 
@@ -161,7 +160,7 @@ def test_restore_in_docker_mode_parallel_then_in_place(pg17_db, backup_dir, tmp_
 
 
 def test_killing_a_dump_stops_that_pg_dump_inside_the_container(pg17_db, tmp_path):
-    from worker.backup import tool_environment
+    from worker.pg.environment import tool_environment
 
     server, database = pg17_db
     settings, executor = _executor_for(server, database)
@@ -217,7 +216,7 @@ def test_a_worker_killed_during_a_docker_mode_dump_leaves_no_pg_dump_or_session_
 
 
 def _executor_for(server: PgContainer, database: str, **overrides):
-    from worker.executors import choose_executor
+    from worker.pg.executors import choose_executor
     from worker.settings import Settings
 
     settings = Settings(**{"_env_file": None, "DB_MODE": "docker", "DB_CONTAINER": server.name, "DB_HOST": server.host,
@@ -244,7 +243,7 @@ def test_psycopg_reaches_the_containers_server_even_when_db_port_names_another(p
 
 
 def test_parallel_restore_without_room_in_the_container_streams_with_one_job_and_says_so(pg17_db, tmp_path, caplog):
-    from worker.backup import tool_environment
+    from worker.pg.environment import tool_environment
 
     server, database = pg17_db
     settings, executor = _executor_for(server, database)
@@ -312,7 +311,7 @@ def test_two_postgres_containers_and_no_db_container_is_an_error_not_a_guess(
 def test_tma_cloud_postgres_is_preferred_over_other_postgres_containers(docker_client, pg15_container, pg17_container):
     """Holds the name `tma-cloud-postgres` for a few seconds only (another test may need it for the
     compose stack); skipped when such a container already exists."""
-    from worker.executors import choose_executor
+    from worker.pg.executors import choose_executor
     from worker.settings import Settings
 
     if project_container_exists(docker_client):
@@ -452,7 +451,7 @@ def test_worker_memory_stays_flat_while_streaming_a_500_mb_dump(pg15_container, 
                          WORKER_HOST="host-docker", TEST_CWD=str(tmp_path))
         worker = services.WorkerProcess("docker@host-docker", env, tmp_path / "worker.log").start()
         main_pid = worker.process.pid
-        cli = subprocess.Popen([sys.executable, "-m", "worker.cli", "backup"], env=env, cwd=tmp_path, text=True,
+        cli = subprocess.Popen([services.TMA_BACKUP, "backup"], env=env, cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         baseline: dict[int, int] = {}
         peak: dict[int, int] = {}

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import zstandard
 
 from tests import tma_cloud
@@ -15,7 +14,7 @@ from tests.conftest import run_cli
 from tests.faults import tmpfs
 from tests.helpers import error_lines, restore_copy, sha256_file, toc_entries
 from tests.test_restore import change_live, digests, managed_databases
-from worker.meta import read_meta
+from worker.archive.meta import read_meta
 
 
 def zst_backups(directory: Path, database: str) -> list[Path]:

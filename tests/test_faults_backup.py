@@ -39,7 +39,7 @@ from tests.helpers import (
     table_locked,
     wait_for,
 )
-from worker import catalogue
+from worker.archive import catalogue
 
 LOCK_TIMEOUT = 6  # seconds; production default 60. Short so that expiry is measured, not assumed.
 

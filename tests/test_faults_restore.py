@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import psycopg
 import pytest
 
-from tests import tma_cloud
+from tests import services, tma_cloud
 from tests.conftest import run_cli
 from tests.helpers import only_backup, wait_for
 from tests.test_restore import change_live, digests, managed_databases
@@ -85,7 +84,7 @@ def test_a_restore_killed_during_pg_restore_leaves_live_unchanged(pg, admin, pre
     with pg.connect(tma_db, autocommit=True) as connection:
         connection.execute(change_live_again)
     live = digests(pg, tma_db)
-    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "restore", str(newest), "--confirm", tma_db],
+    process = subprocess.Popen([services.TMA_BACKUP, "restore", str(newest), "--confirm", tma_db],
                                env={**cli_env, "RESTORE_JOBS": "1"}, cwd=tmp_path, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: subprocess.run(["pgrep", "-x", "pg_restore"], capture_output=True).returncode == 0,

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,7 @@ def test_flower_shows_the_chain_its_progress_and_no_password(pg, admin, flower_s
     cli = None
     try:
         with table_locked(pg, tma_db):
-            cli = subprocess.Popen([sys.executable, "-m", "worker.cli", "backup"], env=env, cwd=tmp_path,
+            cli = subprocess.Popen([services.TMA_BACKUP, "backup"], env=env, cwd=tmp_path,
                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL)
             wait_for(lambda: dump_waiting_on_lock(admin, tma_db), what="the dump to wait for the table lock")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -140,7 +139,7 @@ def _big_database(pg, admin, name: str, rows: int = 5_000_000) -> None:
 
 
 def _start(env, tmp_path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, cwd=tmp_path, text=True,
+    return subprocess.Popen([services.TMA_BACKUP, *args], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 

@@ -38,3 +38,22 @@ def test_the_app_speaks_json_only_and_sends_events():
     assert app.conf.task_serializer == "json" and app.conf.accept_content == ["json"]
     assert app.conf.worker_send_task_events and app.conf.task_track_started
     assert not app.conf.task_acks_late
+
+
+# The run record is a wire format too: links queued by one version are run by the next.
+RUN_RECORD_KEYS = {
+    "run_id", "database", "backup", "timestamp", "host", "started_at", "warnings",
+    "server_version", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds",
+    "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "deleted",
+}
+RUN_RECORD_REQUIRED = {"run_id", "database", "backup", "timestamp", "host", "started_at", "warnings"}
+SUMMARY_KEYS = {"backup", "database", "host", "size", "size_bytes", "toc_entries", "sha256", "tables",
+                "duration_seconds", "deleted", "mode"}
+
+
+def test_the_run_record_keys_are_exactly_the_documented_ones():
+    from worker.backup import Run, Summary
+
+    assert Run.__required_keys__ | Run.__optional_keys__ == RUN_RECORD_KEYS
+    assert Run.__required_keys__ == RUN_RECORD_REQUIRED
+    assert Summary.__required_keys__ == SUMMARY_KEYS and not Summary.__optional_keys__

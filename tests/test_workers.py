@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def client_app(broker_url: str) -> Celery:
 
 
 def _start_cli_backup(env: dict[str, str], cwd: Path, database: str | None = None) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "worker.cli", "backup", *(["--database", database] if database else [])]
+    args = [services.TMA_BACKUP, "backup", *(["--database", database] if database else [])]
     return subprocess.Popen(args, env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
 

@@ -116,15 +116,15 @@ def drop_database(admin: psycopg.Connection[Any], name: str) -> None:
 
 
 def exact_counts(connection: psycopg.Connection[Any]) -> dict[str, int]:
-    from worker.database import exact_row_counts
+    from worker.pg.database import exact_row_counts
 
     return exact_row_counts(connection)
 
 
 def table_digests(connection: psycopg.Connection[Any]) -> dict[str, str]:
     """md5 of every table's rows in primary-key order: content, not just counts."""
-    from worker.database import user_tables
-    from worker.meta import table_key
+    from worker.archive.meta import table_key
+    from worker.pg.database import user_tables
 
     digests = {}
     for schema, table in user_tables(connection):

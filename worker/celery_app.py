@@ -10,9 +10,6 @@ from celery.signals import celeryd_after_setup
 app = Celery("tma_backup", include=["tasks.backup", "tasks.restore"])
 app.config_from_object("worker.celery_config")
 
-DEFAULT_QUEUE = "tma_backup"
-
-
 def host_queue(host: str) -> str:
     """Every worker also consumes the queue of its own host, so a chain's links run where its files are."""
     return f"tma_backup.host.{host}"

@@ -13,3 +13,10 @@ class LockHeld(BackupError):
 
 class VerificationFailed(BackupError):
     """A file is not what its `.meta` says it is."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what one-line
+    reports show of a library's multi-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

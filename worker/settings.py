@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     @field_validator("BACKUP_COMPRESSION")
     @classmethod
     def _known_compression(cls, value: str) -> str:
-        from worker.compression import parse_compression
+        from worker.archive.compression import parse_compression
 
         parse_compression(value)
         return value
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from worker.schedule import parse_cron
+        from worker.coordination.schedule import parse_cron
 
         parse_cron(value)
         return value

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.errors import BackupError
-from worker.executors.base import Executor
-from worker.executors.host import HostExecutor
+from worker.pg.executors.base import Executor
+from worker.pg.executors.host import HostExecutor
 from worker.settings import Settings
 
 PROJECT_CONTAINER = "tma-cloud-postgres"
@@ -84,8 +84,9 @@ def docker_client() -> Any:
     """A client for the engine named by the environment (DOCKER_HOST, default the local socket);
     constructing it asks the engine for its API version, so an engine that does not answer fails here."""
     try:
-        import docker
         from docker.errors import DockerException
+
+        import docker
     except ImportError as error:
         raise EngineUnreachable(f"the docker SDK is not installed ({error})") from None
     try:
@@ -131,7 +132,7 @@ def choose_executor(settings: Settings) -> Executor:
         return HostExecutor(settings, f"the Docker engine does not answer ({error}), so host tools (DB_MODE=auto)")
     from docker.errors import DockerException
 
-    from worker.executors.docker import DockerExecutor
+    from worker.pg.executors.docker import DockerExecutor
 
     try:
         chosen, reason = pick_container(

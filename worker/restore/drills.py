@@ -10,14 +10,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from worker import catalogue, swap
-from worker.backup import Progress, no_progress
+from worker.archive import catalogue
+from worker.archive.meta import write_atomically
+from worker.coordination.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
 from worker.errors import BackupError, LockHeld
-from worker.executors import Executor
-from worker.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
-from worker.meta import write_atomically
-from worker.phases import PhaseClock
-from worker.restore import restore_into_scratch, default_shape, prepare
+from worker.pg.executors import Executor
+from worker.progress import PhaseClock, Progress, no_progress
+from worker.restore import swap
+from worker.restore.prepare import prepare
+from worker.restore.scratch import default_shape, restore_into_scratch
 from worker.settings import Settings
 
 

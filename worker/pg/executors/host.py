@@ -5,16 +5,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
-from worker import streams
+from worker.archive import streams
 from worker.errors import BackupError
-from worker.executors.base import ToolResult, parse_tool_major
+from worker.pg.executors.base import ToolResult, parse_tool_major
 from worker.settings import Settings
 
 # Variables that would silently redirect the tools to another server or user.
@@ -31,14 +31,21 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def tool_environment(extra: dict[str, str]) -> dict[str, str]:
+def scrubbed_environment(extra: dict[str, str]) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if key not in _SCRUBBED}
     environment.update(extra)
     return environment
 
 
+@functools.lru_cache(maxsize=16)
+def _installed_major(path: str, tool: str) -> int:
+    """`tool --version` of the binary at `path`, asked once per process."""
+    output = subprocess.run([path, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return parse_tool_major(output.stdout, tool)
+
+
 class HostProcess:
-    def __init__(self, process: subprocess.Popen[bytes], stderr_path: Path | None = None) -> None:
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self._process = process
 
     def poll(self) -> int | None:
@@ -68,7 +75,7 @@ class StreamedDump:
         self._archive_bytes: int | None = None
         target = streams.open_output(output, zstd_level)
         try:
-            self._process = subprocess.Popen(argv, env=tool_environment(env), stdin=subprocess.DEVNULL,
+            self._process = subprocess.Popen(argv, env=scrubbed_environment(env), stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              preexec_fn=_die_with_parent)
         except OSError as error:
@@ -140,7 +147,6 @@ class HostExecutor:
             "password": self._settings.password,
         }
 
-    @functools.cache
     def tool_major(self, tool: str) -> int:
         path = shutil.which(tool)
         if path is None:
@@ -148,15 +154,14 @@ class HostExecutor:
                 f"{tool} is not installed on this host: install the PostgreSQL client "
                 "(apt-get install postgresql-client) or use docker mode (DB_CONTAINER)"
             )
-        output = subprocess.run([path, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        return parse_tool_major(output.stdout, tool)
+        return _installed_major(path, tool)
 
     def _start(self, argv: list[str], env: dict[str, str], stdin: Path | None = None) -> HostProcess:
         try:
             stdin_handle = open(stdin, "rb") if stdin else subprocess.DEVNULL
             process = subprocess.Popen(
                 argv,
-                env=tool_environment(env),
+                env=scrubbed_environment(env),
                 stdin=stdin_handle,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -181,7 +186,7 @@ class HostExecutor:
         read_end, write_end = os.pipe()
         feeder = threading.Thread(target=_feed, args=(archive, write_end), daemon=True)
         try:
-            process = subprocess.Popen(["pg_restore", "--list"], env=tool_environment(env), stdin=read_end,
+            process = subprocess.Popen(["pg_restore", "--list"], env=scrubbed_environment(env), stdin=read_end,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         except OSError as error:
             os.close(write_end)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from worker import backup
-from worker.executors import Executor
-from worker.locks import database_lock
+from worker.coordination.locks import database_lock
+from worker.pg.executors import Executor
+from worker.progress import Progress
 from worker.settings import Settings
 
 
-def run_backup(settings: Settings, database: str, executor: Executor, progress: backup.Progress) -> dict[str, Any]:
+def run_backup(settings: Settings, database: str, executor: Executor, progress: Progress) -> backup.Summary:
     run_id = f"local-{uuid.uuid4()}"
     lock = database_lock(settings, database, run_id)
     run = backup.start_run(settings, database, run_id, lock)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from worker.meta import BackupMeta, MetaError, read_meta
+from worker.archive.meta import BackupMeta, MetaError, read_meta
 
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 _TIMESTAMP = r"(?P<timestamp>\d{8}T\d{6}Z)"
@@ -75,6 +75,16 @@ def new_backup_path(directory: Path, database: str, suffix: str = DUMP_SUFFIX) -
         if not any(os.path.lexists(path) for path in taken):
             return dump
         time.sleep(0.25)
+
+
+def locate(directory: Path, file: str) -> Path:
+    """Where a FILE argument points: a relative name is looked up in `directory` (BACKUP_DIR) first,
+    then where the operator stands; an absolute path is taken as it is. Nothing is checked here."""
+    given = Path(file)
+    if given.is_absolute():
+        return given
+    in_folder = directory / given
+    return in_folder if in_folder.exists() or not given.exists() else given.absolute()
 
 
 def _is_regular_file(path: Path) -> bool:

@@ -17,6 +17,8 @@ from typing import BinaryIO
 import zstandard
 
 ZST_SUFFIX = ".zst"
+# What `open_archive` hands out: a plain file, or a zstd stream over one; both read into a buffer.
+ArchiveReader = io.FileIO | zstandard.ZstdDecompressionReader
 CHUNK = 1024 * 1024
 
 
@@ -30,15 +32,15 @@ def open_output(path: Path, zstd_level: int | None) -> BinaryIO:
     raw = open(descriptor, "wb", buffering=CHUNK)
     if zstd_level is None:
         return raw
-    return zstandard.ZstdCompressor(level=zstd_level).stream_writer(raw, closefd=True)  # type: ignore[return-value]
+    return zstandard.ZstdCompressor(level=zstd_level).stream_writer(raw, closefd=True)
 
 
-def open_archive(path: Path) -> BinaryIO:
+def open_archive(path: Path) -> ArchiveReader:
     """The plain custom-format archive's bytes, decompressed on the fly for a `.dump.zst`."""
     raw = open(path, "rb", buffering=0)
     if not is_compressed_stream(path):
         return raw
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
 
 
 @contextmanager

@@ -1,11 +1,17 @@
-"""Where a long operation's time goes: a progress callback that also times each phase."""
+"""Progress reports of long operations (`phase`, small fields such as bytes written), and a callback
+that also times each phase."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from worker.backup import Progress, no_progress
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def no_progress(phase: str, fields: dict[str, Any]) -> None:
+    pass
 
 
 class PhaseClock:

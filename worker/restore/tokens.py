@@ -42,10 +42,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def masked(token: str) -> str:
-    return token[:4] + "…" if token else ""
-
-
 class TokenStore(Protocol):
     def put(self, hashed: str, binding: TokenBinding, ttl: int) -> None: ...
 
@@ -98,10 +94,6 @@ class LocalTokenStore:
 
     def take(self, hashed: str) -> TokenBinding | None:
         return self._bindings.pop(hashed, None)
-
-
-def issue(store: TokenStore, binding: TokenBinding, ttl: int, hashed: str) -> None:
-    store.put(hashed, binding, ttl)
 
 
 def consume(store: TokenStore, token: str, confirm: str) -> TokenBinding:

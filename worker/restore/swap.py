@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from worker.database import connect
 from worker.errors import BackupError
 from worker.faults import crash_point
+from worker.pg.database import connect
 
 MAINTENANCE_DB = "postgres"
 COMMENT_PREFIX = "tma-backup"
@@ -51,7 +51,7 @@ def admin_connection(connect_kwargs: dict[str, Any], live: str) -> psycopg.Conne
     return connect(connect_kwargs, MAINTENANCE_DB if live != MAINTENANCE_DB else "template1", autocommit=True)
 
 
-def fit_name(name: str, unique: str) -> str:
+def fit_name(name: str) -> str:
     """PostgreSQL truncates names past 63 bytes; shorten ourselves, keeping a hash for uniqueness."""
     if len(name.encode()) <= MAX_NAME_BYTES:
         return name
@@ -65,7 +65,7 @@ def scratch_name(role: str) -> str:
 
 
 def kept_name(live: str, timestamp: str, kind: str = "pre_restore") -> str:
-    return fit_name(f"{live}__{kind}_{timestamp}", timestamp)
+    return fit_name(f"{live}__{kind}_{timestamp}")
 
 
 def shape_of(admin: psycopg.Connection[Any], database: str) -> DatabaseShape | None:

@@ -5,7 +5,7 @@ The pipeline only ever talks to an `Executor`; `choose_executor` picks one from 
 
 from __future__ import annotations
 
-from worker.executors.base import Executor, ToolProcess, ToolResult
-from worker.executors.choose import choose_executor
+from worker.pg.executors.base import Executor, ToolProcess, ToolResult
+from worker.pg.executors.choose import choose_executor
 
 __all__ = ["Executor", "ToolProcess", "ToolResult", "choose_executor"]

@@ -15,9 +15,9 @@ from datetime import datetime, timedelta, timezone
 from celery.schedules import crontab
 from redis.exceptions import RedisError
 
+from worker.coordination.locks import redis_client, server_identity
+from worker.coordination.schedule import parse_cron
 from worker.errors import BackupError
-from worker.locks import redis_client, server_identity
-from worker.schedule import parse_cron
 from worker.settings import Settings
 
 KEY_PREFIX = "tma_backup:slot"

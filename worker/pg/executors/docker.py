@@ -31,10 +31,19 @@ from typing import Any
 
 import psycopg
 
-from worker import streams
-from worker.errors import BackupError
-from worker.executors.base import ToolResult, parse_tool_major
-from worker.executors.docker_streams import CHUNK, PID_MARKER, STDOUT, DumpStream, ExecStream, StderrTail, tar_stream, text
+from worker.archive import streams
+from worker.errors import BackupError, first_line
+from worker.pg.executors.base import ToolResult, parse_tool_major
+from worker.pg.executors.docker_streams import (
+    CHUNK,
+    PID_MARKER,
+    STDOUT,
+    DumpStream,
+    ExecStream,
+    StderrTail,
+    tar_stream,
+    text,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,7 +172,7 @@ class DockerExecutor:
         try:
             return ExecStream(self._api, self._container.id, argv, self._environment(env), stdin=stdin)
         except DockerException as error:
-            raise BackupError(f"cannot run {argv[0]} in container '{self.name}': {_first_line(error)}") from None
+            raise BackupError(f"cannot run {argv[0]} in container '{self.name}': {first_line(error)}") from None
 
     def _run(self, argv: list[str], env: dict[str, str], stdin: Path | None = None) -> ToolResult:
         """Run a tool to its end: stdout collected (TOC listings, versions), stderr's tail kept; with
@@ -235,7 +244,7 @@ class DockerExecutor:
         except Exception as error:
             self._remove(f"/tmp/{folder}")
             log.warning("copying %s into container %s failed (%s): restoring with one job from a stream "
-                        "instead of --jobs=%d", archive.name, self.name, _first_line(error), jobs)
+                        "instead of --jobs=%d", archive.name, self.name, first_line(error), jobs)
             return None
         log.info("copied %s (%d MiB) into container %s in %.1fs for a parallel restore (--jobs=%d)",
                  archive.name, size // CHUNK, self.name, time.monotonic() - started, jobs)
@@ -273,7 +282,7 @@ class DockerExecutor:
             try:
                 served = _server_address(host, port, credentials, settings.DB_NAME)
             except psycopg.Error as error:
-                tried.append(f"{host}:{port} ({_first_line(error)})")
+                tried.append(f"{host}:{port} ({first_line(error)})")
                 continue
             if served in addresses or (host_network and what == "DB_HOST:DB_PORT"):
                 self._route_note = f"{what} {host}:{port}"
@@ -303,8 +312,3 @@ def _server_address(host: str, port: int, credentials: dict[str, Any], database:
                 raise
     assert last is not None
     raise last
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

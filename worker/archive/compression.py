@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from worker.catalogue import DUMP_SUFFIX, ZST_DUMP_SUFFIX
+from worker.archive.catalogue import DUMP_SUFFIX, ZST_DUMP_SUFFIX
 
 _SPELLINGS = re.compile(
     r"^(?:(?P<level>[0-9])|(?P<method>gzip|lz4|zstd|none|zstd-stream)(?::(?P<method_level>[0-9]{1,2}))?)$")

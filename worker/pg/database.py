@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from worker.errors import BackupError
-from worker.meta import table_key
+from worker.archive.meta import table_key
+from worker.errors import BackupError, first_line
 
 APPLICATION_NAME = "tma-backup"
 
@@ -57,11 +57,6 @@ def connect(connect_kwargs: dict[str, Any], database: str, **options: Any) -> ps
         )
     except psycopg.OperationalError as error:
         raise BackupError(f"cannot connect to database {database!r}: {first_line(error)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def server_major(connection: psycopg.Connection[Any]) -> int:

@@ -6,7 +6,6 @@ Nothing here holds more than one chunk (1 MiB) of data, plus the last 64 KiB of 
 
 from __future__ import annotations
 
-import io
 import socket
 import struct
 import tarfile
@@ -14,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from worker import streams
+from worker.archive import streams
 from worker.errors import BackupError
-from worker.executors.base import ToolResult
+from worker.pg.executors.base import ToolResult
 
 CHUNK = 1024 * 1024
 STDERR_TAIL = 64 * 1024
@@ -159,7 +158,7 @@ class StderrTail:
 class DumpStream:
     """pg_dump running in the container, its stdout streamed into the output file by a thread."""
 
-    def __init__(self, stream: ExecStream, output: Path, handle: io.BufferedWriter,
+    def __init__(self, stream: ExecStream, output: Path, handle: BinaryIO,
                  signal_process: Callable[[int], None]) -> None:
         self._signal_process = signal_process
         self._stream = stream

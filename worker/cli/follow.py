@@ -1,4 +1,5 @@
-"""Dispatch a backup through the broker and follow its chain until it ends, within bounded time.
+"""The CLI's broker side: dispatch a task (a backup's chain, a restore, a drill) and follow it until it
+ends, within bounded time.
 
 If the broker or the result backend goes away, the follower keeps trying for a while, then says that
 it lost track (exit 1) rather than hanging. A link whose worker died (SIGKILL, OOM, a lost host) never
@@ -9,6 +10,7 @@ to report, then says that it lost track of the run.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,10 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.utils.url import maybe_sanitize_url
 
+from worker.celery_app import host_queue
 from worker.errors import BackupError
+from worker.progress import Progress
+from worker.settings import Settings
 
 POLL_SECONDS = 0.3
 LOST_TRACK_SECONDS = 60.0
@@ -66,9 +71,10 @@ def _poll(result: AsyncResult, lost_since: list[float | None], outage_seen: list
         now = time.monotonic()
         if outage_seen is not None:
             outage_seen[0] = True
-        if lost_since[0] is None:
-            lost_since[0] = now
-        if now - lost_since[0] > LOST_TRACK_SECONDS:
+        since = lost_since[0]
+        if since is None:
+            since = lost_since[0] = now
+        if now - since > LOST_TRACK_SECONDS:
             raise LostTrack(
                 f"lost track of task {result.id}: the result backend has not answered for "
                 f"{LOST_TRACK_SECONDS:.0f}s ({error}); check `tma-backup list` and the worker's log"
@@ -178,12 +184,30 @@ def follow_backup(
         if owner_of is not None and started.get("lock")
         else None
     )
-    summary: Any = None
-    for name, step_id in zip(STEP_NAMES, steps):
+    summary: dict[str, Any] = {}
+    for name, step_id in zip(STEP_NAMES, steps, strict=False):
         summary = wait_for(
             AsyncResult(step_id, app=app),
             deadline,
-            lambda state, info, name=name: on_event(name, state, info),
-            watch=(lambda state, name=name: run_watch.check(name, state)) if run_watch else None,
+            functools.partial(on_event, name),
+            watch=functools.partial(run_watch.check, name) if run_watch else None,
         )
     return summary
+
+
+def call_task(settings: Settings, task: str, kwargs: dict[str, Any], host: str | None,
+              masked: dict[str, Any] | None = None, on_progress: Progress | None = None) -> Any:
+    """Run a task through the broker and wait for it; the CLI follows progress events."""
+    from worker import app
+
+    check_workers(app)
+    options: dict[str, Any] = {**({"queue": host_queue(host)} if host else {}), "retry": True, "retry_policy": {"max_retries": 3}}
+    if masked is not None:
+        options["kwargsrepr"] = repr(masked)
+    result = app.send_task(task, kwargs=kwargs, **options)
+
+    def on_state(state: str, info: Any) -> None:
+        if on_progress and state == "PROGRESS" and isinstance(info, dict):
+            on_progress(str(info.get("phase")), info)
+
+    return wait_for(result, time.monotonic() + settings.FOLLOW_TIMEOUT, on_state, pending_limit=60)

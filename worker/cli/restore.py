@@ -1,4 +1,4 @@
-"""`tma-backup restore | rollback | drill`: the operator's side of a restore.
+"""`tma-backup restore | rollback`: the operator's side of a restore.
 
 restore FILE                      show what the backup holds, ask for the database name, restore
 restore FILE --confirm DB         the same without a prompt
@@ -14,31 +14,13 @@ from typing import Any
 
 import click
 
-from worker import output
-from worker.cli import cli, database_option, guarded
+from worker.archive.meta import human_size
+from worker.cli import output
+from worker.cli.common import RESTORE_PHASES, database_option, duration, guarded, phase_printer
+from worker.cli.follow import call_task
 from worker.errors import BackupError
-from worker.meta import human_size
+from worker.restore.tokens import LocalTokenStore, RedisTokenStore, TokenStore, new_token, token_hash
 from worker.settings import Settings, SettingsError, get_settings
-from worker.tokens import LocalTokenStore, RedisTokenStore, TokenStore, new_token, token_hash
-
-PHASES = {
-    "checking": "Checking the backup (SHA-256, TOC, row counts) …",
-    "restoring": "Restoring into a scratch database (pg_restore --exit-on-error) …",
-    "counting": "ANALYZE and exact row counts, compared with the backup's .meta …",
-    "swapping": "Swapping the restored copy in by rename …",
-    "dropping": "Dropping and recreating the database (in-place mode) …",
-}
-
-
-def _phase_printer() -> Any:
-    seen: set[str] = set()
-
-    def show(phase: str, fields: dict[str, Any]) -> None:
-        if phase in PHASES and phase not in seen:
-            seen.add(phase)
-            output.info(PHASES[phase])
-
-    return show
 
 
 def _show_backup(details: dict[str, Any]) -> None:
@@ -63,7 +45,7 @@ def _report(result: dict[str, Any]) -> None:
     output.ok(f"Tables     : {result['tables']}, {result['rows']} rows (exact, equal to the backup's .meta)")
     for table, rows in result["row_counts"].items():
         output.ok(f"  {table} = {rows}")
-    output.ok(f"Duration   : {_duration(result)}")
+    output.ok(f"Duration   : {duration(result)}")
     if result.get("kept"):
         output.ok(f"Previous   : kept as {result['kept']!r} (connections refused)")
         output.info(f"Roll back  : tma-backup rollback --database {result['database']} --confirm {result['database']}")
@@ -72,13 +54,6 @@ def _report(result: dict[str, Any]) -> None:
     if result.get("repaired_connections"):
         output.warn("The live database was refusing connections after an interrupted swap; re-enabled.")
     output.info("Restart the application to refresh connection pools.")
-
-
-def _duration(result: dict[str, Any]) -> str:
-    """`13.3s (checking 0.5s, restoring 12.1s, …)`: the total, and each phase's share when reported."""
-    phases = result.get("phase_seconds") or {}
-    shares = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in phases.items())
-    return f"{result['duration_seconds']:.1f}s" + (f" ({shares})" if shares else "")
 
 
 def _ask_confirmation(database: str) -> str:
@@ -95,70 +70,43 @@ def _ask_confirmation(database: str) -> str:
 
 def _store(settings: Settings) -> TokenStore:
     if settings.broker_url:
-        from worker.locks import redis_client
+        from worker.coordination.locks import redis_client
 
         return RedisTokenStore(redis_client(settings.broker_url))
     return LocalTokenStore()
-
-
-def _queue_for(host: str | None) -> dict[str, Any]:
-    from worker.celery_app import host_queue
-
-    return {"queue": host_queue(host)} if host else {}
-
-
-def _call(settings: Settings, task: str, kwargs: dict[str, Any], host: str | None, masked: dict[str, Any] | None = None,
-          on_progress: Any = None) -> Any:
-    """Run a task through the broker and wait for it; the CLI follows progress events."""
-    import time
-
-    from worker import app
-    from worker.follow import check_workers, wait_for
-
-    check_workers(app)
-    options: dict[str, Any] = {**_queue_for(host), "retry": True, "retry_policy": {"max_retries": 3}}
-    if masked is not None:
-        options["kwargsrepr"] = repr(masked)
-    result = app.send_task(task, kwargs=kwargs, **options)
-
-    def on_state(state: str, info: Any) -> None:
-        if on_progress and state == "PROGRESS" and isinstance(info, dict):
-            on_progress(str(info.get("phase")), info)
-
-    return wait_for(result, time.monotonic() + settings.FOLLOW_TIMEOUT, on_state, pending_limit=60)
 
 
 def _prepare(settings: Settings, file: str, hashed: str, host: str | None, store: TokenStore,
              checksum: bool) -> dict[str, Any]:
     if settings.broker_url:
         kwargs = {"file": file, "token_hash": hashed, "checksum": checksum}
-        return dict(_call(settings, "tma_backup.restore_prepare", kwargs, host))
-    from worker import restore
-    from worker.executors import choose_executor
+        return dict(call_task(settings, "tma_backup.restore_prepare", kwargs, host))
+    from worker.pg.executors import choose_executor
+    from worker.restore import prepare
 
     executor = choose_executor(settings)
-    prepared = restore.prepare(settings, executor, file, checksum)
-    restore.issue_token(store, prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, hashed)
+    prepared = prepare.prepare(settings, executor, file, checksum)
+    prepare.issue_token(store, prepared, settings.WORKER_HOST, settings.RESTORE_TOKEN_TTL, hashed)
     return {**prepared.describe(), "host": settings.WORKER_HOST, "server": executor.describe(), "expires_in": settings.RESTORE_TOKEN_TTL}
 
 
 def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: str, host: str | None,
          file: str | None = None) -> dict[str, Any]:
-    progress = _phase_printer()
+    progress = phase_printer(RESTORE_PHASES)
     if settings.broker_url:
         kwargs = {"token": token, "confirm": confirm, "mode": mode, "file": file}
         masked = {**kwargs, "token": "***"}
-        return dict(_call(settings, "tma_backup.restore", kwargs, host, masked, progress))
-    from worker import restore
-    from worker.executors import choose_executor
-    from worker.locks import database_lock
+        return dict(call_task(settings, "tma_backup.restore", kwargs, host, masked, progress))
+    from worker.coordination.locks import database_lock
+    from worker.pg.executors import choose_executor
+    from worker.restore import restore
 
     run = f"local-{uuid.uuid4()}"
     lock = database_lock(settings, confirm, run)
     return restore.restore(settings, choose_executor(settings), store, token, confirm, lock, run, mode, progress, file)
 
 
-@cli.command("restore")
+@click.command("restore")
 @click.argument("file", required=False)
 @click.option("--confirm", "confirm_name", help="The database name, typed in advance (no prompt).")
 @click.option("--mode", type=click.Choice(["swap", "in-place"]), default="swap", show_default=True,
@@ -209,7 +157,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
     _report(_run(settings, store, token, confirm, mode, details["host"]))
 
 
-@cli.command("rollback")
+@click.command("rollback")
 @click.option("--database", "-d", help="Database to roll back (default: DB_NAME).")
 @click.option("--confirm", "confirm_name", required=True, help="The database name, typed again.")
 @guarded
@@ -219,39 +167,15 @@ def rollback_command(database: str | None, confirm_name: str) -> None:
     database = database_option(database, settings)
     output.section("Rollback")
     if settings.broker_url:
-        result = _call(settings, "tma_backup.rollback", {"database": database, "confirm": confirm_name}, None)
+        result = call_task(settings, "tma_backup.rollback", {"database": database, "confirm": confirm_name}, None)
     else:
-        from worker import restore
-        from worker.executors import choose_executor
-        from worker.locks import database_lock
+        from worker.coordination.locks import database_lock
+        from worker.pg.executors import choose_executor
+        from worker.restore import rollback
 
         run = f"local-{uuid.uuid4()}"
-        result = restore.rollback(settings, choose_executor(settings), database, confirm_name,
+        result = rollback.rollback(settings, choose_executor(settings), database, confirm_name,
                                   database_lock(settings, database, run), run)
     output.ok(f"Database   : {result['database']} is now the copy kept as {result['restored_from']!r}")
     output.ok(f"Replaced   : kept as {result['kept']!r}")
     output.info("Restart the application to refresh connection pools.")
-
-
-@cli.command("drill")
-@click.argument("file", required=False)
-@click.option("--database", "-d", help="Database whose newest backup to drill (default: DB_NAME).")
-@click.option("--host", help="The worker host that holds the backups.")
-@guarded
-def drill_command(file: str | None, database: str | None, host: str | None) -> None:
-    """Restore a backup (default: the newest complete one) into a scratch database, compare exact
-    row counts with its .meta, drop the scratch database. Touches nothing live."""
-    settings = get_settings()
-    database = database_option(database, settings)
-    output.section("Restore Drill")
-    if settings.broker_url:
-        result = _call(settings, "tma_backup.drill", {"database": database, "file": file}, host,
-                       on_progress=_phase_printer())
-    else:
-        from worker import drills
-        from worker.executors import choose_executor
-
-        result = drills.run_and_record(settings, choose_executor(settings), database, file,
-                                       f"local-{uuid.uuid4()}", _phase_printer())
-    output.ok(f"Drill passed: {result['file']} restores with {result['tables']} tables and {result['rows']} rows, "
-              f"equal to its .meta, in {_duration(result)}; scratch database dropped")

@@ -1,0 +1,116 @@
+"""The dump link: pg_dump inside an exported snapshot, exact row counts in that same snapshot."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psycopg
+
+from worker.archive import catalogue
+from worker.archive.compression import check_supported, parse_compression
+from worker.backup.run import Run, abandon_files, write_counts
+from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
+from worker.errors import BackupError, first_line
+from worker.pg.database import connect, exact_row_counts, exported_snapshot, server_major, server_version_text
+from worker.pg.environment import tool_environment
+from worker.pg.executors import Executor
+from worker.pg.server_errors import ServerUnavailable, server_gone
+from worker.progress import Progress, no_progress
+from worker.settings import Settings
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty, mode 0600, refusing anything already there (a file, a link, a folder):
+    the tools then write into a file only its owner can read, whatever the umask and folder mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except OSError as error:
+        raise BackupError(f"cannot create {path}: {error.strerror}") from None
+
+
+def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
+    """pg_dump inside an exported SERIALIZABLE READ ONLY DEFERRABLE snapshot, with exact row counts
+    taken in that same snapshot, into `<name>.dump.partial`."""
+    lock.confirm()
+    backup = Path(run["backup"])
+    partial = catalogue.partial_path(backup)
+    database = run["database"]
+    compression = parse_compression(settings.BACKUP_COMPRESSION)
+    started = time.monotonic()
+    with kept_alive(lock, renewal_interval(settings)) as lock_lost:
+        try:
+            pg_dump_major = executor.tool_major("pg_dump")
+            try:
+                check_supported(compression, pg_dump_major)
+            except ValueError as error:
+                raise BackupError(str(error)) from None
+            with connect(executor.connect_kwargs(), database, autocommit=True) as connection:
+                server = server_major(connection)
+                if pg_dump_major < server:
+                    raise BackupError(
+                        f"pg_dump {pg_dump_major} is older than the server ({server}) and cannot dump it: "
+                        f"install postgresql-client-{server} on this host or use docker mode (DB_CONTAINER)"
+                    )
+                run["server_version"] = server_version_text(connection)
+                run["pg_dump_version"] = str(pg_dump_major)
+                with exported_snapshot(connection, settings.PG_LOCK_WAIT_TIMEOUT) as snapshot:
+                    options = [
+                        "--format=custom",
+                        f"--compress={compression.pg_dump_value}",
+                        f"--snapshot={snapshot}",
+                        "--no-owner",
+                        "--no-privileges",
+                        f"--lock-wait-timeout={settings.PG_LOCK_WAIT_TIMEOUT}",
+                    ]
+                    _create_private(partial)
+                    process = executor.start_dump(
+                        options, tool_environment(settings, database), partial, compression.zstd_level)
+                    try:
+                        progress("counting rows", {})
+                        counts = exact_row_counts(connection)
+                        reported = 0.0
+                        while process.poll() is None:
+                            if lock_lost.is_set():
+                                lock.confirm()  # raises: another run may take the lock; stop pg_dump now
+                            if time.monotonic() - reported >= 1:
+                                written = partial.stat().st_size if partial.exists() else 0
+                                progress("dumping", {"bytes": written})
+                                reported = time.monotonic()
+                            time.sleep(0.05)
+                    except BaseException:
+                        process.kill()
+                        process.wait()
+                        raise
+                    result = process.wait()
+            if result.returncode != 0:
+                failure = ServerUnavailable if server_gone(result.stderr) else BackupError
+                raise failure(f"pg_dump failed: {result.last_error_line()}")
+            if not partial.exists() or partial.stat().st_size == 0:
+                raise BackupError("pg_dump reported success but wrote nothing")
+            if lock_lost.is_set():
+                lock.confirm()  # raises with the reason
+            write_counts(catalogue.counts_path(backup), counts)
+            if compression.zstd_level is not None and result.output_bytes:
+                run["archive_bytes"] = result.output_bytes  # what a restore must decompress: room needed
+        except BaseException as error:
+            abandon_files(run)
+            if isinstance(error, ServerUnavailable):
+                raise
+            if server_gone(error):
+                raise ServerUnavailable(str(error) if isinstance(error, BackupError) else
+                                        f"lost the database server during the dump: {first_line(error)}") from None
+            if isinstance(error, BackupError):
+                raise
+            if isinstance(error, psycopg.Error):
+                raise BackupError(f"database error during the dump: {first_line(error)}") from None
+            if isinstance(error, OSError):
+                raise BackupError(f"cannot write the dump into {partial.parent}: {error.strerror}") from None
+            raise
+    run["mode"] = executor.mode
+    run["mode_fields"] = executor.meta_fields()
+    run["tables"] = len(counts)
+    run["dump_seconds"] = round(time.monotonic() - started, 3)
+    progress("dumped", {"bytes": partial.stat().st_size})
+    return run

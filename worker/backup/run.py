@@ -1,0 +1,137 @@
+"""A backup run's record and its beginning and end: the lock and the name at the start, the summary
+when it is over, and the removal of a failed run's files.
+
+The run record travels between the chain's links (start → dump → verify → checksum → meta → prune):
+a small JSON object of paths, ids, sizes and timings, never data or secrets. Like the task names it
+is a wire format (links queued by one version are run by the next), so its keys are pinned by a test.
+Celery tasks in `tasks/backup.py` are thin wrappers over these functions; the CLI's in-process mode
+calls them in sequence (`worker.backup.inprocess`).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import NotRequired, TypedDict
+
+from worker.archive import catalogue
+from worker.archive.compression import parse_compression
+from worker.archive.meta import human_size, write_atomically
+from worker.coordination.locks import DatabaseLock
+from worker.errors import BackupError
+from worker.settings import Settings, SettingsError, check_database_name, ensure_backup_dir, folder_warning
+
+
+# No `from __future__ import annotations` here: TypedDict reads NotRequired at run time only from real
+# annotations, and the test that pins these keys reads them.
+class Run(TypedDict):
+    """What each link hands to the next. Set at the start:"""
+
+    run_id: str
+    database: str
+    backup: str  # the final path of the `.dump` (or `.dump.zst`); the links work on its `.partial`
+    timestamp: str
+    host: str  # the worker host whose queue every link is routed to (where the files are)
+    started_at: float
+    warnings: list[str]
+    # Set by the dump:
+    server_version: NotRequired[str]
+    pg_dump_version: NotRequired[str]
+    archive_bytes: NotRequired[int]  # zstd-stream: the plain archive's size (room a restore needs)
+    mode: NotRequired[str]
+    mode_fields: NotRequired[dict[str, str]]
+    tables: NotRequired[int]
+    dump_seconds: NotRequired[float]
+    # By verify, checksum, meta and prune:
+    toc_entries: NotRequired[int]
+    sha256: NotRequired[str]
+    size_bytes: NotRequired[int]
+    duration_seconds: NotRequired[float]
+    complete: NotRequired[bool]
+    deleted: NotRequired[list[str]]
+
+
+class Summary(TypedDict):
+    """The chain's final result, as Flower and the result backend show it."""
+
+    backup: str
+    database: str
+    host: str
+    size: str
+    size_bytes: int
+    toc_entries: int
+    sha256: str
+    tables: int
+    duration_seconds: float
+    deleted: list[str]
+    mode: str
+
+
+def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock) -> Run:
+    """Take the database's lock (owner: the run id) and choose the backup's name."""
+    try:
+        check_database_name(database)  # it names files: `../x` must never write outside BACKUP_DIR
+    except ValueError as error:
+        raise BackupError(f"database {database!r}: {error}") from None
+    try:
+        directory = ensure_backup_dir(settings)
+    except SettingsError as error:
+        raise BackupError(str(error)) from None
+    lock.acquire()
+    try:
+        dump = catalogue.new_backup_path(directory, database, parse_compression(settings.BACKUP_COMPRESSION).suffix)
+    except BaseException:
+        lock.release()
+        raise
+    warning = folder_warning(directory)
+    return {
+        "run_id": run_id,
+        "database": database,
+        "backup": str(dump),
+        "timestamp": catalogue.timestamp_of(dump, database),
+        "host": settings.WORKER_HOST,
+        "started_at": time.time(),
+        "warnings": [warning] if warning else [],
+    }
+
+
+def write_counts(path: Path, counts: dict[str, int]) -> None:
+    write_atomically(path, json.dumps(counts))
+
+
+def read_counts(path: Path) -> dict[str, int]:
+    return {str(key): int(value) for key, value in json.loads(path.read_text()).items()}
+
+
+def abandon_files(run: Run) -> list[str]:
+    """Remove what this run wrote, short of a complete backup. Never touches other backups. Best effort:
+    a file that cannot be removed (a read-only file system) stays for the next run's prune, and the
+    caller still goes on to release the lock."""
+    backup = Path(run["backup"])
+    doomed = catalogue.run_files(backup)
+    if not os.path.lexists(backup):
+        doomed.append(catalogue.meta_path(backup))
+    removed = []
+    for path in doomed:
+        try:
+            removed += [found.name for found in catalogue.delete_files([path])]
+        except OSError:
+            pass
+    return removed
+
+
+def summary(run: Run) -> Summary:
+    """The chain's final result: small and readable in Flower and the result backend."""
+    return {
+        "backup": run["backup"],
+        "database": run["database"],
+        "host": run["host"],
+        "size": human_size(run["size_bytes"]),
+        "size_bytes": run["size_bytes"],
+        "toc_entries": run["toc_entries"],
+        "sha256": run["sha256"],
+        "tables": run["tables"],
+        "duration_seconds": run["duration_seconds"],
+        "deleted": run.get("deleted", []),
+        "mode": run["mode"],
+    }

@@ -1,0 +1,114 @@
+"""The links after the dump: verify → checksum → meta (publish) → prune."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from worker.archive import catalogue
+from worker.archive.compression import parse_compression
+from worker.archive.meta import BackupMeta, fsync_dir, write_atomically
+from worker.archive.verification import sha256_of, verify_archive
+from worker.backup.run import Run, abandon_files, read_counts
+from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
+from worker.errors import BackupError
+from worker.pg.executors import Executor
+from worker.progress import Progress, no_progress
+from worker.settings import Settings
+
+
+def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
+    lock.confirm()
+    partial = catalogue.partial_path(Path(run["backup"]))
+    progress("verifying", {})
+    try:
+        with kept_alive(lock, renewal_interval(settings)) as lock_lost:
+            empty_database = not read_counts(catalogue.counts_path(Path(run["backup"])))
+            run["toc_entries"] = verify_archive(partial, executor, settings, allow_empty=empty_database)
+            if lock_lost.is_set():
+                lock.confirm()
+    except BaseException:
+        abandon_files(run)
+        raise
+    return run
+
+
+def checksum(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
+    lock.confirm()
+    partial = catalogue.partial_path(Path(run["backup"]))
+    try:
+        with kept_alive(lock, renewal_interval(settings)) as lock_lost:  # a large file takes a while
+            run["sha256"] = sha256_of(partial, progress)
+            run["size_bytes"] = partial.stat().st_size
+            if lock_lost.is_set():
+                lock.confirm()
+    except BaseException as error:
+        abandon_files(run)
+        if isinstance(error, OSError):
+            raise BackupError(f"cannot read {partial.name}: {error.strerror}") from None
+        raise
+    return run
+
+
+def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | None = None) -> Run:
+    """Write `<name>.dump.meta` atomically, then rename `.partial` → `.dump`: the backup is complete."""
+    lock.confirm()  # the last check: this run still owns the database, so it may publish
+    backup = Path(run["backup"])
+    partial = catalogue.partial_path(backup)
+    try:
+        if partial.stat().st_size != run["size_bytes"]:
+            raise BackupError(f"{partial.name} changed size after its checksum; not publishing it")
+        counts = read_counts(catalogue.counts_path(backup))
+        extra = {
+            "file_size_bytes": str(run["size_bytes"]),
+            "pg_dump_version": run["pg_dump_version"],
+            "server_version": run["server_version"],
+            **run.get("mode_fields", {}),
+            **({"archive_bytes": str(run["archive_bytes"])} if run.get("archive_bytes") else {}),
+            "worker_host": run["host"],
+            "machine": socket.gethostname(),
+            "run_id": run["run_id"],
+            "task_id": task_id or run["run_id"],
+            "tool": "tma-backup",
+        }
+        meta = BackupMeta(
+            timestamp=run["timestamp"],
+            database=run["database"],
+            user=settings.DB_USER,
+            mode=run["mode"],
+            compression=parse_compression(settings.BACKUP_COMPRESSION).label.removeprefix("--compress="),
+            toc_entries=run["toc_entries"],
+            file_size_bytes=run["size_bytes"],
+            duration_seconds=time.time() - run["started_at"],
+            sha256=run["sha256"],
+            row_counts=counts,
+            extra=extra,
+        )
+        write_atomically(catalogue.meta_path(backup), meta.render())
+        os.chmod(partial, 0o600)
+        os.replace(partial, backup)
+        fsync_dir(backup.parent)
+        catalogue.counts_path(backup).unlink(missing_ok=True)
+    except BaseException as error:
+        abandon_files(run)
+        if isinstance(error, OSError):
+            raise BackupError(f"cannot write the backup's .meta: {error.strerror}") from None
+        raise
+    run["duration_seconds"] = round(meta.duration_seconds, 3)
+    run["complete"] = True
+    return run
+
+
+def prune(run: Run, settings: Settings, lock: DatabaseLock) -> Run:
+    """Keep the newest BACKUP_RETAIN_COUNT complete backups of this database; remove crashed runs'
+    leftovers. Then release the lock: the run is over."""
+    lock.confirm()
+    try:
+        backup = Path(run["backup"])
+        doomed = catalogue.plan_prune(backup.parent, run["database"], settings.BACKUP_RETAIN_COUNT, keep=backup)
+        run["deleted"] = [path.name for path in catalogue.delete_files(doomed)]
+    finally:
+        lock.release()
+    return run

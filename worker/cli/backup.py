@@ -1,0 +1,103 @@
+"""`tma-backup backup`: through the workers when a broker is configured, else in this process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import click
+
+from worker.cli import output
+from worker.cli.common import database_option, guarded, phase_printer
+from worker.settings import Settings, ensure_backup_dir, folder_warning, get_settings
+
+if TYPE_CHECKING:  # the backup package pulls in psycopg: not needed for `--help`
+    from worker.backup import Summary
+
+PHASE_MESSAGES = {
+    "counting rows": "Counting rows exactly, inside the dump's snapshot …",
+    "dumping": "Running pg_dump (custom format, serializable snapshot) …",
+    "verifying": "Verifying backup integrity (pg_restore --list) …",
+    "checksumming": "Computing SHA-256 checksum …",
+    "writing meta": "Writing .meta and publishing the backup …",
+    "pruning": "Applying retention (BACKUP_RETAIN_COUNT) …",
+}
+
+
+def _print_summary(summary: Summary) -> None:
+    output.ok(f"Backup contains {summary['toc_entries']} TOC entries.")
+    if summary["tables"] == 0:
+        output.warn("The database has no tables: is DB_NAME the database you meant to back up?")
+    output.section("Backup Complete")
+    output.ok(f"File       : {summary['backup']}")
+    output.ok(f"Size       : {summary['size']} ({summary['size_bytes']} bytes)")
+    output.ok(f"Duration   : {summary['duration_seconds']:.1f}s")
+    output.ok(f"TOC entries: {summary['toc_entries']}")
+    output.ok(f"Tables     : {summary['tables']} (exact row counts in the .meta)")
+    output.ok(f"SHA-256    : {summary['sha256']}")
+    if summary.get("deleted"):
+        output.info(f"Pruned     : {', '.join(summary['deleted'])}")
+
+
+@click.command("backup")
+@click.option("--database", "-d", help="Database to back up (default: DB_NAME).")
+@guarded
+def backup_command(database: str | None) -> None:
+    """Take a backup: dump → verify → checksum → meta → prune."""
+    settings = get_settings()
+    database = database_option(database, settings)
+    output.section("Full Database Backup")
+    if settings.broker_url:
+        summary = _backup_through_workers(settings, database)
+    else:
+        summary = _backup_in_process(settings, database)
+    _print_summary(summary)
+
+
+def _backup_in_process(settings: Settings, database: str) -> Summary:
+    from worker.backup.inprocess import run_backup
+    from worker.pg.executors import choose_executor
+
+    output.info("No broker configured (CELERY_BROKER_URL unset): running the backup in this process.")
+    warning = folder_warning(ensure_backup_dir(settings))
+    if warning:
+        output.warn(warning)
+    executor = choose_executor(settings)
+    output.info(f"Tools      : {executor.describe()}")
+    output.info(f"Database   : {database}")
+    return run_backup(settings, database, executor, phase_printer(PHASE_MESSAGES))
+
+
+def _backup_through_workers(settings: Settings, database: str) -> Summary:
+    from worker import app
+    from worker.cli.follow import check_workers, dispatch, follow_backup, sanitized
+
+    STEP_PHASES = {"verify": "verifying", "checksum": "checksumming", "meta": "writing meta", "prune": "pruning"}
+
+    workers = check_workers(app)
+    output.info(f"Broker     : {sanitized(settings.broker_url or '')} ({len(workers)} worker(s) answered)")
+    output.info(f"Database   : {database}")
+    kickoff = dispatch(app, "tma_backup.backup", {"database": database})
+    show = phase_printer(PHASE_MESSAGES)
+
+    def on_event(step: str, state: str, info: Any) -> None:
+        if step == "kickoff":
+            output.info(f"Run        : {info['run_id']} on worker host {info['host']}")
+            output.info(f"Target     : {info['backup']}")
+            for warning in info.get("warnings", []):
+                output.warn(warning)
+        elif state == "RETRY":
+            output.warn(f"{step}: {info}; trying again (BACKUP_RETRIES={settings.BACKUP_RETRIES}, with backoff)")
+        elif state == "PROGRESS" and isinstance(info, dict):
+            show(str(info.get("phase", step)), info)
+        elif state == "STARTED" and step in STEP_PHASES:
+            show(STEP_PHASES[step], {})
+
+    from worker.coordination.locks import lock_owner, renewal_interval
+
+    def owner_of(key: str) -> str | None:
+        return lock_owner(settings, key)
+
+    # A link notices a lost lock within one renewal interval and then fails: wait that long (and a
+    # little more) for its own report before saying that the run was lost.
+    grace = renewal_interval(settings) + 3
+    return cast("Summary", follow_backup(app, kickoff, settings.FOLLOW_TIMEOUT, on_event, owner_of, grace))

@@ -1,0 +1,29 @@
+"""`tma-backup`: the command group. Exit codes: 0 success, 1 failure, 2 bad usage or settings. Errors
+are one `[ERROR]` line; tracebacks never reach the operator."""
+
+from __future__ import annotations
+
+import click
+
+from worker.cli.backup import backup_command
+from worker.cli.drill import drill_command
+from worker.cli.inspect import list_command, status_command, verify_command
+from worker.cli.restore import restore_command, rollback_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Back up and restore PostgreSQL through Celery workers (see README)."""
+
+
+for command in (backup_command, verify_command, list_command, status_command, restore_command, rollback_command,
+                drill_command):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

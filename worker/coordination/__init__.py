@@ -1,0 +1,1 @@
+"""Who may work on a database when: per-database locks, schedule slots, cron schedules."""

@@ -1,0 +1,125 @@
+"""Restore as plain functions: prepare (no database touched) → token → locked restore into a scratch
+database → checks → swap by rename. Plus rollback, and drills that never touch the live database.
+
+Any failure before the swap drops the scratch database and leaves the live one exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+
+from worker.archive import catalogue
+from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
+from worker.errors import BackupError, VerificationFailed, first_line
+from worker.pg.executors import Executor
+from worker.progress import PhaseClock, Progress, no_progress
+from worker.restore import swap
+from worker.restore.prepare import PreparedRestore, prepare, recorded_sha256, resolve_backup_file
+from worker.restore.scratch import (
+    check_room_to_decompress,
+    count_and_compare,
+    default_shape,
+    pg_restore,
+    restorable,
+    restore_into_scratch,
+)
+from worker.restore.tokens import TokenRefused, TokenStore, consume
+from worker.settings import Settings
+
+MODES = ("swap", "in-place")
+
+
+def restore(settings: Settings, executor: Executor, store: TokenStore, token: str, confirm: str,
+            lock: DatabaseLock, run: str, mode: str = "swap", progress: Progress = no_progress,
+            file: str | None = None) -> dict[str, Any]:
+    """The restore task's body. Consumes the token first: whatever happens next, it is used up.
+    `file`, when the operator named one with the token, must be the file the token was issued for."""
+    if mode not in MODES:
+        raise BackupError(f"unknown restore mode {mode!r}; use one of {', '.join(MODES)}")
+    binding = consume(store, token, confirm)
+    if file is not None and resolve_backup_file(settings, file) != Path(binding.file):
+        raise TokenRefused(f"restore refused: the token was issued for {Path(binding.file).name}, not {Path(file).name}")
+    started = time.monotonic()
+    clock = PhaseClock(progress)
+    progress = clock
+    lock.acquire()
+    try:
+        with kept_alive(lock, renewal_interval(settings)):
+            progress("checking", {})
+            path = Path(binding.file)
+            # One pass over the file: prepare() checks its SHA-256 against the .meta, and the .meta's
+            # against the token's, so the bytes restored are the bytes the operator confirmed.
+            if recorded_sha256(path) != binding.sha256:
+                raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
+            prepared = prepare(settings, executor, str(path))
+            result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress)
+    finally:
+        lock.release()
+    result["duration_seconds"] = round(time.monotonic() - started, 3)
+    result["phase_seconds"] = clock.finish()
+    return result
+
+
+def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
+                    mode: str, progress: Progress) -> dict[str, Any]:
+    with swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        cleaned = swap.drop_leftover_scratches(admin, live)
+        repaired = swap.repair_refused_connections(admin, live)
+        shape = swap.shape_of(admin, live)
+        if mode == "in-place":
+            counts = _restore_in_place(settings, executor, admin, prepared, live, shape or default_shape(admin), progress)
+            kept, dropped = None, []
+        else:
+            scratch, counts = restore_into_scratch(
+                settings, executor, admin, prepared, shape or default_shape(admin), swap.SCRATCH, run, progress)
+            progress("swapping", {})
+            if shape is None:
+                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(live)))
+                admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
+                kept = None
+            else:
+                kept = swap.kept_name(live, catalogue.utc_timestamp())
+                try:
+                    swap.carry_database_settings(admin, live, scratch)
+                    swap.swap_in(admin, live, scratch, kept, run)
+                except BaseException as error:
+                    swap.drop(admin, scratch)
+                    raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
+            dropped = swap.trim_kept(admin, live, settings.RESTORE_KEEP_PREVIOUS)
+            if kept in dropped:
+                kept = None
+    return {
+        "database": live,
+        "file": str(prepared.path),
+        "mode": mode,
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+        "row_counts": counts,
+        "kept": kept,
+        "dropped_previous": dropped,
+        "cleaned_leftovers": cleaned,
+        "repaired_connections": repaired,
+    }
+
+
+def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore, live: str,
+                      shape: swap.DatabaseShape, progress: Progress) -> dict[str, int]:
+    """The seed's way, for hosts without room for two copies: drop, recreate, --single-transaction.
+    A failure here leaves the database empty; the CLI warns before it starts. A `.dump.zst` is
+    decompressed before the drop, so that a full disk cannot be what empties it."""
+    check_room_to_decompress(prepared.path, prepared.meta)
+    with restorable(prepared.path) as plain:
+        progress("dropping", {})
+        if swap.shape_of(admin, live):
+            swap.mark_swapping(admin, live, "in-place")
+            swap.set_allow_connections(admin, live, False)
+        swap.drop(admin, live)
+        swap.create_database(admin, live, shape)
+        progress("restoring", {"database": live})
+        pg_restore(settings, executor, plain, live, 1, single_transaction=True)
+    progress("counting", {})
+    return count_and_compare(settings, executor, live, prepared.meta.row_counts)
