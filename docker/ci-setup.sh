@@ -4,7 +4,8 @@
 #   1. apt: docker.io, docker-compose, debootstrap (one `apt-get update` only when something is missing);
 #   2. starts dockerd when no engine answers (log /var/tmp/tma-dockerd.log, pid /var/tmp/tma-dockerd.pid);
 #   3. builds the images the tests need, in parallel, reusing those that exist:
-#      tma-local/postgres:15, tma-local/postgres:17, tma-local/redis:7 (debootstrap + docker import), and
+#      tma-local/postgres:15 (bookworm), :17 (trixie), :18 (sid: the major TMA Cloud runs, postgres:18-alpine),
+#      tma-local/redis:7 (debootstrap + docker import), and
 #      tma-local/tma-backup-worker:latest (its base once, then the Dockerfile through the build cache, so it
 #      follows the working tree: a few seconds when nothing changed).
 # Never reads stdin, never prompts (fine with CI=true). Prints the time of every step. Needs root.
@@ -66,6 +67,7 @@ start_build() {  # NAME SCRIPT [ARG]
 }
 start_build postgres-15 "$HERE/images/postgres/build.sh" 15
 start_build postgres-17 "$HERE/images/postgres/build.sh" 17
+start_build postgres-18 "$HERE/images/postgres/build.sh" 18
 start_build redis "$HERE/images/redis/build.sh"
 [ "${SKIP_WORKER:-0}" = 1 ] || start_build worker "$HERE/images/worker/build.sh"
 # only the builds: a bare `wait` would also wait for any other child of this shell

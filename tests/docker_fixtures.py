@@ -1,11 +1,13 @@
-"""Fixtures over a real Docker engine: throw-away PostgreSQL 15 and 17 containers from locally built images.
+"""Fixtures over a real Docker engine: throw-away PostgreSQL 15, 17 and 18 containers from locally built
+images (18 is the major TMA Cloud runs: its compose uses postgres:18-alpine).
 
 How they start:
 - The engine must answer on DOCKER_HOST (default: the local socket). `docker/images/postgres/build.sh 15`
   starts dockerd when it is not running (and builds the image). With CI=true an engine that does not
   answer fails the tests that need it; locally they skip, saying so.
-- Images `tma-local/postgres:15` and `:17` are built by `docker/images/postgres/build.sh MAJOR` only when
-  missing (about a minute each, no registry needed; CI runs the build scripts before the tests).
+- Images `tma-local/postgres:15`, `:17` and `:18` are built by `docker/images/postgres/build.sh MAJOR` only
+  when missing (a few minutes each, no registry needed; CI runs the build scripts before the tests). With
+  CI=true a missing image whose build fails fails the test; locally it skips.
 - Containers get unique names (`tma-test-pg<major>-<hex>`), a label `org.tma.test=docker-mode`, their
   5432 published on 127.0.0.1 only, at a port the engine picks (never 5432 or 6379), and are removed
   (with their volume) at the end of the session.
@@ -179,9 +181,20 @@ def pg17_container(docker_client: Any) -> Iterator[PgContainer]:
     yield from _session_container(docker_client, 17)
 
 
-@pytest.fixture(params=[15, 17], ids=["pg15", "pg17"])
+@pytest.fixture(scope="session")
+def pg18_container(docker_client: Any) -> Iterator[PgContainer]:
+    yield from _session_container(docker_client, 18)
+
+
+@pytest.fixture(params=[15, 17, 18], ids=["pg15", "pg17", "pg18"])
 def pg_container(request: pytest.FixtureRequest) -> PgContainer:
-    """Each test using it runs against PostgreSQL 15 and against 17."""
+    """Each test using it runs against PostgreSQL 15, 17 and 18."""
+    return request.getfixturevalue(f"pg{request.param}_container")
+
+
+@pytest.fixture(params=[17, 18], ids=["pg17", "pg18"])
+def newer_pg_container(request: pytest.FixtureRequest) -> PgContainer:
+    """Servers newer than the host's client tools (15): each test using it runs against 17 and 18."""
     return request.getfixturevalue(f"pg{request.param}_container")
 
 

@@ -1,5 +1,6 @@
-"""Docker mode against a real engine, with PostgreSQL 15 and 17 containers from locally built images
-(see tests/docker_fixtures.py for how they start), plus the container choice's rules on fakes."""
+"""Docker mode against a real engine, with PostgreSQL 15, 17 and 18 containers from locally built images
+(see tests/docker_fixtures.py for how they start), plus the container choice's rules on fakes. 18 is the
+major TMA Cloud runs; 17 and 18 are both newer than the host's client tools (15)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from tests.docker_fixtures import (  # noqa: F401  (fixtures)
     create_tma_database,
     docker_client,
     drop_database,
+    newer_pg_container,
     pg15_container,
     pg17_container,
+    pg18_container,
     pg_container,
     remove,
     start_container,
@@ -43,7 +46,7 @@ MiB = 1024 * 1024
 
 def toc_entries_in(server: PgContainer, dump: Path) -> int:
     """Real TOC entries, counted by the container's own pg_restore (host pg_restore 15 cannot read a
-    PostgreSQL 17 archive); the docker CLI here is the test's independent check, not the code under test."""
+    PostgreSQL 17 or 18 archive); the docker CLI here is the test's independent check, not the code under test."""
     with open(dump, "rb") as handle:
         listing = subprocess.run(["docker", "exec", "-i", server.name, "pg_restore", "--list"], stdin=handle,
                                  capture_output=True, text=True, check=True).stdout
@@ -73,6 +76,21 @@ def pg17_db(pg17_container: PgContainer):
     name = create_tma_database(pg17_container)
     yield pg17_container, name
     drop_database(pg17_container, name)
+
+
+@pytest.fixture
+def pg18_db(pg18_container: PgContainer):
+    name = create_tma_database(pg18_container)
+    yield pg18_container, name
+    drop_database(pg18_container, name)
+
+
+@pytest.fixture
+def newer_db(newer_pg_container: PgContainer):
+    """A TMA-shaped database on PostgreSQL 17 and on 18 (newer than the host's tools)."""
+    name = create_tma_database(newer_pg_container)
+    yield newer_pg_container, name
+    drop_database(newer_pg_container, name)
 
 
 def project_container_exists(client) -> bool:
@@ -108,8 +126,8 @@ def test_docker_mode_backup_is_exact_and_names_its_container(container_db, backu
     assert CONTAINER_PASSWORD not in result.output + meta_text
 
 
-def test_verify_works_in_docker_mode_and_catches_a_damaged_toc(pg17_db, backup_dir, tmp_path):
-    server, database = pg17_db
+def test_verify_works_in_docker_mode_and_catches_a_damaged_toc(newer_db, backup_dir, tmp_path):
+    server, database = newer_db
     env = server.env(backup_dir, DB_NAME=database)
     assert run_cli(["backup"], env, tmp_path).returncode == 0
     dump, meta = only_backup(backup_dir, database)
@@ -129,10 +147,10 @@ def test_verify_works_in_docker_mode_and_catches_a_damaged_toc(pg17_db, backup_d
     assert len(error_lines(result.stderr)) == 1 and "not a readable dump" in result.stderr, result.stderr
 
 
-def test_restore_in_docker_mode_parallel_then_in_place(pg17_db, backup_dir, tmp_path):
+def test_restore_in_docker_mode_parallel_then_in_place(newer_db, backup_dir, tmp_path):
     """`--jobs=2` copies the archive into the container (and removes it); in-place mode streams it into
     pg_restore's stdin. Both bring back exactly the backup-time content."""
-    server, database = pg17_db
+    server, database = newer_db
     env = server.env(backup_dir, DB_NAME=database, RESTORE_JOBS="2")
     assert run_cli(["backup"], env, tmp_path).returncode == 0
     dump, _ = only_backup(backup_dir, database)
@@ -157,6 +175,43 @@ def test_restore_in_docker_mode_parallel_then_in_place(pg17_db, backup_dir, tmp_
     with server.connect(autocommit=True) as admin:
         for (kept,) in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{database}__%",)):
             tma_cloud.drop_database(admin, kept)
+
+
+def drill_databases(server: PgContainer) -> list[str]:
+    """Databases a drill made (marked `tma-backup:drill:…` in their comment) that still exist."""
+    with server.connect(autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT d.datname FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid"
+            " WHERE s.description LIKE 'tma-backup:drill:%'").fetchall()
+    return [row[0] for row in rows]
+
+
+def test_drill_in_docker_mode_passes_then_fails_on_a_wrong_count_and_drops_its_scratch(
+        container_db, backup_dir, tmp_path):
+    """The drill's pg_restore runs inside the container, into a scratch database that is dropped
+    whether the counts match the .meta or not; the live database is untouched."""
+    server, database = container_db
+    env = server.env(backup_dir, DB_NAME=database)
+    assert run_cli(["backup"], env, tmp_path).returncode == 0
+    dump, meta = only_backup(backup_dir, database)
+    with server.connect(database) as connection:
+        live = tma_cloud.table_digests(connection)
+    result = run_cli(["drill"], env, tmp_path)
+    assert result.returncode == 0, result.output
+    assert "Drill passed" in result.stderr and f"{sum(meta.row_counts.values())} rows" in result.stderr
+    assert drill_databases(server) == []
+    assert "Last drill : passed" in run_cli(["status"], env, tmp_path).stderr
+
+    meta_path = dump.with_name(dump.name + ".meta")
+    meta_path.write_text(meta_path.read_text().replace("pgboss.job=100", "pgboss.job=99"))
+    result = run_cli(["drill", str(dump)], env, tmp_path)
+    assert result.returncode == 1, result.output
+    [error] = error_lines(result.stderr)
+    assert "row counts differ" in error
+    assert drill_databases(server) == []
+    with server.connect(database) as connection:
+        assert tma_cloud.table_digests(connection) == live
+    assert "Last drill : FAILED" in run_cli(["status"], env, tmp_path).stderr
 
 
 def test_killing_a_dump_stops_that_pg_dump_inside_the_container(pg17_db, tmp_path):
@@ -254,7 +309,7 @@ def test_parallel_restore_without_room_in_the_container_streams_with_one_job_and
         tma_cloud.create_database(admin, copy)
     try:
         executor._room_in_tmp = lambda: 0  # a container whose /tmp is full
-        with caplog.at_level("INFO", logger="worker.executors.docker"):
+        with caplog.at_level("INFO", logger="worker.pg.executors.docker"):
             result = executor.restore(["--exit-on-error", "--jobs=2", f"--dbname=dbname={copy}"],
                                       tool_environment(settings, copy), dump)
         assert result.returncode == 0, result.stderr
@@ -390,8 +445,9 @@ def test_unreachable_engine_is_an_error_when_docker_mode_was_asked_for(cli_env, 
 
 # ----- versions -----
 
-def test_host_pg_dump_15_refuses_a_postgresql_17_server_and_leaves_nothing(pg17_db, backup_dir, tmp_path):
-    server, database = pg17_db
+def _host_pg_dump_15_refuses(server: PgContainer, database: str, backup_dir: Path, tmp_path: Path) -> None:
+    """DB_MODE=host (the machine's pg_dump 15) against the container's published port: one error line
+    naming both majors and the remedies, exit 1, nothing left in BACKUP_DIR."""
     host_major = subprocess.run(["pg_dump", "--version"], capture_output=True, text=True, check=True).stdout
     if " 15." not in host_major:
         pytest.skip(f"this test needs the host's pg_dump 15, found {host_major.strip()}")
@@ -399,10 +455,20 @@ def test_host_pg_dump_15_refuses_a_postgresql_17_server_and_leaves_nothing(pg17_
     result = run_cli(["backup"], env, tmp_path)
     assert result.returncode == 1, result.output
     [error] = error_lines(result.stderr)
-    assert "pg_dump 15 is older than the server (17)" in error
-    assert "install postgresql-client-17" in error and "docker mode" in error
+    assert f"pg_dump 15 is older than the server ({server.major})" in error, error
+    assert f"install postgresql-client-{server.major}" in error and "docker mode" in error, error
     assert "Traceback" not in result.output
+    assert backups_in(backup_dir, database) == [] and leftovers(backup_dir) == []
     assert non_lock_files(backup_dir) == [], "a refused backup must leave nothing behind"
+
+
+def test_host_pg_dump_15_refuses_a_postgresql_17_server_and_leaves_nothing(pg17_db, backup_dir, tmp_path):
+    _host_pg_dump_15_refuses(*pg17_db, backup_dir, tmp_path)
+
+
+def test_host_pg_dump_15_refuses_a_postgresql_18_server_and_leaves_nothing(pg18_db, backup_dir, tmp_path):
+    """TMA Cloud's own server (postgres:18-alpine) reached from a host with Debian 12's client tools."""
+    _host_pg_dump_15_refuses(*pg18_db, backup_dir, tmp_path)
 
 
 # ----- memory stays flat while a real worker streams a large dump -----

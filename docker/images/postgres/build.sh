@@ -1,7 +1,9 @@
 #!/bin/sh
 # Build tma-local/postgres:$PG_MAJOR without any image registry: debootstrap a minimal Debian rootfs
 # with PostgreSQL from the mirror apt already uses, then `docker import` it.
-#   PG_MAJOR=15 (default) -> Debian 12 (bookworm); PG_MAJOR=17 -> Debian 13 (trixie)
+#   PG_MAJOR=15 (default) -> Debian 12 (bookworm); PG_MAJOR=17 -> Debian 13 (trixie);
+#   PG_MAJOR=18 -> Debian unstable (sid: no stable release ships 18 yet; TMA Cloud runs postgres:18-alpine)
+#   (sid keeps one major only: once it has moved on from 18, build with SUITE=<a suite that still ships it>)
 # Idempotent: does nothing when the image exists (FORCE=1 rebuilds). Starts the Docker engine if needed.
 # Runs no container. Stop containers with SIGINT (fast shutdown): `docker import` cannot set STOPSIGNAL.
 # Usage: docker/images/postgres/build.sh [PG_MAJOR]
@@ -14,6 +16,7 @@ PG_MAJOR=${1:-${PG_MAJOR:-15}}
 case $PG_MAJOR in
   15) DEFAULT_SUITE=bookworm ;;
   17) DEFAULT_SUITE=trixie ;;
+  18) DEFAULT_SUITE=sid ;;
   *)  DEFAULT_SUITE= ;;
 esac
 SUITE=${SUITE:-$DEFAULT_SUITE}
