@@ -11,16 +11,16 @@ from typing import Any, cast
 from celery import Task, chain
 from celery.utils.log import get_task_logger
 
+from tasks.reporting import progress_reporter
 from worker import app, backup
-from worker.archive.meta import human_size
 from worker.backup import Run
 from worker.celery_app import host_queue
 from worker.coordination.locks import database_lock
 from worker.coordination.slots import claim_slot
 from worker.errors import LockHeld
 from worker.pg.executors import choose_executor
+from worker.pg.identity import server_identity
 from worker.pg.server_errors import ServerUnavailable
-from worker.progress import Progress
 from worker.settings import get_settings
 
 logger = get_task_logger(__name__)
@@ -41,17 +41,8 @@ class DumpTask(Task):
         return get_settings().BACKUP_RETRIES
 
 
-def _progress(task: Task) -> Progress:
-    def report(phase: str, fields: dict[str, Any]) -> None:
-        shown = f"{phase}: {human_size(fields['bytes'])}B" if "bytes" in fields else phase
-        task.update_state(state="PROGRESS", meta={"phase": phase, **fields})
-        task.send_event("task-progress", result=shown, phase=phase, **fields)
-
-    return report
-
-
 def _lock(run: Run) -> Any:
-    return database_lock(get_settings(), run["database"], run["run_id"])
+    return database_lock(get_settings(), run["database"], run["run_id"], run.get("server"))
 
 
 @app.task(name="tma_backup.backup", bind=True)
@@ -59,9 +50,10 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     settings = get_settings()
     database = database or settings.DB_NAME
     run_id = self.request.id
-    lock = database_lock(settings, database, run_id)
+    server = server_identity(settings, choose_executor(settings), database)
+    lock = database_lock(settings, database, run_id, server)
     try:
-        run = backup.start_run(settings, database, run_id, lock)
+        run = backup.start_run(settings, database, run_id, lock, server)
     except LockHeld as busy:
         if scheduled:
             logger.warning("scheduled backup skipped: %s", busy)
@@ -69,7 +61,7 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
         raise
     if scheduled:
         try:
-            taken = claim_slot(settings, database, run_id)
+            taken = claim_slot(settings, server, database, run_id)
         except BaseException:
             lock.release()
             raise
@@ -119,7 +111,7 @@ def dump(self: Task, run: Run) -> Run:
     settings = get_settings()
     lock = _lock(run)
     try:
-        return backup.dump(run, settings, choose_executor(settings), lock, _progress(self))
+        return backup.dump(run, settings, choose_executor(settings), lock, progress_reporter(self))
     except ServerUnavailable:
         lock.hold(settings.BACKUP_LOCK_TIMEOUT + RETRY_BACKOFF_MAX)  # still ours while it waits to retry
         raise
@@ -128,12 +120,12 @@ def dump(self: Task, run: Run) -> Run:
 @app.task(name="tma_backup.verify", bind=True)
 def verify(self: Task, run: Run) -> Run:
     settings = get_settings()
-    return backup.verify(run, settings, choose_executor(settings), _lock(run), _progress(self))
+    return backup.verify(run, settings, choose_executor(settings), _lock(run), progress_reporter(self))
 
 
 @app.task(name="tma_backup.checksum", bind=True)
 def checksum(self: Task, run: Run) -> Run:
-    return backup.checksum(run, get_settings(), _lock(run), _progress(self))
+    return backup.checksum(run, get_settings(), _lock(run), progress_reporter(self))
 
 
 @app.task(name="tma_backup.meta", bind=True)

@@ -24,6 +24,22 @@ TEST_PASSWORD = "S3cret-Pw-For-Tests-9f2c1a"
 PASSWORD_ROLE = "tma_backup_pw"
 
 
+# `pytest -m "not slow"` is the everyday subset (about two minutes): everything but these modules, which
+# start containers, compose stacks, several workers or Flower, kill and restart services, or run the
+# benchmark. CI runs everything.
+SLOW_MODULES = {
+    "test_beat", "test_bench_smoke", "test_broker_security", "test_compose", "test_docker_mode", "test_drill_database",
+    "test_faults_backup", "test_faults_restore", "test_flower", "test_locks", "test_repair",
+    "test_restore_workers", "test_signing", "test_sslmode", "test_workers",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def _unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"service needed by this test is unavailable under CI: {reason}", pytrace=False)

@@ -19,6 +19,7 @@ that its wait for a minute boundary overlaps the module's other tests instead of
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -176,8 +177,15 @@ class Stack:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_server.url, socket_timeout=5)
 
+    @functools.cached_property
+    def server_identity(self) -> str:
+        """The server's system_identifier, read once (the tests stop the server while they watch the lock)."""
+        with self.pg.connect(autocommit=True) as admin:
+            return f"pg-{admin.execute('SELECT system_identifier FROM pg_control_system()').fetchone()[0]}"
+
     def lock_key(self, database: str | None = None) -> str:
-        return f"tma_backup:lock:{self.pg.host}:{self.pg.port}:{database or self.database}"
+        """The key tma-backup locks `database` under: the server's identity, not its address."""
+        return f"tma_backup:lock:{self.server_identity}:{database or self.database}"
 
     def lock_holder(self) -> str | None:
         value = self.redis().get(self.lock_key())

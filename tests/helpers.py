@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,11 @@ import psycopg
 
 from tests import services, tma_cloud
 from worker.archive.meta import BackupMeta, read_meta
+from worker.coordination.locks import DatabaseLock, database_lock
+from worker.errors import LockHeld
+from worker.pg.executors import choose_executor
+from worker.pg.identity import server_identity
+from worker.settings import Settings
 
 
 def backups_in(directory: Path, database: str) -> list[Path]:
@@ -132,3 +138,29 @@ class PsSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    """The settings a CLI started with `env` reads (for taking the same lock in this process)."""
+    fields = {key: value for key, value in env.items() if key in Settings.model_fields}
+    return Settings(_env_file=None, **{"CELERY_BROKER_URL": None, **fields})  # type: ignore[call-arg]
+
+
+def lock_of(settings: Settings, database: str, owner: str) -> DatabaseLock:
+    """`database`'s lock as every run names it (the server's identity), for `owner`."""
+    return database_lock(settings, database, owner, server_identity(settings, choose_executor(settings), database))
+
+
+def wait_until_free(settings: Settings, database: str, timeout: float = 30) -> None:
+    """Until `database`'s lock can be taken (a killed run's lease has run out), then leave it free."""
+
+    def free() -> bool:
+        lock = lock_of(settings, database, f"probe-{uuid.uuid4()}")
+        try:
+            lock.acquire()
+        except LockHeld:
+            return False
+        lock.release()
+        return True
+
+    wait_for(free, timeout=timeout, interval=0.25, what=f"the lock of {database} to be free")

@@ -231,3 +231,24 @@ class WorkerProcess:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def start_postgres_with_ssl(cert_file: Path, key_file: Path, hba: str, **conf: str) -> PostgresServer:
+    """A private cluster as `start_postgres()` makes it, restarted with TLS on: `cert_file` and `key_file`
+    (PEM) copied into its data folder (the key 0600, owned by the server's user, as the server demands),
+    `hba` as its pg_hba.conf and `conf` as extra postgresql.conf settings (name=value)."""
+    server = start_postgres()
+    owner = ("postgres", "postgres") if _as_postgres_user() else None
+    for source, name, mode in ((cert_file, "server.crt", 0o644), (key_file, "server.key", 0o600)):
+        target = server.data_dir / name
+        shutil.copyfile(source, target)
+        os.chmod(target, mode)
+        if owner:
+            shutil.chown(target, *owner)
+    settings = {"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key", **conf}
+    with open(server.data_dir / "postgresql.conf", "a") as handle:
+        handle.write("".join(f"\n{name} = '{value}'" for name, value in settings.items()) + "\n")
+    (server.data_dir / "pg_hba.conf").write_text(hba)
+    server.stop("fast")
+    server.start()
+    return server

@@ -12,7 +12,7 @@ import pytest
 
 from tests import services, tma_cloud
 from tests.conftest import run_cli
-from tests.helpers import only_backup, wait_for
+from tests.helpers import only_backup, settings_for, wait_for, wait_until_free
 from tests.test_restore import change_live, digests, managed_databases
 
 
@@ -56,6 +56,7 @@ def test_a_restore_killed_at_a_step_leaves_the_old_database_and_the_next_run_rep
         assert digests(pg, tma_db) == live
     assert managed_databases(admin, "scratch"), "the crash left its scratch database"
 
+    wait_until_free(settings_for(cli_env), tma_db)  # the killed run's lease (BACKUP_LOCK_TIMEOUT) runs out
     drill = run_cli(["drill"], cli_env, tmp_path)
     assert drill.returncode == 0, drill.output
     assert managed_databases(admin, "scratch") == []
@@ -92,6 +93,7 @@ def test_a_restore_killed_during_pg_restore_leaves_live_unchanged(pg, admin, pre
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert digests(pg, tma_db) == live
+    wait_until_free(settings_for(cli_env), tma_db)
     assert run_cli(["drill", str(newest)], cli_env, tmp_path).returncode == 0
     assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "drill") == []
     assert digests(pg, tma_db) == live

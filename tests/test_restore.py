@@ -335,3 +335,111 @@ def test_the_postgres_database_itself_restores_and_rolls_back(backup_dir, tmp_pa
         assert rows() == [("locale", "de"), ("theme", "dark")]
     finally:
         server.stop("immediate")
+
+
+
+INPLACE_COMMENT = "TMA Cloud production, restored in place"
+
+
+def give_own_access(admin, database: str) -> None:
+    """Settings (one list-valued), GRANTs and a comment that a dump of `database` does not hold."""
+    admin.execute("DROP ROLE IF EXISTS tma_inplace_reader")
+    admin.execute("DROP ROLE IF EXISTS tma_inplace_outsider")
+    admin.execute("CREATE ROLE tma_inplace_reader")
+    admin.execute("CREATE ROLE tma_inplace_outsider")
+    admin.execute(f'ALTER DATABASE "{database}" SET search_path TO a, public')
+    admin.execute(f"ALTER DATABASE \"{database}\" SET work_mem = '48MB'")
+    admin.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+    admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO tma_inplace_reader')
+    admin.execute(f"COMMENT ON DATABASE \"{database}\" IS '{INPLACE_COMMENT}'")
+
+
+def drop_own_access_roles(admin, database: str) -> None:
+    admin.execute(f'REVOKE ALL ON DATABASE "{database}" FROM tma_inplace_reader')
+    admin.execute("DROP ROLE IF EXISTS tma_inplace_reader")
+    admin.execute("DROP ROLE IF EXISTS tma_inplace_outsider")
+
+
+def database_access(admin, database: str) -> tuple:
+    """Settings exactly, GRANTs as a set (datacl's order is not meaningful), comment, who may connect."""
+    settings = admin.execute(
+        "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+        " WHERE d.datname = %s AND s.setrole = 0", (database,)).fetchone()
+    grants = admin.execute(
+        "SELECT coalesce(pg_get_userbyid(nullif(a.grantee, 0)), 'PUBLIC'), a.privilege_type, a.is_grantable"
+        " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s ORDER BY 1, 2", (database,)).fetchall()
+    description = admin.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                                (database,)).fetchone()[0]
+    connect = tuple(admin.execute("SELECT has_database_privilege(%s, %s, 'CONNECT')", (role, database)).fetchone()[0]
+                    for role in ("tma_inplace_reader", "tma_inplace_outsider"))
+    return settings, grants, description, connect
+
+
+def test_in_place_restore_keeps_the_live_databases_settings_grants_and_comment(pg, admin, backed_up, tma_db, tmp_path):
+    """In-place mode drops the live database: it reads these before the drop and gives them to the
+    recreated one; the swap marker it sets before the drop does not survive."""
+    dump, env = backed_up
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    give_own_access(admin, tma_db)
+    before = database_access(admin, tma_db)
+    assert before[0] == (["search_path=a, public", "work_mem=48MB"],)
+    assert ("PUBLIC", "CONNECT", False) not in before[1] and ("PUBLIC", "TEMPORARY", False) in before[1]
+    assert ("tma_inplace_reader", "CONNECT", False) in before[1]
+    assert before[2:] == (INPLACE_COMMENT, (True, False))
+    try:
+        result = run_cli(["restore", str(dump), "--confirm", tma_db, "--mode", "in-place"], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert database_access(admin, tma_db) == before
+        assert digests(pg, tma_db) == at_backup
+        with pg.connect(tma_db) as connection:
+            assert connection.execute("SHOW search_path").fetchone()[0] == "a, public"
+            assert connection.execute("SHOW work_mem").fetchone()[0] == "48MB"
+            assert connection.execute("SELECT current_setting('tma_backup.swap_in_progress', true)").fetchone()[0] is None
+    finally:
+        drop_own_access_roles(admin, tma_db)
+
+
+def test_in_place_restore_of_a_read_only_database_restores_it_and_keeps_it_read_only(pg, admin, backed_up, tma_db, tmp_path):
+    """The settings are given after pg_restore, as in swap mode: before it, this one would make pg_restore
+    fail on an empty database."""
+    dump, env = backed_up
+    at_backup = digests(pg, tma_db)
+    change_live(pg, tma_db)
+    admin.execute(f'ALTER DATABASE "{tma_db}" SET default_transaction_read_only = on')
+    for mode in ("in-place", "swap"):
+        result = run_cli(["restore", str(dump), "--confirm", tma_db, "--mode", mode], env, tmp_path)
+        assert result.returncode == 0, result.output
+        assert digests(pg, tma_db) == at_backup
+        with pg.connect(tma_db) as connection:
+            assert connection.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
+    for name in managed_databases(admin, "previous"):
+        tma_cloud.drop_database(admin, name)
+
+
+@pytest.mark.parametrize("failure", ["pg_restore failed", "row counts differ"])
+def test_a_failed_in_place_restore_leaves_the_settings_grants_and_comment_in_place(pg, admin, backed_up, backup_dir,
+                                                                                   tma_db, tmp_path, failure):
+    """The database is empty after a failed in-place restore (the CLI warned), but it keeps its access, so
+    that the next restore carries it on."""
+    dump, env = backed_up
+    give_own_access(admin, tma_db)
+    before = database_access(admin, tma_db)
+    meta = dump.with_name(dump.name + ".meta").read_text()
+    if failure == "pg_restore failed":
+        target = backup_dir / f"{tma_db}_20000101T000005Z.dump"
+        data = bytearray(dump.read_bytes())
+        for offset in range(len(data) // 2, len(data) // 2 + 64):  # corrupt table data, keep the TOC readable
+            data[offset] ^= 0x5A
+        target.write_bytes(bytes(data))
+        target.with_name(target.name + ".meta").write_text(meta.replace(sha256_file(dump), sha256_file(target)))
+    else:
+        target = dump
+        dump.with_name(dump.name + ".meta").write_text(meta.replace("public.users=50", "public.users=51"))
+    try:
+        result = run_cli(["restore", str(target), "--confirm", tma_db, "--mode", "in-place"], env, tmp_path)
+        assert result.returncode == 1, result.output
+        assert failure in error_lines(result.stderr)[0]
+        assert database_access(admin, tma_db) == before
+    finally:
+        drop_own_access_roles(admin, tma_db)

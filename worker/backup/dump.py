@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -15,7 +18,7 @@ from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.errors import BackupError, first_line
 from worker.pg.database import connect, exact_row_counts, exported_snapshot, server_major, server_version_text
 from worker.pg.environment import tool_environment
-from worker.pg.executors import Executor
+from worker.pg.executors import Executor, ToolProcess, ToolResult
 from worker.pg.server_errors import ServerUnavailable, server_gone
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
@@ -67,24 +70,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                     _create_private(partial)
                     process = executor.start_dump(
                         options, tool_environment(settings, database), partial, compression.zstd_level)
-                    try:
-                        progress("counting rows", {})
-                        counts = exact_row_counts(connection)
-                        reported = 0.0
-                        while process.poll() is None:
-                            if lock_lost.is_set():
-                                lock.confirm()  # raises: another run may take the lock; stop pg_dump now
-                            if time.monotonic() - reported >= 1:
-                                written = partial.stat().st_size if partial.exists() else 0
-                                progress("dumping", {"bytes": written})
-                                reported = time.monotonic()
-                            time.sleep(0.05)
-                    except BaseException:
-                        process.kill()
-                        process.wait()
-                        raise
-                    result = process.wait()
-            if result.returncode != 0:
+                    result, counts = _dump_and_count(process, connection, partial, lock, lock_lost, progress)
+            if result.returncode != 0 or counts is None:
                 failure = ServerUnavailable if server_gone(result.stderr) else BackupError
                 raise failure(f"pg_dump failed: {result.last_error_line()}")
             if not partial.exists() or partial.stat().st_size == 0:
@@ -114,3 +101,49 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
     run["dump_seconds"] = round(time.monotonic() - started, 3)
     progress("dumped", {"bytes": partial.stat().st_size})
     return run
+
+
+def _dump_and_count(process: ToolProcess, connection: psycopg.Connection[Any], partial: Path, lock: DatabaseLock,
+                    lock_lost: threading.Event, progress: Progress) -> tuple[ToolResult, dict[str, int] | None]:
+    """Count rows exactly on the snapshot's own session (in a thread) while pg_dump runs, watching the
+    lock all along: a lost lock stops both at once, even while the counting waits on a table lock.
+    The counts are None when pg_dump failed (the counting is then cancelled)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-rows") as pool:
+        progress("counting rows", {})
+        counting = pool.submit(exact_row_counts, connection)
+        try:
+            reported = 0.0
+            while True:
+                if lock_lost.is_set():
+                    lock.confirm()  # raises: another run may take the lock; stop pg_dump now
+                returncode = process.poll()
+                if returncode is not None and (returncode != 0 or counting.done()):
+                    break
+                if counting.done() and counting.exception() is not None:
+                    counting.result()  # raises the counting's own error
+                # The phase shown stays "counting rows" until the counts are in (they usually take a moment;
+                # waiting on a table lock, both wait), then pg_dump's progress.
+                if returncode is None and counting.done() and time.monotonic() - reported >= 1:
+                    written = partial.stat().st_size if partial.exists() else 0
+                    progress("dumping", {"bytes": written})
+                    reported = time.monotonic()
+                time.sleep(0.05)
+        except BaseException:
+            process.kill()
+            process.wait()
+            _stop_counting(connection, counting)
+            raise
+        result = process.wait()
+        if result.returncode != 0:
+            _stop_counting(connection, counting)
+            return result, None
+        return result, counting.result()
+
+
+def _stop_counting(connection: psycopg.Connection[Any], counting: Future[dict[str, int]]) -> None:
+    if not counting.done():
+        connection.cancel()
+    try:
+        counting.result()
+    except Exception:
+        pass  # cancelled or failed: the dump has already failed for its own reason

@@ -7,14 +7,16 @@ import uuid
 from worker import backup
 from worker.coordination.locks import database_lock
 from worker.pg.executors import Executor
+from worker.pg.identity import server_identity
 from worker.progress import Progress
 from worker.settings import Settings
 
 
 def run_backup(settings: Settings, database: str, executor: Executor, progress: Progress) -> backup.Summary:
     run_id = f"local-{uuid.uuid4()}"
-    lock = database_lock(settings, database, run_id)
-    run = backup.start_run(settings, database, run_id, lock)
+    server = server_identity(settings, executor, database)
+    lock = database_lock(settings, database, run_id, server)
+    run = backup.start_run(settings, database, run_id, lock, server)
     try:
         run = backup.dump(run, settings, executor, lock, progress)
         run = backup.verify(run, settings, executor, lock, progress)

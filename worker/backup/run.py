@@ -32,6 +32,7 @@ class Run(TypedDict):
     backup: str  # the final path of the `.dump` (or `.dump.zst`); the links work on its `.partial`
     timestamp: str
     host: str  # the worker host whose queue every link is routed to (where the files are)
+    server: NotRequired[str]  # the database server's identity, as the run's lock key names it
     started_at: float
     warnings: list[str]
     # Set by the dump:
@@ -67,8 +68,9 @@ class Summary(TypedDict):
     mode: str
 
 
-def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock) -> Run:
-    """Take the database's lock (owner: the run id) and choose the backup's name."""
+def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock, server: str) -> Run:
+    """Take the database's lock (owner: the run id; `server`: the identity its key names) and choose
+    the backup's name."""
     try:
         check_database_name(database)  # it names files: `../x` must never write outside BACKUP_DIR
     except ValueError as error:
@@ -90,6 +92,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         "backup": str(dump),
         "timestamp": catalogue.timestamp_of(dump, database),
         "host": settings.WORKER_HOST,
+        "server": server,
         "started_at": time.time(),
         "warnings": [warning] if warning else [],
     }

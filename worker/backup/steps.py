@@ -108,6 +108,8 @@ def prune(run: Run, settings: Settings, lock: DatabaseLock) -> Run:
     try:
         backup = Path(run["backup"])
         doomed = catalogue.plan_prune(backup.parent, run["database"], settings.BACKUP_RETAIN_COUNT, keep=backup)
+        if doomed:
+            lock.confirm()  # right before deleting: a run that lost its lock deletes nothing
         run["deleted"] = [path.name for path in catalogue.delete_files(doomed)]
     finally:
         lock.release()

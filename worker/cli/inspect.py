@@ -12,7 +12,7 @@ from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import database_option, guarded, printable
 from worker.errors import BackupError
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
 
 
 @click.command("verify")
@@ -65,13 +65,15 @@ def list_command() -> None:
 @click.option("--database", "-d", help="Database to report on (default: DB_NAME).")
 @guarded
 def status_command(database: str | None) -> None:
-    """Newest complete backup, its age and size; exit 1 when older than BACKUP_MAX_AGE_HOURS."""
+    """Newest complete backup, its age and size; exit 1 when older than BACKUP_MAX_AGE_HOURS, or while
+    an interrupted restore has left the database refusing connections (`tma-backup repair` fixes it)."""
     settings = get_settings()
     database = database_option(database, settings)
     newest = catalogue.newest_complete(settings.backup_dir, database)
     output.section(f"Backup Status: {database}")
+    refusing = _left_refusing(settings, database)
     if newest is None:
-        raise BackupError(f"no complete backup of {database!r} in {settings.backup_dir}")
+        raise BackupError(refusing or f"no complete backup of {database!r} in {settings.backup_dir}")
     age_hours = (datetime.now(timezone.utc) - newest.created).total_seconds() / 3600
     output.info(f"Newest     : {printable(newest.path.name)}")
     output.info(f"Size       : {human_size(newest.size)}")
@@ -85,6 +87,25 @@ def status_command(database: str | None) -> None:
         output.info(f"Last drill : passed at {drill['at']} ({Path(drill['file']).name})")
     else:
         output.warn(f"Last drill : FAILED at {drill['at']}: {drill.get('error', '')}")
+    if refusing:
+        raise BackupError(refusing)
     if age_hours > settings.BACKUP_MAX_AGE_HOURS:
         raise BackupError(f"newest backup of {database!r} is {age_hours:.1f} h old, over the limit")
     output.ok("Backups are current.")
+
+
+def _left_refusing(settings: Settings, database: str) -> str | None:
+    """The error to report when an interrupted swap left `database` refusing connections, else None.
+    A server that cannot be asked is a warning: status is about backups, and reads them without it."""
+    from worker.pg.executors import choose_executor
+    from worker.restore.repair import left_refusing
+
+    try:
+        refusing = left_refusing(settings, choose_executor(settings), database)
+    except BackupError as error:
+        output.warn(f"Connections: not checked ({error})")
+        return None
+    if not refusing:
+        return None
+    return (f"database {database!r} is refusing connections: a restore was interrupted during its swap and left it "
+            f"so; run `tma-backup repair --database {database}`")

@@ -1,9 +1,14 @@
 """One lock per database: held by a backup chain from kickoff to prune, and by a whole restore.
 
-With a broker it is a redis-py `Lock` whose owner token is the run id: it expires (a killed worker
-frees it within BACKUP_LOCK_TIMEOUT seconds), is extended while a step runs, and only its owner can
-release it. Without a broker (in-process runs) it is an `flock` on a file in BACKUP_DIR, which the
-kernel releases when the process dies.
+The lock is named by the server's identity (its `system_identifier`, so `localhost`, `127.0.0.1` and a
+container name are one server) and the database. It is a redis-py `Lock` whose owner token is the run
+id: a short lease (BACKUP_LOCK_TIMEOUT, 9 s by default) renewed every third of it while a step runs, so
+a killed worker frees it within seconds; only its owner releases it. Renewal rides out Redis errors
+until the lease would have run out, and gives up only then or when the lock is gone or taken.
+
+Without a broker (in-process runs) it is an `flock` on a file in BACKUP_DIR, which the kernel releases
+when the process dies, plus the same Redis lock in the local Redis that a broker-less worker uses,
+whenever that Redis answers: a CLI without a broker and the workers then see each other's locks.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +31,15 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 KEY_PREFIX = "tma_backup:lock"
+UNREACHABLE_RETRY_SECONDS = 0.5
+
+
+class LockLost(BackupError):
+    """The lock expired or another run took it: this run must stop before its next destructive step."""
+
+
+class LockUnreachable(BackupError):
+    """Redis did not answer; the lock may still be ours until its lease runs out."""
 
 
 class DatabaseLock(Protocol):
@@ -42,6 +57,10 @@ class DatabaseLock(Protocol):
         BackupError when we no longer own it."""
 
     def holder(self) -> str | None: ...
+
+    @property
+    def lease(self) -> float:
+        """Seconds the lock stays ours after its last renewal, without anyone renewing it."""
 
 
 def lock_key(server: str, database: str) -> str:
@@ -62,6 +81,10 @@ class RedisDatabaseLock:
         """The Redis key; its value is the owner's run id while the lock is held."""
         return self._key
 
+    @property
+    def lease(self) -> float:
+        return float(self.timeout)
+
     def acquire(self) -> None:
         try:
             acquired = self._lock.acquire(blocking=False, token=self.owner)
@@ -78,20 +101,20 @@ class RedisDatabaseLock:
         try:
             self._lock.reacquire()
         except (LockNotOwnedError, LockError):
-            raise BackupError(
+            raise LockLost(
                 f"lost the lock of {self.database!r} (it expired or another run took it); stopping"
             ) from None
         except RedisError as error:
-            raise BackupError(f"cannot reach Redis to renew the lock of {self.database!r}: {error}") from None
+            raise LockUnreachable(f"cannot reach Redis to renew the lock of {self.database!r}: {error}") from None
 
     def hold(self, seconds: float) -> None:
         self._lock.local.token = self.owner.encode()
         try:
             self._lock.extend(max(seconds, self.timeout), replace_ttl=True)
         except (LockNotOwnedError, LockError):
-            raise BackupError(f"lost the lock of {self.database!r} (it expired or another run took it)") from None
+            raise LockLost(f"lost the lock of {self.database!r} (it expired or another run took it)") from None
         except RedisError as error:
-            raise BackupError(f"cannot reach Redis to keep the lock of {self.database!r}: {error}") from None
+            raise LockUnreachable(f"cannot reach Redis to keep the lock of {self.database!r}: {error}") from None
 
     def release(self) -> None:
         self._lock.local.token = self.owner.encode()
@@ -143,9 +166,13 @@ class FileDatabaseLock:
         os.write(descriptor, self.owner.encode())
         self._descriptor = descriptor
 
+    @property
+    def lease(self) -> float:
+        return float("inf")  # an flock lasts as long as its process
+
     def confirm(self) -> None:
         if self._descriptor is None:
-            raise BackupError(f"the lock of {self.database!r} is not held by this run")
+            raise LockLost(f"the lock of {self.database!r} is not held by this run")
 
     def hold(self, seconds: float) -> None:
         self.confirm()  # an flock lasts as long as its process: nothing to extend
@@ -174,18 +201,29 @@ def renewal_interval(settings: Settings) -> float:
 
 @contextmanager
 def kept_alive(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]:
-    """Renew the lock every `interval` seconds while the block runs. The yielded event is set when
-    renewal failed; the caller checks `confirm()` at the end of its work so a lost lock is an error."""
+    """Renew the lock every `interval` seconds while the block runs. Redis errors are retried every
+    half second until the lease would have run out since the last renewal; the yielded event is set
+    only then, or at once when the lock is gone or taken. The caller confirms the lock before each
+    destructive step and at the end of its work, so a lost lock stops it cleanly."""
     lost = threading.Event()
     stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(interval):
+        renewed = time.monotonic()
+        wait = interval
+        while not stop.wait(wait):
             try:
                 lock.confirm()
+            except LockUnreachable:
+                if time.monotonic() - renewed >= lock.lease:
+                    lost.set()
+                    return
+                wait = min(interval, UNREACHABLE_RETRY_SECONDS)
+                continue
             except BackupError:
                 lost.set()
                 return
+            renewed, wait = time.monotonic(), interval
 
     thread = threading.Thread(target=renew, name="lock-renewal", daemon=True)
     thread.start()
@@ -205,10 +243,6 @@ def redis_client(url: str) -> redis.Redis:
     return _clients[url]
 
 
-def server_identity(settings: Settings) -> str:
-    return f"container:{settings.DB_CONTAINER}" if settings.DB_CONTAINER else f"{settings.DB_HOST}:{settings.DB_PORT}"
-
-
 def lock_owner(settings: Settings, key: str) -> str | None:
     """Who holds the lock stored at `key` (None: nobody). Raises RedisError when Redis is unreachable."""
     if not settings.broker_url:
@@ -217,10 +251,62 @@ def lock_owner(settings: Settings, key: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def database_lock(settings: Settings, database: str, owner: str) -> DatabaseLock:
-    """The lock for this database: in Redis when a broker is configured, else an flock in BACKUP_DIR."""
+class BrokerlessLock:
+    """An in-process run's lock: the flock in BACKUP_DIR, and the Redis lock the workers use when the
+    local Redis answers (so that the CLI without a broker and a worker never work on one database at
+    once). Both are taken and both must hold."""
+
+    def __init__(self, file_lock: FileDatabaseLock, redis_lock: RedisDatabaseLock | None) -> None:
+        self._file = file_lock
+        self._redis = redis_lock
+        self.lease = redis_lock.lease if redis_lock else file_lock.lease
+
+    def acquire(self) -> None:
+        self._file.acquire()
+        if self._redis is not None:
+            try:
+                self._redis.acquire()
+            except BaseException:
+                self._file.release()
+                raise
+
+    def confirm(self) -> None:
+        self._file.confirm()
+        if self._redis is not None:
+            self._redis.confirm()
+
+    def hold(self, seconds: float) -> None:
+        self._file.hold(seconds)
+        if self._redis is not None:
+            self._redis.hold(seconds)
+
+    def release(self) -> None:
+        if self._redis is not None:
+            self._redis.release()
+        self._file.release()
+
+    def holder(self) -> str | None:
+        return (self._redis.holder() if self._redis is not None else None) or self._file.holder()
+
+
+def _local_redis(url: str) -> redis.Redis | None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=5)
+    try:
+        client.ping()
+    except RedisError:
+        return None
+    return client
+
+
+def database_lock(settings: Settings, database: str, owner: str, server: str | None = None) -> DatabaseLock:
+    """The lock for this database on `server` (its identity, `pg.identity.server_identity`; the
+    configured address when not given): in Redis when a broker is configured, else an flock in
+    BACKUP_DIR together with the local Redis's lock when that Redis answers."""
+    server = server or settings.configured_server
     if settings.broker_url:
-        return RedisDatabaseLock(
-            redis_client(settings.broker_url), server_identity(settings), database, owner, settings.BACKUP_LOCK_TIMEOUT
-        )
-    return FileDatabaseLock(settings.backup_dir, database, owner)
+        return RedisDatabaseLock(redis_client(settings.broker_url), server, database, owner, settings.BACKUP_LOCK_TIMEOUT)
+    local = _local_redis(settings.local_redis_url)
+    return BrokerlessLock(
+        FileDatabaseLock(settings.backup_dir, database, owner),
+        RedisDatabaseLock(local, server, database, owner, settings.BACKUP_LOCK_TIMEOUT) if local else None,
+    )

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from celery.schedules import crontab
 from redis.exceptions import RedisError
 
-from worker.coordination.locks import redis_client, server_identity
+from worker.coordination.locks import redis_client
 from worker.coordination.schedule import parse_cron
 from worker.errors import BackupError
 from worker.settings import Settings
@@ -48,17 +48,18 @@ def slot_of(expression: str, now: datetime | None = None) -> datetime:
     return minute
 
 
-def slot_key(settings: Settings, database: str, slot: datetime) -> str:
-    return f"{KEY_PREFIX}:{server_identity(settings)}:{database}:{slot:%Y%m%dT%H%MZ}"
+def slot_key(server: str, database: str, slot: datetime) -> str:
+    return f"{KEY_PREFIX}:{server}:{database}:{slot:%Y%m%dT%H%MZ}"
 
 
-def claim_slot(settings: Settings, database: str, owner: str, now: datetime | None = None) -> str | None:
-    """Claim this database's current schedule slot for run `owner`. Returns None when the slot is ours,
-    else a one-line reason to skip (the run that claimed it first)."""
+def claim_slot(settings: Settings, server: str, database: str, owner: str, now: datetime | None = None) -> str | None:
+    """Claim the current schedule slot of `database` on `server` (its identity, as in lock keys) for run
+    `owner`. Returns None when the slot is ours, else a one-line reason to skip (the run that claimed it
+    first)."""
     if not settings.broker_url:
         return None
     slot = slot_of(settings.BACKUP_SCHEDULE, now)
-    key = slot_key(settings, database, slot)
+    key = slot_key(server, database, slot)
     client = redis_client(settings.broker_url)
     try:
         if client.set(key, owner, nx=True, ex=SLOT_TTL_SECONDS):

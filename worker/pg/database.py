@@ -16,6 +16,7 @@ from psycopg import sql
 
 from worker.archive.meta import table_key
 from worker.errors import BackupError, first_line
+from worker.pg.environment import ssl_note
 
 APPLICATION_NAME = "tma-backup"
 
@@ -56,7 +57,9 @@ def connect(connect_kwargs: dict[str, Any], database: str, **options: Any) -> ps
             **options,
         )
     except psycopg.OperationalError as error:
-        raise BackupError(f"cannot connect to database {database!r}: {first_line(error)}") from None
+        # A TLS failure names the setting that asked for it (DB_SSLMODE, and DB_SSLROOTCERT when given).
+        said = first_line(error)
+        raise BackupError(f"cannot connect to database {database!r}: {said}{ssl_note(connect_kwargs, said)}") from None
 
 
 def server_major(connection: psycopg.Connection[Any]) -> int:

@@ -1,6 +1,11 @@
 """Restore drills: restore a backup into a scratch database, compare exact counts with its `.meta`,
 drop the scratch database, and remember the outcome (`BACKUP_DIR/.<db>.last-drill.json`) for
-`tma-backup status`. A drill touches nothing live and needs no token."""
+`tma-backup status`. A drill touches nothing live and needs no token.
+
+A drill works on one database: the one its backup belongs to. A named FILE's `.meta` says which (read
+before the lock is taken); without FILE it is the newest complete backup of `--database` or DB_NAME.
+That database's lock is held throughout, its leftovers are cleaned up under it, and the outcome is
+recorded under its name, never under another database's."""
 
 from __future__ import annotations
 
@@ -11,23 +16,46 @@ from pathlib import Path
 from typing import Any
 
 from worker.archive import catalogue
-from worker.archive.meta import write_atomically
+from worker.archive.meta import MetaError, read_meta, write_atomically
 from worker.coordination.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
-from worker.errors import BackupError, LockHeld
+from worker.errors import BackupError, LockHeld, VerificationFailed
 from worker.pg.executors import Executor
+from worker.pg.identity import server_identity
 from worker.progress import PhaseClock, Progress, no_progress
 from worker.restore import swap
-from worker.restore.prepare import prepare
+from worker.restore.prepare import prepare, resolve_backup_file
 from worker.restore.scratch import default_shape, restore_into_scratch
-from worker.settings import Settings
+from worker.settings import Settings, check_database_name
 
 
 def record_path(settings: Settings, database: str) -> Path:
     return settings.backup_dir / f".{database}.last-drill.json"
 
 
+def database_of_backup(settings: Settings, executor: Executor, file: str, given: str | None = None) -> str:
+    """The database FILE is a backup of, from its `.meta`, read without touching any database. A file
+    without a readable `.meta` is refused as `prepare` refuses it; `given` (an operator's --database)
+    that names another database is refused. Either way nothing has been touched."""
+    path = resolve_backup_file(settings, file)
+    try:
+        owner = read_meta(catalogue.meta_path(path)).database
+    except MetaError:
+        owner = prepare(settings, executor, file).meta.database  # raises: its .meta is missing or unreadable
+    try:
+        check_database_name(owner)
+    except ValueError as error:
+        raise VerificationFailed(
+            f"{path.name}: its .meta names the database {owner!r}, which {error}; refused") from None
+    if given is not None and given != owner:
+        raise BackupError(f"drill refused: {path.name} is a backup of {owner!r}, not of {given!r} (--database); "
+                          "nothing was touched")
+    return owner
+
+
 def drill(settings: Settings, executor: Executor, database: str, file: str | None, lock: DatabaseLock, run: str,
           progress: Progress = no_progress) -> dict[str, Any]:
+    """Drill `file` (default: the newest complete backup of `database`) under `lock`, the lock of
+    `database`, which must be the database the file belongs to."""
     if file is None:
         newest = catalogue.newest_complete(settings.backup_dir, database)
         if newest is None:
@@ -41,10 +69,13 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
         with kept_alive(lock, renewal_interval(settings)):
             progress("checking", {})
             prepared = prepare(settings, executor, file)
-            with swap.admin_connection(executor.connect_kwargs(), prepared.meta.database) as admin:
-                swap.drop_leftover_scratches(admin, prepared.meta.database)
-                swap.repair_refused_connections(admin, prepared.meta.database)
-                shape = swap.shape_of(admin, prepared.meta.database) or default_shape(admin)
+            if prepared.meta.database != database:  # the .meta changed since it was read, or a misnamed file
+                raise BackupError(f"drill refused: {prepared.path.name} is a backup of {prepared.meta.database!r}, "
+                                  f"not of {database!r}; nothing was touched")
+            with swap.admin_connection(executor.connect_kwargs(), database) as admin:
+                swap.drop_leftover_scratches(admin, database)
+                swap.repair_refused_connections(admin, database)
+                shape = swap.shape_of(admin, database) or default_shape(admin)
                 scratch, counts = restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
                 swap.drop(admin, scratch)
     finally:
@@ -59,10 +90,17 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
     }
 
 
-def run_and_record(settings: Settings, executor: Executor, database: str, file: str | None, run: str,
+def run_and_record(settings: Settings, executor: Executor, database: str | None, file: str | None, run: str,
                    progress: Progress = no_progress, scheduled: bool = False) -> dict[str, Any]:
-    """Run a drill and record pass or fail. A scheduled drill that finds the database busy skips."""
-    lock = database_lock(settings, database, run)
+    """Run a drill and record pass or fail under the drilled database. With FILE that is the database of
+    its `.meta` (`database`, when given, must agree); without, `database` or DB_NAME. A FILE whose
+    database cannot be told, or a disagreeing `database`, is refused before anything is touched, and
+    recorded nowhere. A scheduled drill that finds the database busy skips."""
+    if file is None:
+        database = database or settings.DB_NAME
+    else:
+        database = database_of_backup(settings, executor, file, database)
+    lock = database_lock(settings, database, run, server_identity(settings, executor, database))
     at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)
     try:
         result = drill(settings, executor, database, file, lock, run, progress)

@@ -56,7 +56,7 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
             if recorded_sha256(path) != binding.sha256:
                 raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
             prepared = prepare(settings, executor, str(path))
-            result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress)
+            result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock)
     finally:
         lock.release()
     result["duration_seconds"] = round(time.monotonic() - started, 3)
@@ -65,18 +65,28 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
 
 
 def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
-                    mode: str, progress: Progress) -> dict[str, Any]:
+                    mode: str, progress: Progress, lock: DatabaseLock) -> dict[str, Any]:
+    """Every destructive step (drop, rename) is preceded by `lock.confirm()`: a restore whose lock
+    expired or was taken meanwhile stops before it, and a failure before the swap drops only its own
+    scratch copy."""
     with swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        lock.confirm()
         cleaned = swap.drop_leftover_scratches(admin, live)
         repaired = swap.repair_refused_connections(admin, live)
         shape = swap.shape_of(admin, live)
         if mode == "in-place":
-            counts = _restore_in_place(settings, executor, admin, prepared, live, shape or default_shape(admin), progress)
+            counts = _restore_in_place(settings, executor, admin, prepared, live, shape or default_shape(admin), progress,
+                                       lock)
             kept, dropped = None, []
         else:
             scratch, counts = restore_into_scratch(
                 settings, executor, admin, prepared, shape or default_shape(admin), swap.SCRATCH, run, progress)
             progress("swapping", {})
+            try:
+                lock.confirm()
+            except BaseException:
+                swap.drop(admin, scratch)  # our own copy: never needed again
+                raise
             if shape is None:
                 admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(live)))
                 admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
@@ -84,11 +94,12 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
             else:
                 kept = swap.kept_name(live, catalogue.utc_timestamp())
                 try:
-                    swap.carry_database_settings(admin, live, scratch)
+                    swap.apply_database_access(admin, scratch, swap.read_database_access(admin, live), with_comment=False)
                     swap.swap_in(admin, live, scratch, kept, run)
                 except BaseException as error:
                     swap.drop(admin, scratch)
                     raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
+            lock.confirm()
             dropped = swap.trim_kept(admin, live, settings.RESTORE_KEEP_PREVIOUS)
             if kept in dropped:
                 kept = None
@@ -107,19 +118,32 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
 
 
 def _restore_in_place(settings: Settings, executor: Executor, admin: Any, prepared: PreparedRestore, live: str,
-                      shape: swap.DatabaseShape, progress: Progress) -> dict[str, int]:
+                      shape: swap.DatabaseShape, progress: Progress, lock: DatabaseLock) -> dict[str, int]:
     """The seed's way, for hosts without room for two copies: drop, recreate, --single-transaction.
     A failure here leaves the database empty; the CLI warns before it starts. A `.dump.zst` is
-    decompressed before the drop, so that a full disk cannot be what empties it."""
+    decompressed before the drop, so that a full disk cannot be what empties it. What the dump does not
+    hold is read before the drop: GRANTs and comment go to the new database before pg_restore, its
+    settings after pg_restore and the counts (as in swap mode: `default_transaction_read_only` would
+    stop pg_restore), also when these fail, so that a failed restore leaves them in place."""
     check_room_to_decompress(prepared.path, prepared.meta)
-    with restorable(prepared.path) as plain:
-        progress("dropping", {})
-        if swap.shape_of(admin, live):
-            swap.mark_swapping(admin, live, "in-place")
-            swap.set_allow_connections(admin, live, False)
-        swap.drop(admin, live)
-        swap.create_database(admin, live, shape)
-        progress("restoring", {"database": live})
-        pg_restore(settings, executor, plain, live, 1, single_transaction=True)
-    progress("counting", {})
-    return count_and_compare(settings, executor, live, prepared.meta.row_counts)
+    access, created = None, False
+    try:
+        with restorable(prepared.path) as plain:
+            progress("dropping", {})
+            lock.confirm()
+            if swap.shape_of(admin, live):
+                access = swap.read_database_access(admin, live)  # before the mark: the marker is never carried
+                swap.mark_swapping(admin, live, "in-place")
+                swap.set_allow_connections(admin, live, False)
+            swap.drop(admin, live)  # the marker goes with the database's settings
+            swap.create_database(admin, live, shape)
+            created = True
+            if access is not None:
+                swap.apply_database_access(admin, live, access, with_settings=False)
+            progress("restoring", {"database": live})
+            pg_restore(settings, executor, plain, live, 1, single_transaction=True)
+        progress("counting", {})
+        return count_and_compare(settings, executor, live, prepared.meta.row_counts)
+    finally:
+        if created and access is not None:
+            swap.apply_database_settings(admin, live, access)

@@ -225,33 +225,64 @@ _LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries"
 _DATABASE_PRIVILEGES = {"CONNECT", "CREATE", "TEMPORARY"}
 
 
-def carry_database_settings(admin: psycopg.Connection[Any], source: str, target: str) -> None:
-    """What a dump of one database cannot hold: its `ALTER DATABASE … SET` values and its GRANTs.
-    Carry them from the live database to its replacement, so the swap changes data, not access."""
-    target_id = sql.Identifier(target)
+@dataclass(frozen=True)
+class DatabaseAccess:
+    """What a dump of one database cannot hold: its `ALTER DATABASE … SET` values (never our swap
+    marker), its GRANTs (None: the default privileges, datacl NULL) and its comment."""
+
+    settings: tuple[tuple[str, tuple[str, ...]], ...]
+    grants: tuple[tuple[str | None, str, bool], ...] | None
+    comment: str | None
+
+
+def read_database_access(admin: psycopg.Connection[Any], database: str) -> DatabaseAccess:
+    """The settings, GRANTs (CONNECT, CREATE and TEMPORARY; not the owner's own) and comment of
+    `database`, to be applied to its replacement by `apply_database_access`."""
     rows = admin.execute(
         "SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
-        " WHERE d.datname = %s AND s.setrole = 0", (source,)).fetchall()
+        " WHERE d.datname = %s AND s.setrole = 0", (database,)).fetchall()
+    settings = []
     for (entry,) in rows:
         name, _, value = entry.partition("=")
         if name == SWAP_MARKER:
             continue
-        parts = [part.strip() for part in value.split(",")] if name in _LIST_SETTINGS else [value]
+        parts = tuple(part.strip() for part in value.split(",")) if name in _LIST_SETTINGS else (value,)
+        settings.append((name, parts))
+    has_acl = admin.execute("SELECT datacl IS NOT NULL FROM pg_database WHERE datname = %s", (database,)).fetchone()
+    grants = None
+    if has_acl and has_acl[0]:
+        rows = admin.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable"
+            " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s AND a.grantee <> d.datdba", (database,)).fetchall()
+        grants = tuple((grantee, privilege, grantable) for grantee, privilege, grantable in rows
+                       if privilege in _DATABASE_PRIVILEGES)
+    return DatabaseAccess(tuple(settings), grants, database_comment(admin, database))
+
+
+def apply_database_settings(admin: psycopg.Connection[Any], database: str, access: DatabaseAccess) -> None:
+    """The `ALTER DATABASE … SET` values of `access`, on `database`."""
+    for name, parts in access.settings:
         admin.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(
-            target_id, sql.Identifier(*name.split(".")), sql.SQL(", ").join(map(sql.Literal, parts))))
-    has_acl = admin.execute("SELECT datacl IS NOT NULL FROM pg_database WHERE datname = %s", (source,)).fetchone()
-    if not has_acl or not has_acl[0]:
-        return
-    admin.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target_id))
-    grants = admin.execute(
-        "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable"
-        " FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s AND a.grantee <> d.datdba", (source,)).fetchall()
-    for grantee, privilege, grantable in grants:
-        if privilege not in _DATABASE_PRIVILEGES:
-            continue
-        admin.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-            sql.SQL(privilege), target_id, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
-            sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+            sql.Identifier(database), sql.Identifier(*name.split(".")), sql.SQL(", ").join(map(sql.Literal, parts))))
+
+
+def apply_database_access(admin: psycopg.Connection[Any], database: str, access: DatabaseAccess,
+                          with_settings: bool = True, with_comment: bool = True) -> None:
+    """Give `database` (a replacement, freshly created) the settings, GRANTs and comment read from the
+    live database. The swap moves the comment itself, at the rename (`with_comment=False`); an in-place
+    restore gives the settings only after pg_restore (`with_settings=False`, then
+    `apply_database_settings`): one like `default_transaction_read_only` would make it fail."""
+    if with_settings:
+        apply_database_settings(admin, database, access)
+    target_id = sql.Identifier(database)
+    if access.grants is not None:
+        admin.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target_id))
+        for grantee, privilege, grantable in access.grants:
+            admin.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                sql.SQL(privilege), target_id, sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
+                sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+    if with_comment:
+        admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(target_id, sql.Literal(access.comment)))
 
 
 def trim_kept(admin: psycopg.Connection[Any], live: str, keep: int) -> list[str]:

@@ -33,6 +33,7 @@ import psycopg
 
 from worker.archive import streams
 from worker.errors import BackupError, first_line
+from worker.pg.environment import ssl_note, ssl_parameters
 from worker.pg.executors.base import ToolResult, parse_tool_major
 from worker.pg.executors.docker_streams import (
     CHUNK,
@@ -49,7 +50,13 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 # Variables that name the server as seen from this worker; inside the container the local socket is used.
-_OUTSIDE_ONLY = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGSERVICE", "PGPASSFILE", "PGSSLMODE")
+# DB_SSLMODE / DB_SSLROOTCERT (PGSSLMODE, PGSSLROOTCERT) are among them on purpose: the tools inside the
+# container connect over its Unix socket, where libpq ignores sslmode (TLS exists only for TCP), and the
+# traffic never leaves the container; PGSSLROOTCERT names a file on this worker, not in the container.
+# What crosses the network is psycopg's connection from this worker (`connect_kwargs`, `_find_route`),
+# and that one honours DB_SSLMODE. (pg_dump's output comes back through the Docker engine's API, whose
+# transport is the engine's business: its socket, or DOCKER_HOST with DOCKER_TLS_VERIFY.)
+_OUTSIDE_ONLY = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGSERVICE", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT")
 _JOBS = re.compile(r"^(?:--jobs=|-j)(\d+)$")
 
 
@@ -271,7 +278,8 @@ class DockerExecutor:
 
     def _find_route(self) -> dict[str, Any]:
         settings = self._settings
-        credentials = {"user": settings.DB_USER, "password": settings.password}
+        # The connection from this worker crosses the network: it honours DB_SSLMODE / DB_SSLROOTCERT.
+        credentials = {"user": settings.DB_USER, "password": settings.password, **ssl_parameters(settings)}
         addresses = self._addresses()
         host_network = self._container.attrs.get("HostConfig", {}).get("NetworkMode") == "host"
         candidates = [(settings.DB_HOST, settings.DB_PORT, "DB_HOST:DB_PORT")]
@@ -292,7 +300,7 @@ class DockerExecutor:
             tried.append(f"{host}:{port} (answers, but from {served or 'a socket'}, not from the container)")
         raise BackupError(
             f"cannot reach the PostgreSQL server of container '{self.name}' from this worker: tried "
-            + "; ".join(tried)
+            + "; ".join(tried) + ssl_note(credentials, " ".join(tried))
             + ". Set DB_HOST/DB_PORT to a port the container publishes, or run the worker on its network")
 
 

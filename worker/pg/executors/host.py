@@ -14,6 +14,7 @@ from typing import Any
 
 from worker.archive import streams
 from worker.errors import BackupError
+from worker.pg.environment import ssl_parameters
 from worker.pg.executors.base import ToolResult, parse_tool_major
 from worker.settings import Settings
 
@@ -145,6 +146,7 @@ class HostExecutor:
             "port": self._settings.DB_PORT,
             "user": self._settings.DB_USER,
             "password": self._settings.password,
+            **ssl_parameters(self._settings),  # DB_SSLMODE / DB_SSLROOTCERT, as the tools get them
         }
 
     def tool_major(self, tool: str) -> int:
