@@ -6,11 +6,13 @@
 #      tma-local/python-base:bookworm) and reuses the ones that exist; the worker image is rebuilt
 #      from the working tree through the build cache (seconds when nothing changed;
 #      SKIP_IF_EXISTS=1 reuses it as it is);
-#   3. creates the env file (.env) from .env.example with random passwords when there is none (never
-#      overwrites);
+#   3. creates the env file (.env) from .env.example with random passwords (DB_PASSWORD,
+#      FLOWER_PASSWORD, REDIS_PASSWORD) when there is none (never overwrites); an existing one without
+#      REDIS_PASSWORD gets a random one appended (the stack's Redis requires it), and says so;
 #   4. `docker-compose up -d` and waits until postgres and redis are healthy and the others run.
 # Never reads stdin (fine with CI=true). Logs to stderr. Options:
 #   --build-only             steps 1-2 only
+#   --env-only               step 3 only (no Docker needed)
 #   --project-directory DIR  where the env file and relative paths live (default: the repository)
 #   --env-file FILE          the settings (default: DIR/.env)
 #   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
@@ -24,16 +26,18 @@ LOG_TAG=up
 . "$HERE/images/common.sh"
 
 build_only=0
+env_only=0
 project_dir=$REPO
 env_file=
 project_name=
 while [ $# -gt 0 ]; do
   case $1 in
     --build-only) build_only=1 ;;
+    --env-only) env_only=1 ;;
     --project-directory) [ $# -ge 2 ] || die "$1 needs a folder"; project_dir=$2; shift ;;
     --env-file) [ $# -ge 2 ] || die "$1 needs a file"; env_file=$2; shift ;;
     -p|--project-name) [ $# -ge 2 ] || die "$1 needs a name"; project_name=$2; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
     *) die "unknown option $1 (try --help)" ;;
   esac
   shift
@@ -48,6 +52,40 @@ dc() {
   docker-compose -f "$REPO/docker-compose.yml" --project-directory "$project_dir" --env-file "$env_file" \
     ${project_name:+-p "$project_name"} "$@"
 }
+
+# The env file: created from .env.example with random passwords when missing (never overwritten); one
+# without REDIS_PASSWORD gets a random one appended. Random values are hex: safe in a URL and in Redis's
+# configuration.
+rand() { od -An -N18 -tx1 /dev/urandom | tr -d ' \n'; }
+prepare_env_file() {
+  if [ ! -e "$env_file" ]; then
+    [ -r "$REPO/.env.example" ] || die "$env_file and $REPO/.env.example are both missing"
+    log "no $env_file: creating it from .env.example with random DB_PASSWORD, FLOWER_PASSWORD and REDIS_PASSWORD (mode 600)"
+    (
+      umask 077
+      sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$(rand)/" -e "s/^FLOWER_PASSWORD=.*/FLOWER_PASSWORD=$(rand)/" \
+        -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(rand)/" "$REPO/.env.example" >"$env_file.tmp" &&
+        mv "$env_file.tmp" "$env_file"
+    ) || die "cannot create $env_file"
+  fi
+  if ! grep -q '^REDIS_PASSWORD=' "$env_file"; then
+    log "$env_file has no REDIS_PASSWORD: appending a random one (the stack's Redis now requires a password; clients outside the stack need it in CELERY_BROKER_URL: redis://:REDIS_PASSWORD@host:port/0)"
+    # complete a last line that lacks its newline, then append (the file keeps its mode)
+    { [ -z "$(tail -c1 "$env_file")" ] || echo; printf 'REDIS_PASSWORD=%s\n' "$(rand)"; } >>"$env_file" ||
+      die "cannot append REDIS_PASSWORD to $env_file"
+  fi
+  redis_password=$(sed -n 's/^REDIS_PASSWORD=//p' "$env_file" | tail -n1)
+  case $redis_password in
+    "") die "REDIS_PASSWORD in $env_file is empty: set one (letters, digits and - . _ ~), or delete the line to get a random one" ;;
+    *[!A-Za-z0-9._~-]*) die "REDIS_PASSWORD in $env_file: use letters, digits and - . _ ~ only (it goes into a URL and Redis's configuration)" ;;
+    change-me) log "WARNING: REDIS_PASSWORD in $env_file is still .env.example's 'change-me': set a random one" ;;
+  esac
+}
+if [ $env_only = 1 ]; then
+  prepare_env_file
+  log "$env_file ready (--env-only: nothing built or started)"
+  exit 0
+fi
 
 t0=$(date +%s)
 need_pkgs "debootstrap" debootstrap
@@ -66,15 +104,7 @@ fi
 
 need_pkgs "docker-compose" docker-compose
 cd "$project_dir"
-if [ ! -e "$env_file" ]; then
-  [ -r "$REPO/.env.example" ] || die "$env_file and $REPO/.env.example are both missing"
-  log "no $env_file: creating it from .env.example with random DB_PASSWORD and FLOWER_PASSWORD (mode 600)"
-  umask 077
-  rand() { od -An -N18 -tx1 /dev/urandom | tr -d ' \n'; }
-  sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$(rand)/" -e "s/^FLOWER_PASSWORD=.*/FLOWER_PASSWORD=$(rand)/" \
-    "$REPO/.env.example" >"$env_file.tmp" && mv "$env_file.tmp" "$env_file"
-  umask 022
-fi
+prepare_env_file
 
 log "docker-compose config"
 dc config -q || die "docker-compose.yml does not validate (see above)"
@@ -115,4 +145,4 @@ for svc in worker beat flower; do
   fi
 done
 dc ps >&2
-log "stack up in $(( $(date +%s) - t0 )) s; Flower: http://$(dc port flower 5555); broker for the host CLI: redis://$(dc port redis 6379)/0"
+log "stack up in $(( $(date +%s) - t0 )) s; Flower: http://$(dc port flower 5555); broker for the host CLI: redis://:REDIS_PASSWORD@$(dc port redis 6379)/0 (REDIS_PASSWORD from $env_file)"

@@ -1,8 +1,10 @@
-"""Restore, rollback and drill as Celery tasks: thin wrappers over `worker.restore`.
+"""Restore, rollback, drill and repair as Celery tasks: thin wrappers over `worker.restore`.
 
 `tma_backup.restore` is never retried and never redelivered: `acks_late` is off (the message is
 acknowledged before the task starts), and it has no retry policy. A restore that died half way is
-finished or cleaned up by the next restore or drill, never by running the same message again.
+finished or cleaned up by the next restore, drill or repair, never by running the same message again.
+`tma_backup.repair` runs every few minutes (beat), and every worker runs the same repair by itself when
+it starts (`worker.celery_app`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from typing import Any
 from celery import Task
 from celery.utils.log import get_task_logger
 
+from tasks.reporting import progress_reporter
 from worker import app
 from worker.coordination.locks import database_lock, redis_client
+from worker.errors import BackupError
 from worker.pg.executors import choose_executor
-from worker.restore import drills, prepare, restore, rollback
+from worker.pg.identity import server_identity
+from worker.restore import drills, prepare, repair, restore, rollback
 from worker.restore.tokens import RedisTokenStore
 from worker.settings import get_settings
 
@@ -25,14 +30,6 @@ logger = get_task_logger(__name__)
 def _store() -> RedisTokenStore:
     settings = get_settings()
     return RedisTokenStore(redis_client(settings.broker_url or app.conf.broker_url))
-
-
-def _progress(task: Task) -> Any:
-    def report(phase: str, fields: dict[str, Any]) -> None:
-        task.update_state(state="PROGRESS", meta={"phase": phase})
-        task.send_event("task-progress", result=phase)
-
-    return report
 
 
 @app.task(name="tma_backup.restore_prepare")
@@ -50,23 +47,50 @@ def prepare_restore(file: str, token_hash: str, checksum: bool = True) -> dict[s
 def run_restore(self: Task, token: str, confirm: str, mode: str = "swap", file: str | None = None) -> dict[str, Any]:
     settings = get_settings()
     executor = choose_executor(settings)
-    lock = database_lock(settings, confirm, self.request.id)
+    lock = database_lock(settings, confirm, self.request.id, server_identity(settings, executor, confirm))
     result = restore.restore(settings, executor, _store(), token, confirm, lock, self.request.id, mode,
-                             _progress(self), file)
+                             progress_reporter(self, with_fields=False), file)
     logger.info("restored %r from %s (kept %s)", result["database"], result["file"], result["kept"])
     return result
 
 
-@app.task(name="tma_backup.rollback", bind=True, acks_late=False, max_retries=0)
-def run_rollback(self: Task, database: str, confirm: str) -> dict[str, Any]:
+@app.task(name="tma_backup.rollback_prepare")
+def prepare_rollback(database: str, token_hash: str) -> dict[str, Any]:
+    """Name the kept copy a rollback of `database` would bring back, and bind the token to it."""
     settings = get_settings()
-    lock = database_lock(settings, database, self.request.id)
-    return rollback.rollback(settings, choose_executor(settings), database, confirm, lock, self.request.id)
+    return rollback.prepare_rollback(settings, choose_executor(settings), _store(), database, token_hash)
+
+
+@app.task(name="tma_backup.rollback", bind=True, acks_late=False, max_retries=0)
+def run_rollback(self: Task, token: str, confirm: str) -> dict[str, Any]:
+    settings = get_settings()
+    executor = choose_executor(settings)
+    lock = database_lock(settings, confirm, self.request.id, server_identity(settings, executor, confirm))
+    return rollback.rollback(settings, executor, _store(), token, confirm, lock, self.request.id)
 
 
 @app.task(name="tma_backup.drill", bind=True, acks_late=False, max_retries=0)
 def run_drill(self: Task, database: str | None = None, file: str | None = None, scheduled: bool = False) -> dict[str, Any]:
+    """Drill FILE under the database its .meta names (`database`, when given, must agree), or the newest
+    complete backup of `database` (default DB_NAME)."""
     settings = get_settings()
-    database = database or settings.DB_NAME
     return drills.run_and_record(settings, choose_executor(settings), database, file, self.request.id,
-                                 _progress(self), scheduled=scheduled)
+                                 progress_reporter(self, with_fields=False), scheduled=scheduled)
+
+
+@app.task(name="tma_backup.repair", bind=True, acks_late=False, max_retries=0)
+def run_repair(self: Task, database: str | None = None, scheduled: bool = False) -> dict[str, Any]:
+    """Repair what interrupted restores and drills left (`worker.restore.repair`): of `database`, or
+    of every database on the server. Beat runs it every few minutes (`scheduled`): a server that cannot
+    be reached then is one warning, not a failed task."""
+    settings = get_settings()
+    try:
+        executor = choose_executor(settings)
+        report = repair.repair(settings, executor, database, repair.locks_for(settings, executor, self.request.id))
+    except BackupError as error:
+        if not scheduled:
+            raise
+        logger.warning("scheduled repair did not run: %s", error)
+        return {"fixed": {}, "skipped": {}, "failed": {}, "left_broken": [], "unreachable": str(error)}
+    repair.describe(report, logger.warning, logger.info)
+    return report

@@ -1,5 +1,6 @@
 """docker-compose.yml for real: it validates, and the stack comes up on the local Docker engine from
-locally built images (docker/up.sh) and runs one backup end to end, then goes away (`down -v`).
+locally built images (docker/up.sh) and runs one backup end to end, then goes away (`down -v`). Its
+Redis requires REDIS_PASSWORD, and no password shows in any process's argv, in Flower or in the logs.
 
 Every run uses a throwaway settings file and project folder under tmp_path (never a `.env` in the
 repository: the settings read `.env` from the working directory), its own project name, and random
@@ -16,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests import services
 from tests.conftest import _unavailable
@@ -47,7 +50,7 @@ def _write_env_file(path: Path, project: str, omit: tuple[str, ...] = ()) -> dic
     settings = {
         "DB_USER": "postgres", "DB_PASSWORD": f"dbpw-{secrets.token_hex(8)}", "DB_NAME": "tma_cloud_storage",
         "BACKUP_RETAIN_COUNT": "3", "FLOWER_USER": "admin", "FLOWER_PASSWORD": f"flpw-{secrets.token_hex(8)}",
-        "COMPOSE_PROJECT_NAME": project,
+        "REDIS_PASSWORD": f"rdpw-{secrets.token_hex(8)}", "COMPOSE_PROJECT_NAME": project,
     }
     settings = {key: value for key, value in settings.items() if key not in omit}
     path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
@@ -130,14 +133,93 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     assert settings["FLOWER_PASSWORD"] not in flower["command"], "credentials stay out of argv"
     published = [str(port) for name in ("flower", "redis") for port in services_[name]["ports"]]
     assert published and all(port.startswith("127.0.0.1:") for port in published), published
+    broker = f"redis://:{settings['REDIS_PASSWORD']}@redis:6379/0"
     for name in ("worker", "beat", "flower"):
         assert services_[name]["image"] == "tma-local/tma-backup-worker:latest"
-        assert services_[name]["environment"]["CELERY_BROKER_URL"] == "redis://redis:6379/0"
+        assert services_[name]["environment"]["CELERY_BROKER_URL"] == broker
+        assert services_[name]["environment"]["CELERY_RESULT_BACKEND"] == broker
+    # Redis requires the password; it reaches redis-server (on stdin) and redis-cli through the environment.
+    broker_service = services_["redis"]
+    assert broker_service["environment"]["REDISCLI_AUTH"] == settings["REDIS_PASSWORD"]
+    assert "requirepass" in " ".join(broker_service["entrypoint"])
+    assert "redis-cli" in " ".join(broker_service["healthcheck"]["test"])
+    # No password in anything that becomes a process's argv: commands, entrypoints, healthchecks.
+    passwords = [settings[key] for key in ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD")]
+    argv = json.dumps({name: [service.get(key) for key in ("command", "entrypoint", "healthcheck")]
+                       for name, service in services_.items()})
+    assert not [password for password in passwords if password in argv], "passwords stay out of argv"
 
     # Without a password the file refuses to resolve, naming the variable.
-    _write_env_file(tmp_path / "nopw.env", project, omit=("DB_PASSWORD",))
-    refused = Compose(tmp_path, tmp_path / "nopw.env", project)("config", "-q")
-    assert refused.returncode != 0 and "DB_PASSWORD" in refused.stderr
+    for variable in ("DB_PASSWORD", "REDIS_PASSWORD"):
+        _write_env_file(tmp_path / "nopw.env", project, omit=(variable,))
+        refused = Compose(tmp_path, tmp_path / "nopw.env", project)("config", "-q")
+        assert refused.returncode != 0 and variable in refused.stderr, variable
+
+
+def _up_env_only(env_file: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return _run([str(REPO / "docker" / "up.sh"), "--env-only", "--env-file", str(env_file)],
+                env=_clean_environ(), cwd=cwd)
+
+
+def _env_values(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_up_sh_creates_the_env_file_with_random_passwords_and_never_overwrites_it(tmp_path):
+    created = tmp_path / "created.env"
+    result = _up_env_only(created, tmp_path)
+    assert result.returncode == 0, result.stderr
+    values = _env_values(created)
+    assert created.stat().st_mode & 0o777 == 0o600
+    assert set(values) >= {"DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD", "CELERY_BROKER_URL"}
+    generated = [values[key] for key in ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD")]
+    assert len(set(generated)) == 3 and all(len(value) == 36 and int(value, 16) >= 0 for value in generated), values
+    assert "REDIS_PASSWORD" in result.stderr and "appending" not in result.stderr
+    # Run again: not a byte changes.
+    before = created.read_bytes()
+    again = _up_env_only(created, tmp_path)
+    assert again.returncode == 0 and created.read_bytes() == before, again.stderr
+
+
+def test_up_sh_appends_redis_password_to_an_env_file_without_one_and_says_so(tmp_path):
+    existing = tmp_path / "existing.env"
+    settings = _write_env_file(existing, "tmaappend", omit=("REDIS_PASSWORD",))
+    with open(existing, "a") as handle:
+        handle.write("# the operator's last line, without its newline")
+    before = existing.read_text()
+    result = _up_env_only(existing, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{existing} has no REDIS_PASSWORD: appending a random one" in result.stderr
+    after = existing.read_text()
+    assert after.startswith(before + "\n") and after.count("\n") == before.count("\n") + 2
+    values = _env_values(existing)
+    assert len(values["REDIS_PASSWORD"]) == 36 and values["DB_PASSWORD"] == settings["DB_PASSWORD"]
+    assert values["REDIS_PASSWORD"] not in result.stderr, "the log names the variable, never its value"
+    assert existing.stat().st_mode & 0o777 == 0o600, "the file keeps its mode"
+
+    # A password that cannot go into a URL, or an empty one: refused, naming the variable; file untouched.
+    for bad in ("p@ss:word", ""):
+        existing.write_text(before.replace("\n#", f"\nREDIS_PASSWORD={bad}\n#", 1))
+        kept = existing.read_bytes()
+        refused = _up_env_only(existing, tmp_path)
+        assert refused.returncode != 0 and "REDIS_PASSWORD" in refused.stderr, refused.stderr
+        assert existing.read_bytes() == kept
+
+
+def test_the_stacks_redis_refuses_a_password_that_a_url_cannot_carry(docker_engine, tmp_path):
+    project = f"tmardpw{secrets.token_hex(4)}"
+    env_file = tmp_path / "settings.env"
+    _write_env_file(env_file, project)
+    env_file.write_text(env_file.read_text().replace("REDIS_PASSWORD=", "REDIS_PASSWORD=p@ss:word-"))
+    compose = Compose(tmp_path, env_file, project)
+    try:
+        run = compose("run", "--rm", "-T", "redis", timeout=180)
+        assert run.returncode == 2, run
+        assert "REDIS_PASSWORD: use letters, digits and - . _ ~ only" in run.stderr + run.stdout, run
+        assert "p@ss:word" not in run.stderr + run.stdout
+    finally:
+        down = compose("down", "-v", "--remove-orphans", "--timeout", "5", timeout=180)
+        assert down.returncode == 0, down.stderr
 
 
 def _wait_for_fixed_names_to_be_free(timeout: float = 180) -> None:
@@ -165,8 +247,10 @@ def _http(url: str, auth: tuple[str, str] | None) -> tuple[int, str]:
 
 @pytest.fixture
 def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
+    """The stack, from a settings file written before the broker had a password (no REDIS_PASSWORD):
+    docker/up.sh appends a random one, and the settings returned include it."""
     project = f"tmatest{secrets.token_hex(4)}"
-    settings = _write_env_file(tmp_path / "settings.env", project)
+    settings = _write_env_file(tmp_path / "settings.env", project, omit=("REDIS_PASSWORD",))
     compose = Compose(tmp_path, tmp_path / "settings.env", project)
     _wait_for_fixed_names_to_be_free()
     try:
@@ -174,6 +258,9 @@ def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
                    str(compose.env_file), "-p", project], timeout=900,
                   env={**compose.environ, "UP_SETTLE": "3"}, cwd=tmp_path)
         assert up.returncode == 0, f"docker/up.sh failed:\n{up.stderr[-5000:]}"
+        assert "has no REDIS_PASSWORD: appending a random one" in up.stderr
+        settings["REDIS_PASSWORD"] = _env_values(compose.env_file)["REDIS_PASSWORD"]
+        assert settings["REDIS_PASSWORD"] not in up.stderr
         yield compose, settings
     finally:
         down = compose("down", "-v", "--remove-orphans", "--timeout", "20", timeout=180)
@@ -184,7 +271,7 @@ def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
 
 def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(stack):
     compose, settings = stack
-    secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"])
+    secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"], settings["REDIS_PASSWORD"])
 
     # TMA Cloud's database gets a table with rows (pg_dump of an empty database holds no TOC entries).
     created = compose.exec("postgres", "psql", "-v", "ON_ERROR_STOP=1", "-q", "-U", "postgres", "-d",
@@ -194,7 +281,8 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
 
     backup = compose.exec("worker", "tma-backup", "backup", timeout=300)
     assert backup.returncode == 0, backup.stdout + backup.stderr
-    assert "redis://redis:6379/0" in backup.stderr and "[OK]" in backup.stderr, "went through the broker"
+    assert "redis://:**@redis:6379/0" in backup.stderr and "[OK]" in backup.stderr, "went through the broker"
+    assert "[WARN] CELERY_BROKER_URL" not in compose("logs", "--no-color", "worker").stdout, "it has a password"
 
     listing = compose.exec("worker", "ls", "/backups")
     files = sorted(listing.stdout.split())
@@ -214,15 +302,44 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     flower = "http://" + compose("port", "flower", "5555").stdout.strip()
     assert _http(flower + "/api/tasks", None)[0] == 401
     assert _http(flower + "/api/tasks", (settings["FLOWER_USER"], "wrong"))[0] == 401
-    status, body = _http(flower + "/api/tasks", (settings["FLOWER_USER"], settings["FLOWER_PASSWORD"]))
+    flower_auth = (settings["FLOWER_USER"], settings["FLOWER_PASSWORD"])
+    status, body = _http(flower + "/api/tasks", flower_auth)
     assert status == 200
-    states = {task["name"]: task["state"] for task in json.loads(body).values()}
+    tasks = json.loads(body)
+    states = {task["name"]: task["state"] for task in tasks.values()}
     assert all(states.get(name) == "SUCCESS" for name in CHAIN), states
 
-    # No secret in any process's argv inside the stack, in Flower's answer, in the backup's .meta, or logs.
+    # The broker refuses a client without the password: inside the stack and on the published port.
+    noauth = compose.exec("redis", "env", "-u", "REDISCLI_AUTH", "redis-cli", "ping")
+    assert "NOAUTH" in noauth.stdout + noauth.stderr, noauth
+    assert compose.exec("redis", "redis-cli", "ping").stdout.strip() == "PONG"
+    host, _, port = compose("port", "redis", "6379").stdout.strip().rpartition(":")
+    assert host == "127.0.0.1"
+    with socket.create_connection((host, int(port)), timeout=5) as plain:
+        plain.sendall(b"PING\r\n")
+        assert plain.recv(200).startswith(b"-NOAUTH"), "a client that sends no password is refused"
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host=host, port=int(port), password="wrong", socket_timeout=5).ping()
+    assert redis.Redis(host=host, port=int(port), password=settings["REDIS_PASSWORD"], socket_timeout=5).ping()
+
+    # No secret in Flower's pages and API (workers' configuration and stats, broker page, tasks and their
+    # arguments), in any process's argv inside the stack, in the backup's .meta, or in the logs.
+    status, workers = _http(flower + "/api/workers?refresh=1", flower_auth)
+    assert status == 200 and json.loads(workers), workers
+    paths = ["/api/workers?refresh=1", "/api/workers", "/workers", "/broker", "/tasks", "/api/task/types",
+             "/metrics", "/", "/tasks/datatable?draw=1&start=0&length=100&order[0][column]=0&order[0][dir]=asc"
+             "&columns[0][data]=name"]
+    paths += [f"/worker/{name}" for name in json.loads(workers)]
+    paths += [f"/{kind}/{task_id}" for task_id in tasks for kind in ("task", "api/task/info", "api/task/result")]
+    pages = {path: _http(flower + path, flower_auth) for path in paths}
+    assert {path: status for path, (status, _) in pages.items() if status != 200} == {}
+    assert "redis://:**@redis:6379/0" in pages["/broker"][1], "the broker page shows the URL, masked"
+    leaking = {path: secret for path, (_, page) in pages.items() for secret in secrets_ if secret in page}
+    assert leaking == {}
     for container in compose("ps", "-q").stdout.split():
         top = _run(["docker", "top", container, "-eo", "pid,args"])
-        assert top.returncode == 0 and not [secret for secret in secrets_ if secret in top.stdout]
+        assert top.returncode == 0 and not [secret for secret in secrets_ if secret in top.stdout], top.stdout
+    assert "redis-server" in compose("top", "redis").stdout
     assert not [secret for secret in secrets_ if secret in body or secret in meta]
     logs = compose("logs", "--no-color").stdout
     assert not [secret for secret in secrets_ if secret in logs]

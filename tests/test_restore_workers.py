@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests import services, tma_cloud
@@ -14,6 +15,8 @@ from tests.conftest import TEST_PASSWORD, base_env, run_cli
 from tests.helpers import dump_waiting_on_lock, error_lines, only_backup, table_locked, wait_for
 from tests.test_restore import change_live, digests, managed_databases
 from tests.test_workers import client_app
+from worker.celery_app import host_queue
+from worker.restore.tokens import RedisTokenStore, TokenBinding, new_token, token_hash
 
 
 def _backup(env, tmp_path) -> Path:
@@ -215,3 +218,41 @@ def test_a_worker_killed_mid_restore_leaves_live_unchanged_is_not_rerun_and_the_
         tma_cloud.drop_database(admin, name)
         for kept in managed_databases(admin, "previous"):
             tma_cloud.drop_database(admin, kept)
+
+
+def test_restore_and_rollback_sent_straight_to_the_broker_without_a_valid_token_change_nothing(
+        pg, admin, broker_env, tma_db, tmp_path):
+    """Whoever can write to the broker sends `tma_backup.rollback` and `tma_backup.restore` with plain
+    Celery, no CLI: without a token that `restore_prepare`/`rollback_prepare` issued, nothing is swapped."""
+    assert run_cli(["backup"], broker_env, tmp_path).returncode == 0
+    dump, _ = only_backup(Path(broker_env["BACKUP_DIR"]), tma_db)
+    restored = run_cli(["restore", str(dump), "--confirm", tma_db], broker_env, tmp_path)
+    assert restored.returncode == 0, restored.output  # now there is a kept copy a rollback could bring back
+    kept_before = managed_databases(admin, "previous")
+    assert kept_before
+    live = digests(pg, tma_db)
+    app = client_app(broker_env["CELERY_BROKER_URL"])
+    forged = [
+        ("tma_backup.rollback", {"token": "forged-token", "confirm": tma_db}),
+        ("tma_backup.rollback", {"token": "", "confirm": tma_db}),
+        ("tma_backup.restore", {"token": "forged-token", "confirm": tma_db}),
+        ("tma_backup.restore", {"token": "forged-token", "confirm": tma_db, "file": str(dump)}),
+    ]
+    for name, kwargs in forged:
+        result = app.send_task(name, kwargs=kwargs, queue=host_queue("host-main"))
+        with pytest.raises(Exception, match="refused: the token is unknown"):
+            result.get(timeout=60)
+    assert digests(pg, tma_db) == live, "the live database is unchanged"
+    assert managed_databases(admin, "previous") == kept_before, "no copy was swapped in or out"
+    # A rollback token cannot be spent on a restore, nor a restore token on a rollback.
+    store = RedisTokenStore(redis.Redis.from_url(broker_env["CELERY_BROKER_URL"]))
+    token = new_token()
+    store.put(token_hash(token), TokenBinding(tma_db, kept_before[-1], "", "host-main", "rollback"), 60)
+    result = app.send_task("tma_backup.restore", kwargs={"token": token, "confirm": tma_db},
+                           queue=host_queue("host-main"))
+    with pytest.raises(Exception, match="issued for a rollback, not a restore"):
+        result.get(timeout=60)
+    assert digests(pg, tma_db) == live
+    rolled = run_cli(["rollback", "--database", tma_db, "--confirm", tma_db], broker_env, tmp_path)
+    assert rolled.returncode == 0, rolled.output
+    assert "Roll back  :" in rolled.stderr

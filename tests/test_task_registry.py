@@ -15,7 +15,9 @@ EXPECTED_TASKS = {
     "tma_backup.restore_prepare",
     "tma_backup.restore",
     "tma_backup.rollback",
+    "tma_backup.rollback_prepare",
     "tma_backup.drill",
+    "tma_backup.repair",
 }
 
 
@@ -42,7 +44,7 @@ def test_the_app_speaks_json_only_and_sends_events():
 
 # The run record is a wire format too: links queued by one version are run by the next.
 RUN_RECORD_KEYS = {
-    "run_id", "database", "backup", "timestamp", "host", "started_at", "warnings",
+    "run_id", "database", "backup", "timestamp", "host", "server", "started_at", "warnings",
     "server_version", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds",
     "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "deleted",
 }

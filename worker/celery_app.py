@@ -1,11 +1,17 @@
-"""The one Celery app. Configuration comes from `worker.celery_config`, named by string."""
+"""The one Celery app. Configuration comes from `worker.celery_config`, named by string.
+
+Two worker signals: every worker also consumes its own host's queue, and every worker repairs, once it
+is ready, what interrupted restores left on its database server (`worker.restore.repair`)."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_ready
 
 app = Celery("tma_backup", include=["tasks.backup", "tasks.restore"])
 app.config_from_object("worker.celery_config")
@@ -20,3 +26,24 @@ def _consume_own_host_queue(sender: str, instance: Any, **kwargs: Any) -> None:
     from worker.settings import get_settings
 
     instance.app.amqp.queues.select_add(host_queue(get_settings().WORKER_HOST))
+
+
+@worker_ready.connect
+def _repair_at_start(sender: Any = None, **kwargs: Any) -> None:
+    """A crash in the middle of a swap leaves the live database refusing connections; a worker that
+    starts (typically the one restarted after that crash) repairs it at once instead of at the next
+    restore or drill. It runs in this process, in a thread of its own: never a task message (a fresh
+    worker receives nothing), never a delay or a crash of the start-up (an unreachable server is one
+    warning in the log)."""
+
+    def run() -> None:
+        try:
+            from worker.restore.repair import repair_at_start
+            from worker.settings import get_settings
+
+            settings = get_settings()
+            repair_at_start(settings, f"repair-at-start-{settings.WORKER_HOST}-{uuid.uuid4()}")
+        except Exception as error:  # repair_at_start logs its own failures; this is the last resort
+            logging.getLogger(__name__).warning("repair at worker start-up did not run: %s", error)
+
+    threading.Thread(target=run, name="tma-backup-repair-at-start", daemon=True).start()

@@ -1,4 +1,5 @@
-"""Celery configuration, read from the validated settings. JSON only; events on; nothing retried blindly."""
+"""Celery configuration, read from the validated settings. JSON only, or signed task messages with the
+TASK_SIGNING_* settings (`worker.coordination.signing`); events on; nothing retried blindly."""
 
 # Every module-level name here becomes a Celery setting (shown by `celery inspect conf` and on Flower's
 # worker page): helpers are imported under private names so that only real settings are public.
@@ -13,7 +14,7 @@ except _SettingsError as _error:  # a worker, beat or Flower started with bad se
     print(f"[ERROR] {_error}", file=_sys.stderr)
     raise SystemExit(2) from None
 
-broker_url = _settings.broker_url or "redis://127.0.0.1:6379/0"
+broker_url = _settings.local_redis_url
 result_backend = _settings.result_backend or broker_url
 broker_connection_retry_on_startup = True
 broker_transport_options = {"visibility_timeout": 12 * 3600}
@@ -26,6 +27,24 @@ task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
 event_serializer = "json"
+
+if _settings.signing:
+    # Signed task messages: tasks and control messages signed with TASK_SIGNING_KEY, only those signed by a
+    # certificate in TASK_SIGNING_CERT_STORE accepted; results and events stay JSON. The files are checked
+    # here, once, as Celery will read them; `setup_security` registers the `auth` serializer in every process
+    # that loads this configuration (workers, beat, Flower, the CLI), right after Celery has loaded it.
+    from worker.celery_app import app as _app
+    from worker.coordination import signing as _signing
+
+    try:
+        _warnings = _signing.check(_settings)
+    except _SettingsError as _error:
+        print(f"[ERROR] {_error}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    for _warning in _warnings:
+        print(f"[WARN] {_warning}", file=_sys.stderr)
+    globals().update(_signing.celery_settings(_settings))  # task_serializer, accept_content, security_*, …
+    _app.on_after_configure.connect(_signing.setup_security, weak=False, dispatch_uid="tma_backup.signing")
 
 task_default_queue = "tma_backup"
 task_track_started = True

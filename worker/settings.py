@@ -9,12 +9,22 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# libpq's six `sslmode` values; unset means libpq's own default, `prefer`.
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+# Signed task messages: the three paths, all set or none.
+SIGNING_SETTINGS = ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE")
 
 
 class SettingsError(Exception):
@@ -42,7 +52,7 @@ class Settings(BaseSettings):
     BACKUP_DRILL_SCHEDULE: str = "0 4 * * 0"
     BACKUP_COMPRESSION: str = "6"
     BACKUP_MAX_AGE_HOURS: float = Field(default=26, gt=0)
-    BACKUP_LOCK_TIMEOUT: int = Field(default=60, ge=5, le=3600)
+    BACKUP_LOCK_TIMEOUT: int = Field(default=9, ge=5, le=3600)  # the lock's lease: a killed run frees it within this
     BACKUP_RETRIES: int = Field(default=2, ge=0, le=10)
     PG_LOCK_WAIT_TIMEOUT: str = Field(default="60s", pattern=r"^[0-9]+(ms|s|min|h)?$")
     CELERY_BROKER_URL: str | None = None
@@ -52,6 +62,15 @@ class Settings(BaseSettings):
     RESTORE_JOBS: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     RESTORE_KEEP_PREVIOUS: int = Field(default=1, ge=0)
     FOLLOW_TIMEOUT: int = Field(default=6 * 3600, ge=10)
+    # TMA Cloud's own names: libpq's sslmode and sslrootcert, for psycopg and the client tools alike.
+    DB_SSLMODE: SslMode = "prefer"
+    DB_SSLROOTCERT: Path | None = None
+    # Signed task messages (Celery's `auth` serializer, `worker.coordination.signing`): the private key that
+    # signs what this process sends, its certificate, and the folder of certificates whose messages a
+    # worker accepts. All three or none; `tma-backup keys init` makes them.
+    TASK_SIGNING_KEY: Path | None = None
+    TASK_SIGNING_CERT: Path | None = None
+    TASK_SIGNING_CERT_STORE: Path | None = None
 
     @field_validator("DB_NAME")
     @classmethod
@@ -70,10 +89,82 @@ class Settings(BaseSettings):
             raise ValueError("must not contain a NUL character")
         return value
 
-    @field_validator("DB_CONTAINER", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", mode="before")
+    @field_validator("DB_SSLMODE", mode="before")
+    @classmethod
+    def _empty_means_prefer(cls, value: object) -> object:
+        return "prefer" if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("DB_SSLROOTCERT")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if "\0" in str(value):
+            raise ValueError("must not contain a NUL character")
+        try:
+            path = value.expanduser().absolute()
+        except RuntimeError:  # `~user/...` for a user this machine does not know
+            raise ValueError("names the home folder of an unknown user") from None
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
+                raise ValueError("must be a readable CA certificate file, not a folder or a special file")
+            with open(path, "rb"):  # readable by this process, as libpq will need it to be
+                pass
+        except OSError as error:
+            raise ValueError(f"must be a readable CA certificate file ({error.strerror})") from None
+        return path
+
+    @field_validator("DB_CONTAINER", "DB_SSLROOTCERT", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
+                     mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", mode="before")
+    @classmethod
+    def _empty_signing_path_means_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("TASK_SIGNING_KEY", "TASK_SIGNING_CERT")
+    @classmethod
+    def _readable_signing_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = _absolute(value)
+        try:
+            if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
+                raise ValueError("must be a readable PEM file, not a folder or a special file")
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise ValueError(f"must be a readable PEM file ({error.strerror})") from None
+        return path
+
+    @field_validator("TASK_SIGNING_CERT_STORE")
+    @classmethod
+    def _readable_cert_store(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = _absolute(value)
+        try:
+            if not stat.S_ISDIR(path.stat().st_mode):
+                raise ValueError("must be a folder of PEM certificates")
+            if not any(not entry.name.startswith(".") for entry in os.scandir(path)):
+                raise ValueError("must be a folder holding at least one PEM certificate (it is empty)")
+        except OSError as error:
+            raise ValueError(f"must be a readable folder of PEM certificates ({error.strerror})") from None
+        return path
+
+    @model_validator(mode="after")
+    def _signing_all_or_none(self) -> Settings:
+        given = {name: getattr(self, name) for name in SIGNING_SETTINGS}
+        missing = [name for name, value in given.items() if value is None]
+        if missing and len(missing) < len(SIGNING_SETTINGS):
+            raise ValueError(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: signed task messages "
+                f"need {', '.join(SIGNING_SETTINGS[:-1])} and {SIGNING_SETTINGS[-1]} together (or none of them)"
+            )
+        return self
 
     @field_validator("BACKUP_COMPRESSION")
     @classmethod
@@ -96,6 +187,17 @@ class Settings(BaseSettings):
         return self.CELERY_BROKER_URL
 
     @property
+    def configured_server(self) -> str:
+        """The database server as configured (not its identity: see `worker.pg.identity`)."""
+        return f"container:{self.DB_CONTAINER}" if self.DB_CONTAINER else f"{self.DB_HOST}:{self.DB_PORT}"
+
+    @property
+    def local_redis_url(self) -> str:
+        """The Redis a worker without CELERY_BROKER_URL uses as its broker, and where in-process runs
+        take their database locks too (when it answers)."""
+        return self.CELERY_BROKER_URL or DEFAULT_BROKER_URL
+
+    @property
     def result_backend(self) -> str | None:
         return self.CELERY_RESULT_BACKEND or self.CELERY_BROKER_URL
 
@@ -106,6 +208,20 @@ class Settings(BaseSettings):
     @property
     def password(self) -> str | None:
         return self.DB_PASSWORD.get_secret_value() if self.DB_PASSWORD else None
+
+    @property
+    def signing(self) -> bool:
+        """Task messages are signed and only signed ones accepted (the three TASK_SIGNING_* are set)."""
+        return self.TASK_SIGNING_KEY is not None
+
+
+def _absolute(value: Path) -> Path:
+    if "\0" in str(value):
+        raise ValueError("must not contain a NUL character")
+    try:
+        return value.expanduser().absolute()
+    except RuntimeError:  # `~user/...` for a user this machine does not know
+        raise ValueError("names the home folder of an unknown user") from None
 
 
 def check_database_name(name: str) -> str:

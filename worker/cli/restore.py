@@ -99,11 +99,13 @@ def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: 
         return dict(call_task(settings, "tma_backup.restore", kwargs, host, masked, progress))
     from worker.coordination.locks import database_lock
     from worker.pg.executors import choose_executor
+    from worker.pg.identity import server_identity
     from worker.restore import restore
 
     run = f"local-{uuid.uuid4()}"
-    lock = database_lock(settings, confirm, run)
-    return restore.restore(settings, choose_executor(settings), store, token, confirm, lock, run, mode, progress, file)
+    executor = choose_executor(settings)
+    lock = database_lock(settings, confirm, run, server_identity(settings, executor, confirm))
+    return restore.restore(settings, executor, store, token, confirm, lock, run, mode, progress, file)
 
 
 @click.command("restore")
@@ -166,16 +168,31 @@ def rollback_command(database: str | None, confirm_name: str) -> None:
     settings = get_settings()
     database = database_option(database, settings)
     output.section("Rollback")
+    if confirm_name != database:
+        raise BackupError(f"rollback refused: the confirmation {confirm_name!r} does not match the database "
+                          f"{database!r}; nothing was touched")
+    store = _store(settings)
+    token = new_token()
     if settings.broker_url:
-        result = call_task(settings, "tma_backup.rollback", {"database": database, "confirm": confirm_name}, None)
+        kwargs = {"database": database, "token_hash": token_hash(token)}
+        prepared = dict(call_task(settings, "tma_backup.rollback_prepare", kwargs, None))
     else:
-        from worker.coordination.locks import database_lock
         from worker.pg.executors import choose_executor
         from worker.restore import rollback
 
+        prepared = rollback.prepare_rollback(settings, choose_executor(settings), store, database, token_hash(token))
+    output.info(f"Roll back  : {prepared['database']} to the copy kept as {prepared['kept']!r}")
+    if settings.broker_url:
+        kwargs = {"token": token, "confirm": confirm_name}
+        result = call_task(settings, "tma_backup.rollback", kwargs, prepared["host"], {**kwargs, "token": "***"})
+    else:
+        from worker.coordination.locks import database_lock
+        from worker.pg.identity import server_identity
+
         run = f"local-{uuid.uuid4()}"
-        result = rollback.rollback(settings, choose_executor(settings), database, confirm_name,
-                                  database_lock(settings, database, run), run)
+        executor = choose_executor(settings)
+        lock = database_lock(settings, confirm_name, run, server_identity(settings, executor, confirm_name))
+        result = rollback.rollback(settings, executor, store, token, confirm_name, lock, run)
     output.ok(f"Database   : {result['database']} is now the copy kept as {result['restored_from']!r}")
     output.ok(f"Replaced   : kept as {result['kept']!r}")
     output.info("Restart the application to refresh connection pools.")

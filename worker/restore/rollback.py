@@ -1,28 +1,52 @@
-"""Rollback: swap the newest kept previous copy back in; the database it replaces is kept in its turn."""
+"""Rollback: swap the newest kept previous copy back in; the database it replaces is kept in its turn.
+
+Guarded like a restore: `prepare_rollback` names the copy that would come back and binds a single-use,
+expiring token to (database, that copy); `rollback` consumes the token first and swaps exactly that
+copy in, under the database's lock. A message on the broker without a valid token changes nothing."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from worker.archive import catalogue
-from worker.coordination.locks import DatabaseLock
+from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.errors import BackupError
 from worker.pg.executors import Executor
 from worker.restore import swap
+from worker.restore.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.settings import Settings
 
+ACTION = "rollback"
 
-def rollback(settings: Settings, executor: Executor, live: str, confirm: str, lock: DatabaseLock, run: str) -> dict[str, Any]:
-    """Swap the newest kept previous copy back in; the database it replaces is kept in its turn."""
-    if confirm != live:
-        raise BackupError(f"rollback refused: the confirmation {confirm!r} does not match the database {live!r}")
+
+def newest_kept(executor: Executor, live: str) -> str:
+    """The kept previous copy a rollback of `live` would bring back (the newest)."""
+    with swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        kept = swap.managed(admin, live, swap.KEPT)
+    if not kept:
+        raise BackupError(f"no kept previous copy of {live!r} to roll back to")
+    return kept[-1].name
+
+
+def prepare_rollback(settings: Settings, executor: Executor, store: TokenStore, live: str, hashed: str) -> dict[str, Any]:
+    """Bind the token whose hash is `hashed` to rolling `live` back to its newest kept copy."""
+    kept = newest_kept(executor, live)
+    store.put(hashed, TokenBinding(live, kept, "", settings.WORKER_HOST, ACTION), settings.RESTORE_TOKEN_TTL)
+    return {"database": live, "kept": kept, "host": settings.WORKER_HOST, "expires_in": settings.RESTORE_TOKEN_TTL}
+
+
+def rollback(settings: Settings, executor: Executor, store: TokenStore, token: str, confirm: str, lock: DatabaseLock,
+             run: str) -> dict[str, Any]:
+    """Consume the token, then swap the kept copy it names back in (if it is still this database's)."""
+    binding = consume(store, token, confirm, ACTION)
+    live, previous = binding.database, binding.file
     lock.acquire()
     try:
-        with swap.admin_connection(executor.connect_kwargs(), live) as admin:
-            kept = swap.managed(admin, live, swap.KEPT)
-            if not kept:
-                raise BackupError(f"no kept previous copy of {live!r} to roll back to")
-            previous = kept[-1].name
+        with kept_alive(lock, renewal_interval(settings)), swap.admin_connection(executor.connect_kwargs(), live) as admin:
+            if previous not in {kept.name for kept in swap.managed(admin, live, swap.KEPT)}:
+                raise TokenRefused(f"rollback refused: {previous!r}, the copy the token was issued for, is no longer "
+                                   f"a kept copy of {live!r}; prepare the rollback again")
+            lock.confirm()  # right before the swap: a rollback that lost its lock changes nothing
             swap.set_allow_connections(admin, previous, True)
             replaced = swap.kept_name(live, catalogue.utc_timestamp(), "pre_rollback")
             try:

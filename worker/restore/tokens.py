@@ -28,10 +28,14 @@ class TokenRefused(BackupError):
 
 @dataclass(frozen=True)
 class TokenBinding:
+    """What a token allows: `action` (restore or rollback) of `database`, from `file` (a backup; for a
+    rollback, the kept copy to bring back) whose SHA-256 is `sha256` (empty for a rollback), on `host`."""
+
     database: str
     file: str
     sha256: str
     host: str
+    action: str = "restore"
 
 
 def new_token() -> str:
@@ -96,14 +100,17 @@ class LocalTokenStore:
         return self._bindings.pop(hashed, None)
 
 
-def consume(store: TokenStore, token: str, confirm: str) -> TokenBinding:
-    """Use up the token (atomically), then check the typed database name against its binding."""
+def consume(store: TokenStore, token: str, confirm: str, action: str = "restore") -> TokenBinding:
+    """Use up the token (atomically), then check that it was issued for `action` and the typed database
+    name against its binding. Whatever is refused, the token is used up."""
     binding = store.take(token_hash(token)) if token else None
     if binding is None:
-        raise TokenRefused("restore refused: the token is unknown, expired or already used; prepare the restore again")
+        raise TokenRefused(f"{action} refused: the token is unknown, expired or already used; prepare the {action} again")
+    if binding.action != action:
+        raise TokenRefused(f"{action} refused: the token was issued for a {binding.action}, not a {action}")
     if confirm != binding.database:
         raise TokenRefused(
-            f"restore refused: the confirmation {confirm!r} does not match the database {binding.database!r}; "
-            "the token is used up, prepare the restore again"
+            f"{action} refused: the confirmation {confirm!r} does not match the database {binding.database!r}; "
+            f"the token is used up, prepare the {action} again"
         )
     return binding
