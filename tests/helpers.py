@@ -164,3 +164,13 @@ def wait_until_free(settings: Settings, database: str, timeout: float = 30) -> N
         return True
 
     wait_for(free, timeout=timeout, interval=0.25, what=f"the lock of {database} to be free")
+
+
+def accepts_connections(pg: services.PostgresServer, database: str) -> bool:
+    """Whether `database` lets a session in (False only for ALLOW_CONNECTIONS false, nothing else)."""
+    try:
+        with pg.connect(database):
+            return True
+    except psycopg.OperationalError as error:
+        assert "not currently accepting connections" in str(error)
+        return False

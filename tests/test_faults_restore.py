@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 
-import psycopg
 import pytest
 
 from tests import services, tma_cloud
 from tests.conftest import run_cli
-from tests.helpers import only_backup, settings_for, wait_for, wait_until_free
+from tests.helpers import accepts_connections, only_backup, settings_for, wait_for, wait_until_free
 from tests.test_restore import change_live, digests, managed_databases
 
 
@@ -22,15 +21,6 @@ def prepared(pg, cli_env, backup_dir, tma_db, tmp_path):
     dump, _ = only_backup(backup_dir, tma_db)
     change_live(pg, tma_db)
     return dump, digests(pg, tma_db)
-
-
-def _accepts_connections(pg, database: str) -> bool:
-    try:
-        with pg.connect(database):
-            return True
-    except psycopg.OperationalError as error:
-        assert "not currently accepting connections" in str(error)
-        return False
 
 
 def _cleanup(admin) -> None:
@@ -48,7 +38,7 @@ def test_a_restore_killed_at_a_step_leaves_the_old_database_and_the_next_run_rep
     names = {row[0] for row in admin.execute("SELECT datname FROM pg_database")}
     assert tma_db in names, "there is always a live database"
     if point.startswith("swap:"):
-        assert not _accepts_connections(pg, tma_db), "the crash left the live database refusing connections"
+        assert not accepts_connections(pg, tma_db), "the crash left the live database refusing connections"
         admin.execute(f'ALTER DATABASE "{tma_db}" WITH ALLOW_CONNECTIONS true')
         assert digests(pg, tma_db) == live, "…but it is the old database, whole"
         admin.execute(f'ALTER DATABASE "{tma_db}" WITH ALLOW_CONNECTIONS false')
@@ -60,7 +50,7 @@ def test_a_restore_killed_at_a_step_leaves_the_old_database_and_the_next_run_rep
     drill = run_cli(["drill"], cli_env, tmp_path)
     assert drill.returncode == 0, drill.output
     assert managed_databases(admin, "scratch") == []
-    assert _accepts_connections(pg, tma_db)
+    assert accepts_connections(pg, tma_db)
     assert digests(pg, tma_db) == live
     _cleanup(admin)
 
@@ -69,7 +59,7 @@ def test_an_operators_own_refusal_of_connections_is_left_alone(pg, admin, prepar
     admin.execute(f'ALTER DATABASE "{tma_db}" WITH ALLOW_CONNECTIONS false')
     try:
         assert run_cli(["drill"], cli_env, tmp_path).returncode == 0
-        assert not _accepts_connections(pg, tma_db)
+        assert not accepts_connections(pg, tma_db)
     finally:
         admin.execute(f'ALTER DATABASE "{tma_db}" WITH ALLOW_CONNECTIONS true')
 

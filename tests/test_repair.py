@@ -8,26 +8,23 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from tests import services, tma_cloud
 from tests.conftest import base_env, run_cli
-from tests.helpers import error_lines, lock_of, only_backup, settings_for, wait_for, wait_until_free
+from tests.helpers import (
+    accepts_connections,
+    error_lines,
+    lock_of,
+    only_backup,
+    settings_for,
+    wait_for,
+    wait_until_free,
+)
 from tests.test_drill_database import exists, leftover_scratch
 from tests.test_restore import change_live, digests, managed_databases
 from worker.restore import swap
 from worker.settings import Settings
 
 CRASH = "swap:connections-refused"
-
-
-def accepts_connections(pg, database: str) -> bool:
-    try:
-        with pg.connect(database):
-            return True
-    except psycopg.OperationalError as error:
-        assert "not currently accepting connections" in str(error)
-        return False
 
 
 def allows_connections(admin: Any, database: str) -> bool:

@@ -96,49 +96,19 @@ class Settings(BaseSettings):
 
     @field_validator("DB_SSLROOTCERT")
     @classmethod
-    def _readable_file(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        if "\0" in str(value):
-            raise ValueError("must not contain a NUL character")
-        try:
-            path = value.expanduser().absolute()
-        except RuntimeError:  # `~user/...` for a user this machine does not know
-            raise ValueError("names the home folder of an unknown user") from None
-        try:
-            if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
-                raise ValueError("must be a readable CA certificate file, not a folder or a special file")
-            with open(path, "rb"):  # readable by this process, as libpq will need it to be
-                pass
-        except OSError as error:
-            raise ValueError(f"must be a readable CA certificate file ({error.strerror})") from None
-        return path
+    def _readable_ca_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else _readable_file(value, "a readable CA certificate file")
 
     @field_validator("DB_CONTAINER", "DB_SSLROOTCERT", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
-                     mode="before")
+                     "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", mode="before")
-    @classmethod
-    def _empty_signing_path_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("TASK_SIGNING_KEY", "TASK_SIGNING_CERT")
     @classmethod
     def _readable_signing_file(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        path = _absolute(value)
-        try:
-            if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
-                raise ValueError("must be a readable PEM file, not a folder or a special file")
-            with open(path, "rb"):
-                pass
-        except OSError as error:
-            raise ValueError(f"must be a readable PEM file ({error.strerror})") from None
-        return path
+        return None if value is None else _readable_file(value, "a readable PEM file")
 
     @field_validator("TASK_SIGNING_CERT_STORE")
     @classmethod
@@ -213,6 +183,20 @@ class Settings(BaseSettings):
     def signing(self) -> bool:
         """Task messages are signed and only signed ones accepted (the three TASK_SIGNING_* are set)."""
         return self.TASK_SIGNING_KEY is not None
+
+
+def _readable_file(value: Path, what: str) -> Path:
+    """`value` made absolute, which must be a regular file this process can read; else ValueError
+    saying it must be `what`."""
+    path = _absolute(value)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
+            raise ValueError(f"must be {what}, not a folder or a special file")
+        with open(path, "rb"):  # readable by this process, as libpq and Celery will need it to be
+            pass
+    except OSError as error:
+        raise ValueError(f"must be {what} ({error.strerror})") from None
+    return path
 
 
 def _absolute(value: Path) -> Path:

@@ -234,6 +234,18 @@ def kept_alive(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]
         thread.join()
 
 
+@contextmanager
+def held(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]:
+    """Take the lock (or raise LockHeld), keep it alive while the block runs (`kept_alive`), and release
+    it afterwards if it is still ours."""
+    lock.acquire()
+    try:
+        with kept_alive(lock, interval) as lost:
+            yield lost
+    finally:
+        lock.release()
+
+
 _clients: dict[str, redis.Redis] = {}
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from worker.archive import catalogue
 from worker.archive.meta import MetaError, read_meta, write_atomically
-from worker.coordination.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
+from worker.coordination.locks import DatabaseLock, database_lock, held, renewal_interval
 from worker.errors import BackupError, LockHeld, VerificationFailed
 from worker.pg.executors import Executor
 from worker.pg.identity import server_identity
@@ -64,22 +64,19 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
     started = time.monotonic()
     clock = PhaseClock(progress)
     progress = clock
-    lock.acquire()
-    try:
-        with kept_alive(lock, renewal_interval(settings)):
-            progress("checking", {})
-            prepared = prepare(settings, executor, file)
-            if prepared.meta.database != database:  # the .meta changed since it was read, or a misnamed file
-                raise BackupError(f"drill refused: {prepared.path.name} is a backup of {prepared.meta.database!r}, "
-                                  f"not of {database!r}; nothing was touched")
-            with swap.admin_connection(executor.connect_kwargs(), database) as admin:
-                swap.drop_leftover_scratches(admin, database)
-                swap.repair_refused_connections(admin, database)
-                shape = swap.shape_of(admin, database) or default_shape(admin)
-                scratch, counts = restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
-                swap.drop(admin, scratch)
-    finally:
-        lock.release()
+    with held(lock, renewal_interval(settings)):
+        progress("checking", {})
+        prepared = prepare(settings, executor, file)
+        if prepared.meta.database != database:  # the .meta changed since it was read, or a misnamed file
+            raise BackupError(f"drill refused: {prepared.path.name} is a backup of {prepared.meta.database!r}, "
+                              f"not of {database!r}; nothing was touched")
+        with swap.admin_connection(executor.connect_kwargs(), database) as admin:
+            lock.confirm()  # right before dropping what a crashed run of this database left
+            swap.drop_leftover_scratches(admin, database)
+            swap.repair_refused_connections(admin, database)
+            shape = swap.shape_of(admin, database) or default_shape(admin)
+            scratch, counts = restore_into_scratch(settings, executor, admin, prepared, shape, swap.DRILL, run, progress)
+            swap.drop(admin, scratch)
     return {
         "database": prepared.meta.database,
         "file": str(prepared.path),

@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import sql
 
 from worker.archive import catalogue
-from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
+from worker.coordination.locks import DatabaseLock, held, renewal_interval
 from worker.errors import BackupError, VerificationFailed, first_line
 from worker.pg.executors import Executor
 from worker.progress import PhaseClock, Progress, no_progress
@@ -46,19 +46,15 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
     started = time.monotonic()
     clock = PhaseClock(progress)
     progress = clock
-    lock.acquire()
-    try:
-        with kept_alive(lock, renewal_interval(settings)):
-            progress("checking", {})
-            path = Path(binding.file)
-            # One pass over the file: prepare() checks its SHA-256 against the .meta, and the .meta's
-            # against the token's, so the bytes restored are the bytes the operator confirmed.
-            if recorded_sha256(path) != binding.sha256:
-                raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
-            prepared = prepare(settings, executor, str(path))
-            result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock)
-    finally:
-        lock.release()
+    with held(lock, renewal_interval(settings)):
+        progress("checking", {})
+        path = Path(binding.file)
+        # One pass over the file: prepare() checks its SHA-256 against the .meta, and the .meta's
+        # against the token's, so the bytes restored are the bytes the operator confirmed.
+        if recorded_sha256(path) != binding.sha256:
+            raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
+        prepared = prepare(settings, executor, str(path))
+        result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock)
     result["duration_seconds"] = round(time.monotonic() - started, 3)
     result["phase_seconds"] = clock.finish()
     return result

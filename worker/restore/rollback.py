@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.archive import catalogue
-from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
+from worker.coordination.locks import DatabaseLock, held, renewal_interval
 from worker.errors import BackupError
 from worker.pg.executors import Executor
 from worker.restore import swap
@@ -40,20 +40,16 @@ def rollback(settings: Settings, executor: Executor, store: TokenStore, token: s
     """Consume the token, then swap the kept copy it names back in (if it is still this database's)."""
     binding = consume(store, token, confirm, ACTION)
     live, previous = binding.database, binding.file
-    lock.acquire()
-    try:
-        with kept_alive(lock, renewal_interval(settings)), swap.admin_connection(executor.connect_kwargs(), live) as admin:
-            if previous not in {kept.name for kept in swap.managed(admin, live, swap.KEPT)}:
-                raise TokenRefused(f"rollback refused: {previous!r}, the copy the token was issued for, is no longer "
-                                   f"a kept copy of {live!r}; prepare the rollback again")
-            lock.confirm()  # right before the swap: a rollback that lost its lock changes nothing
-            swap.set_allow_connections(admin, previous, True)
-            replaced = swap.kept_name(live, catalogue.utc_timestamp(), "pre_rollback")
-            try:
-                swap.swap_in(admin, live, previous, replaced, run)
-            except BaseException:
-                swap.set_allow_connections(admin, previous, False)
-                raise
-    finally:
-        lock.release()
+    with held(lock, renewal_interval(settings)), swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        if previous not in {kept.name for kept in swap.managed(admin, live, swap.KEPT)}:
+            raise TokenRefused(f"rollback refused: {previous!r}, the copy the token was issued for, is no longer "
+                               f"a kept copy of {live!r}; prepare the rollback again")
+        lock.confirm()  # right before the swap: a rollback that lost its lock changes nothing
+        swap.set_allow_connections(admin, previous, True)
+        replaced = swap.kept_name(live, catalogue.utc_timestamp(), "pre_rollback")
+        try:
+            swap.swap_in(admin, live, previous, replaced, run)
+        except BaseException:
+            swap.set_allow_connections(admin, previous, False)
+            raise
     return {"database": live, "restored_from": previous, "kept": replaced}
