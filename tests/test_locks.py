@@ -168,6 +168,7 @@ def test_after_a_killed_worker_the_next_backup_starts_within_ten_seconds_with_de
         spare.start(wait=False)
         wait_for(lambda: not client.keys("tma_backup:lock:*"), timeout=30, interval=0.1, what="the lock to expire")
         freed_after = time.monotonic() - killed_at
+        print(f"lock free {freed_after:.1f}s after the kill")  # shown with -s: the figure for the notes
         assert freed_after <= 10, f"the next backup could start only {freed_after:.1f}s after the kill"
         process.kill()
         process.wait()
