@@ -1,7 +1,8 @@
 """The one Celery app. Configuration comes from `worker.celery_config`, named by string.
 
-Two worker signals: every worker also consumes its own host's queue, and every worker repairs, once it
-is ready, what interrupted restores left on its database server (`worker.restore.repair`)."""
+Worker signals: every worker also consumes its own host's queue; every worker repairs, once it is ready,
+what interrupted restores left on its database server (`worker.restore.repair`); and a worker on a
+broker without a password beyond loopback warns at start (`worker.coordination.broker`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_after_setup, worker_ready
 
+from worker.coordination import broker as _broker  # noqa: F401  (registers the start-up warning)
+
 app = Celery("tma_backup", include=["tasks.backup", "tasks.restore"])
 app.config_from_object("worker.celery_config")
+
 
 def host_queue(host: str) -> str:
     """Every worker also consumes the queue of its own host, so a chain's links run where its files are."""
