@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     TASK_SIGNING_CERT: Path | None = None
     TASK_SIGNING_CERT_STORE: Path | None = None
 
+    @field_validator("DB_HOST")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable() or any(char.isspace() for char in value):
+            raise ValueError("must be a host name, an address or a socket folder, without spaces or control characters")
+        return value
+
     @field_validator("DB_NAME")
     @classmethod
     def _name_fits_a_file_name(cls, value: str) -> str:

@@ -56,7 +56,7 @@ def connect(connect_kwargs: dict[str, Any], database: str, **options: Any) -> ps
             **{key: value for key, value in connect_kwargs.items() if value is not None},
             **options,
         )
-    except psycopg.OperationalError as error:
+    except (psycopg.Error, UnicodeError) as error:  # UnicodeError: a host name IDNA cannot encode
         # A TLS failure names the setting that asked for it (DB_SSLMODE, and DB_SSLROOTCERT when given).
         said = first_line(error)
         raise BackupError(f"cannot connect to database {database!r}: {said}{ssl_note(connect_kwargs, said)}") from None
