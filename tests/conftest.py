@@ -24,9 +24,10 @@ TEST_PASSWORD = "S3cret-Pw-For-Tests-9f2c1a"
 PASSWORD_ROLE = "tma_backup_pw"
 
 
-# `pytest -m "not slow"` is the everyday subset (about two minutes): everything but these modules, which
+# `pytest -m "not slow"` is the everyday subset (under two minutes): everything but these modules, which
 # start containers, compose stacks, several workers or Flower, kill and restart services, or run the
-# benchmark. CI runs everything.
+# benchmark, and the few longest tests elsewhere (marked `@pytest.mark.slow` where they stand). CI runs
+# everything.
 SLOW_MODULES = {
     "test_beat", "test_bench_smoke", "test_broker_security", "test_compose", "test_docker_mode", "test_drill_database",
     "test_faults_backup", "test_faults_restore", "test_flower", "test_locks", "test_repair",

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import services, tma_cloud
 from tests.conftest import run_cli
 from tests.helpers import (
@@ -72,6 +74,7 @@ def test_meta_keeps_the_seed_keys_in_the_seed_order(cli_env, backup_dir, tma_db,
     assert {"file_size_bytes", "pg_dump_version", "server_version", "worker_host", "task_id"} <= set(ours)
 
 
+@pytest.mark.slow
 def test_counts_are_exact_while_a_writer_inserts_throughout_the_dump(pg, admin, cli_env, backup_dir, tma_db, tmp_path):
     with pg.connect(tma_db, autocommit=True) as connection:
         connection.execute("INSERT INTO audit_log (user_id, action) SELECT 1, 'bulk' FROM generate_series(1, 300000)")
@@ -169,6 +172,7 @@ def test_server_stopped_mid_dump_fails_cleanly(pg, admin, cli_env, backup_dir, t
     assert leftovers(backup_dir) == []
 
 
+@pytest.mark.slow
 def test_an_empty_database_is_backed_up_verified_and_restored(pg, admin, backup_dir, tmp_path):
     from tests.conftest import base_env
 

@@ -423,6 +423,7 @@ def stack(pg: services.PostgresServer, tma_db: str, tmp_path: Path) -> Iterator[
         yield created
 
 
+@pytest.mark.slow
 def test_hostile_entries_in_the_backup_folder_are_skipped_never_followed_and_never_pruned(stack, tma_db):
     stack.start_worker(BACKUP_RETAIN_COUNT="1")
     folder, outside = stack.backups, stack.root / "outside"

@@ -22,6 +22,7 @@ def zst_backups(directory: Path, database: str) -> list[Path]:
     return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
 
 
+@pytest.mark.slow
 def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env, backup_dir, tma_db, tmp_path):
     env = {**cli_env, "BACKUP_COMPRESSION": "zstd-stream"}
     result = run_cli(["backup"], env, tmp_path)
@@ -60,6 +61,7 @@ def test_zstd_stream_backup_is_exact_verified_and_restorable(pg, admin, cli_env,
         tma_cloud.drop_database(admin, name)
 
 
+@pytest.mark.slow
 def test_retention_counts_zst_and_plain_backups_together(cli_env, backup_dir, tma_db, tmp_path):
     for compression in ("6", "zstd-stream:3", "6", "zstd-stream"):
         env = {**cli_env, "BACKUP_COMPRESSION": compression, "BACKUP_RETAIN_COUNT": "2"}

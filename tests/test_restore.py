@@ -85,6 +85,7 @@ def _refused(result, live_before, pg, database, expected: str) -> None:
     assert digests(pg, database) == live_before
 
 
+@pytest.mark.slow
 def test_refusals_touch_nothing(pg, admin, backed_up, backup_dir, tma_db, tmp_path):
     dump, env = backed_up
     change_live(pg, tma_db)
@@ -227,6 +228,7 @@ def test_in_place_mode_warns_and_restores(pg, admin, backed_up, tma_db, tmp_path
     assert managed_databases(admin, "previous") == []
 
 
+@pytest.mark.slow
 def test_drill_passes_then_fails_on_a_wrong_count_and_drops_its_scratch_both_times(pg, admin, backed_up, tma_db, tmp_path):
     dump, env = backed_up
     live = digests(pg, tma_db)
@@ -299,6 +301,7 @@ def test_database_settings_grants_and_comment_survive_the_swap_and_the_rollback(
         admin.execute("DROP ROLE IF EXISTS tma_app_reader")
 
 
+@pytest.mark.slow
 def test_the_postgres_database_itself_restores_and_rolls_back(backup_dir, tmp_path):
     """`postgres` is where the swap is normally administered from; restoring it administers from
     template1 instead. On a cluster of its own: the swap ends every session on `postgres`."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 from tests.helpers import backups_in, error_lines, only_backup, sha256_file
 
 
+@pytest.mark.slow
 def test_retention_keeps_exactly_the_newest_and_never_foreign_files(cli_env, backup_dir, tma_db, tmp_path):
     foreign = {
         "aaa_manual.dump": b"hand-made",

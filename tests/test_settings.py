@@ -92,6 +92,7 @@ def test_broker_commands_say_when_no_worker_answers(cli_env, redis_server, tmp_p
     assert "no tma-backup worker answered" in line
 
 
+@pytest.mark.slow
 def test_an_unreachable_broker_is_one_line(cli_env, tmp_path):
     from tests.services import free_port
 
