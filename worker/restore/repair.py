@@ -92,14 +92,14 @@ def _discovery_connection(connect_kwargs: dict[str, Any]) -> psycopg.Connection[
 
 def _repair_one(settings: Settings, connect_kwargs: dict[str, Any], live: str, lock: DatabaseLock) -> dict[str, Any]:
     """Under `live`'s lock (already held): drop its leftovers, re-enable it when a swap left it marked."""
-    with kept_alive(lock, renewal_interval(settings)) as lost, swap.admin_connection(connect_kwargs, live) as admin:
+    with kept_alive(lock, renewal_interval(settings)), swap.admin_connection(connect_kwargs, live) as admin:
+        lock.confirm()  # right before each change: a repair that lost its lock changes nothing more
         dropped = swap.drop_leftover_scratches(admin, live)
-        if lost.is_set():
-            raise BackupError(f"lost the lock of {live!r} during the repair; stopped")
         shape = swap.shape_of(admin, live)
         refused = shape is not None and not shape.allow_connections
         repaired = False
         if shape is not None and not is_kept_copy(admin, live):
+            lock.confirm()
             repaired = swap.repair_refused_connections(admin, live)
     done: dict[str, Any] = {}
     if dropped:
