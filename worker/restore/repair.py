@@ -33,26 +33,10 @@ _MARKED = (
     "SELECT d.datname FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
     " WHERE s.setrole = 0 AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c WHERE split_part(c, '=', 1) = %s)"
 )
-_OURS = (
-    "SELECT d.datname, s.description FROM pg_database d"
-    " JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass"
-    " WHERE s.description LIKE %s"
-)
-
-
-def _role_and_live(description: str | None) -> tuple[str, str] | None:
-    """(role, live database) of one of our databases' comments, None for any other comment."""
-    if not description or not description.startswith(swap.COMMENT_PREFIX + ":"):
-        return None
-    parts = description.split(":", 2)
-    if len(parts) < 3:
-        return None
-    live, _, _run = parts[2].rpartition(":")
-    return (parts[1], live) if live else None
 
 
 def is_kept_copy(admin: psycopg.Connection[Any], database: str) -> bool:
-    found = _role_and_live(swap.database_comment(admin, database))
+    found = swap.parse_comment(swap.database_comment(admin, database))
     return found is not None and found[0] == swap.KEPT
 
 
@@ -72,10 +56,7 @@ def find_broken(admin: psycopg.Connection[Any], database: str | None = None) -> 
         if not is_kept_copy(admin, name):
             found.add(name)
     for role in (swap.SCRATCH, swap.DRILL):
-        for _, description in admin.execute(_OURS, (f"{swap.COMMENT_PREFIX}:{role}:%",)).fetchall():
-            parsed = _role_and_live(description)
-            if parsed is not None and parsed[0] == role:
-                found.add(parsed[1])
+        found.update(leftover.live for leftover in swap.made_by_us(admin, role))
     return sorted(name for name in found if database is None or name == database)
 
 

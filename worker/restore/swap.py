@@ -101,8 +101,20 @@ def drop(admin: psycopg.Connection[Any], name: str) -> None:
     admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def managed(admin: psycopg.Connection[Any], live: str, role: str) -> list[ManagedDatabase]:
-    """Databases this tool made for `live` in `role`, oldest first (by creation order of their oid)."""
+def parse_comment(description: str | None) -> tuple[str, str, str] | None:
+    """(role, live database, run) of a comment this tool wrote (`comment()`), None for any other."""
+    if not description or not description.startswith(COMMENT_PREFIX + ":"):
+        return None
+    parts = description.split(":", 2)
+    if len(parts) < 3:
+        return None
+    live, _, run = parts[2].rpartition(":")
+    return (parts[1], live, run) if live else None
+
+
+def made_by_us(admin: psycopg.Connection[Any], role: str) -> list[ManagedDatabase]:
+    """Databases this tool made in `role`, for any live database, oldest first (by creation order of
+    their oid)."""
     rows = admin.execute(
         "SELECT d.datname, s.description FROM pg_database d"
         " JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass"
@@ -111,11 +123,15 @@ def managed(admin: psycopg.Connection[Any], live: str, role: str) -> list[Manage
     ).fetchall()
     found = []
     for name, description in rows:
-        _, found_role, rest = description.split(":", 2)
-        found_live, _, run = rest.rpartition(":")
-        if found_role == role and found_live == live:
-            found.append(ManagedDatabase(name, role, live, run))
+        parsed = parse_comment(description)
+        if parsed is not None and parsed[0] == role:
+            found.append(ManagedDatabase(name, role, parsed[1], parsed[2]))
     return found
+
+
+def managed(admin: psycopg.Connection[Any], live: str, role: str) -> list[ManagedDatabase]:
+    """Databases this tool made for `live` in `role`, oldest first (by creation order of their oid)."""
+    return [database for database in made_by_us(admin, role) if database.live == live]
 
 
 def drop_leftover_scratches(admin: psycopg.Connection[Any], live: str) -> list[str]:
