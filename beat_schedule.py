@@ -1,6 +1,7 @@
 """The beat schedule, and only that: the nightly backup at BACKUP_SCHEDULE, the weekly restore
-drill at BACKUP_DRILL_SCHEDULE (cron, UTC), and the repair of what interrupted restores left
-(a database refusing connections, scratch databases) every REPAIR_INTERVAL.
+drill at BACKUP_DRILL_SCHEDULE (cron, UTC), the repair of what interrupted restores left
+(a database refusing connections, scratch databases) every REPAIR_INTERVAL, and with a repository its
+weekly prune and check at REPOSITORY_MAINTENANCE_SCHEDULE.
 
 Every entry carries `expires`, so a backlog (beat down, workers busy) never runs a slot twice.
 """
@@ -16,11 +17,12 @@ from worker.settings import Settings
 NIGHTLY_BACKUP = "nightly-backup"
 WEEKLY_DRILL = "weekly-restore-drill"
 REPAIR = "repair-interrupted-restores"
+REPOSITORY_MAINTENANCE = "repository-maintenance"
 REPAIR_INTERVAL = timedelta(minutes=5)
 
 
 def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    return {
+    schedule = {
         NIGHTLY_BACKUP: {
             "task": "tma_backup.backup",
             "schedule": parse_cron(settings.BACKUP_SCHEDULE),
@@ -41,3 +43,13 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": int(REPAIR_INTERVAL.total_seconds()) - 60},
         },
     }
+    if settings.repository:
+        # `restic prune` reads every index and rewrites partly used packs: weekly, apart from the
+        # nightly backups (which forget per REPOSITORY_KEEP_* themselves), and under the repository's lock.
+        schedule[REPOSITORY_MAINTENANCE] = {
+            "task": "tma_backup.repository_maintenance",
+            "schedule": parse_cron(settings.REPOSITORY_MAINTENANCE_SCHEDULE),
+            "kwargs": {"scheduled": True},
+            "options": {"expires": 3600},
+        }
+    return schedule

@@ -1,6 +1,7 @@
 """The backup chain as Celery tasks: thin wrappers over `worker.backup`.
 
-`tma_backup.backup` takes the database's lock, then starts dump → verify → checksum → meta → prune,
+`tma_backup.backup` takes the database's lock, then starts dump → verify → checksum → meta → offsite
+(with BACKUP_REPOSITORY) → prune,
 every link routed to the queue of its own host so that the chain runs where its files are.
 """
 
@@ -72,13 +73,15 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     for warning in run["warnings"]:
         logger.warning("%s", warning)
     queue = host_queue(settings.WORKER_HOST)
-    links = chain(
+    signatures = [
         dump.s(run).set(queue=queue),
         verify.s().set(queue=queue),
         checksum.s().set(queue=queue),
         write_meta.s().set(queue=queue),
+        *([offsite.s().set(queue=queue)] if settings.repository else []),
         prune.s().set(queue=queue),
-    )
+    ]
+    links = chain(*signatures)
     links.link_error(backup_failed.s().set(queue=queue))
     result = links.apply_async()
     steps = []
@@ -93,6 +96,7 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
         "backup": run["backup"],
         "host": run["host"],
         "steps": steps[::-1],
+        "step_names": [signature.name.removeprefix("tma_backup.") for signature in signatures],
         "lock": getattr(lock, "key", None),  # the follower watches it: a dead worker's run loses it
         "warnings": run["warnings"],
     }
@@ -133,9 +137,14 @@ def write_meta(self: Task, run: Run) -> Run:
     return backup.write_meta(run, get_settings(), _lock(run), task_id=self.request.id)
 
 
-@app.task(name="tma_backup.prune")
-def prune(run: Run) -> backup.Summary:
-    return backup.summary(backup.prune(run, get_settings(), _lock(run)))
+@app.task(name="tma_backup.offsite", bind=True)
+def offsite(self: Task, run: Run) -> Run:
+    return backup.offsite(run, get_settings(), _lock(run), progress_reporter(self))
+
+
+@app.task(name="tma_backup.prune", bind=True)
+def prune(self: Task, run: Run) -> backup.Summary:
+    return backup.summary(backup.prune(run, get_settings(), _lock(run), progress_reporter(self)))
 
 
 @app.task(name="tma_backup.backup_failed")

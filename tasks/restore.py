@@ -70,12 +70,17 @@ def run_rollback(self: Task, token: str, confirm: str) -> dict[str, Any]:
 
 
 @app.task(name="tma_backup.drill", bind=True, acks_late=False, max_retries=0)
-def run_drill(self: Task, database: str | None = None, file: str | None = None, scheduled: bool = False) -> dict[str, Any]:
+def run_drill(self: Task, database: str | None = None, file: str | None = None, scheduled: bool = False,
+              from_repository: str | None = None) -> dict[str, Any]:
     """Drill FILE under the database its .meta names (`database`, when given, must agree), or the newest
-    complete backup of `database` (default DB_NAME)."""
+    complete backup of `database` (default DB_NAME); or set `from_repository` (`latest` or an id) of
+    the repository. The scheduled drill uses the repository's latest set with BACKUP_DRILL_FROM_REPOSITORY."""
     settings = get_settings()
+    if scheduled and settings.BACKUP_DRILL_FROM_REPOSITORY and settings.repository and file is None:
+        from_repository = from_repository or "latest"
     return drills.run_and_record(settings, choose_executor(settings), database, file, self.request.id,
-                                 progress_reporter(self, with_fields=False), scheduled=scheduled)
+                                 progress_reporter(self, with_fields=False), scheduled=scheduled,
+                                 from_repository=from_repository)
 
 
 @app.task(name="tma_backup.repair", bind=True, acks_late=False, max_retries=0)

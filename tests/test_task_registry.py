@@ -18,6 +18,9 @@ EXPECTED_TASKS = {
     "tma_backup.rollback_prepare",
     "tma_backup.drill",
     "tma_backup.repair",
+    "tma_backup.offsite",
+    "tma_backup.fetch",
+    "tma_backup.repository_maintenance",
 }
 
 
@@ -46,7 +49,7 @@ def test_the_app_speaks_json_only_and_sends_events():
 RUN_RECORD_KEYS = {
     "run_id", "database", "backup", "timestamp", "host", "server", "started_at", "warnings",
     "server_version", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds",
-    "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "deleted",
+    "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "offsite", "deleted",
 }
 RUN_RECORD_REQUIRED = {"run_id", "database", "backup", "timestamp", "host", "started_at", "warnings"}
 SUMMARY_KEYS = {"backup", "database", "host", "size", "size_bytes", "toc_entries", "sha256", "tables",
@@ -58,4 +61,4 @@ def test_the_run_record_keys_are_exactly_the_documented_ones():
 
     assert Run.__required_keys__ | Run.__optional_keys__ == RUN_RECORD_KEYS
     assert Run.__required_keys__ == RUN_RECORD_REQUIRED
-    assert Summary.__required_keys__ == SUMMARY_KEYS and not Summary.__optional_keys__
+    assert Summary.__required_keys__ == SUMMARY_KEYS and Summary.__optional_keys__ == {"offsite"}

@@ -27,6 +27,13 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 SIGNING_SETTINGS = ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE")
 
 
+# Never echoed back in an error line, a log or a result.
+SECRET_SETTINGS = frozenset({
+    "DB_PASSWORD", "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_ACCESS_KEY_ID",
+    "BACKUP_REPOSITORY_SECRET_ACCESS_KEY",
+})
+
+
 class SettingsError(Exception):
     """A setting is missing or wrong; the message names the variable and says what is expected."""
 
@@ -71,6 +78,26 @@ class Settings(BaseSettings):
     TASK_SIGNING_KEY: Path | None = None
     TASK_SIGNING_CERT: Path | None = None
     TASK_SIGNING_CERT_STORE: Path | None = None
+    # The off-site restic repository (`worker.repository`): any address restic accepts. Unset: local only.
+    BACKUP_REPOSITORY: str | None = None
+    BACKUP_REPOSITORY_PASSWORD: SecretStr | None = None
+    BACKUP_REPOSITORY_PASSWORD_FILE: Path | None = None
+    # Ours, not AWS_*: TMA Cloud's .env already uses AWS_ACCESS_KEY_ID for its own bucket.
+    BACKUP_REPOSITORY_ACCESS_KEY_ID: SecretStr | None = None
+    BACKUP_REPOSITORY_SECRET_ACCESS_KEY: SecretStr | None = None
+    # Calendar retention in the repository, per database, with restic's semantics (`forget --keep-*`).
+    REPOSITORY_KEEP_DAILY: int = Field(default=7, ge=0, le=100000)
+    REPOSITORY_KEEP_WEEKLY: int = Field(default=4, ge=0, le=100000)
+    REPOSITORY_KEEP_MONTHLY: int = Field(default=12, ge=0, le=100000)
+    REPOSITORY_KEEP_YEARLY: int = Field(default=0, ge=0, le=100000)
+    # Weekly in beat: `restic prune` (the forget runs with every backup) and a check reading a subset.
+    REPOSITORY_MAINTENANCE_SCHEDULE: str = "30 5 * * 0"
+    REPOSITORY_CHECK_SUBSET: str = Field(default="2%", pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$")
+    # restic retries a vanished server for many minutes: after this long with nothing but retries, stop.
+    REPOSITORY_STALL_TIMEOUT: int = Field(default=300, ge=5, le=86400)
+    # How long a run waits for the repository while another run, a restore or the prune uses it.
+    REPOSITORY_LOCK_WAIT: int = Field(default=3600, ge=0, le=86400)
+    BACKUP_DRILL_FROM_REPOSITORY: bool = False
 
     @field_validator("DB_HOST")
     @classmethod
@@ -107,7 +134,9 @@ class Settings(BaseSettings):
         return None if value is None else _readable_file(value, "a readable CA certificate file")
 
     @field_validator("DB_CONTAINER", "DB_SSLROOTCERT", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
-                     "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", mode="before")
+                     "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", "BACKUP_REPOSITORY",
+                     "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_PASSWORD_FILE",
+                     "BACKUP_REPOSITORY_ACCESS_KEY_ID", "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -116,6 +145,48 @@ class Settings(BaseSettings):
     @classmethod
     def _readable_signing_file(cls, value: Path | None) -> Path | None:
         return None if value is None else _readable_file(value, "a readable PEM file")
+
+    @field_validator("BACKUP_REPOSITORY_PASSWORD_FILE")
+    @classmethod
+    def _readable_password_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else _readable_file(value, "a readable file holding the repository's password")
+
+    @field_validator("BACKUP_REPOSITORY")
+    @classmethod
+    def _repository_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value.isprintable() or "\n" in value:
+            raise ValueError("must be a restic repository address without control characters")
+        if value.startswith("s3:"):
+            rest = value.removeprefix("s3:").split("://", 1)[-1]
+            bucket = rest.split("/")[1] if "/" in rest else ""
+            if not bucket:
+                raise ValueError("must name a bucket: s3:https://host[:port]/bucket[/prefix]")
+        return value
+
+    @model_validator(mode="after")
+    def _repository_complete(self) -> Settings:
+        if self.BACKUP_REPOSITORY is None:
+            return self
+        if (self.BACKUP_REPOSITORY_PASSWORD is None) == (self.BACKUP_REPOSITORY_PASSWORD_FILE is None):
+            raise ValueError(
+                "BACKUP_REPOSITORY needs its password: set BACKUP_REPOSITORY_PASSWORD or "
+                "BACKUP_REPOSITORY_PASSWORD_FILE (one of them, not both)"
+            )
+        keys = (self.BACKUP_REPOSITORY_ACCESS_KEY_ID, self.BACKUP_REPOSITORY_SECRET_ACCESS_KEY)
+        if (keys[0] is None) != (keys[1] is None):
+            raise ValueError("BACKUP_REPOSITORY_ACCESS_KEY_ID and BACKUP_REPOSITORY_SECRET_ACCESS_KEY go together")
+        if self.BACKUP_REPOSITORY.startswith("s3:") and keys[0] is None:
+            raise ValueError(
+                "BACKUP_REPOSITORY is an S3 bucket: set BACKUP_REPOSITORY_ACCESS_KEY_ID and "
+                "BACKUP_REPOSITORY_SECRET_ACCESS_KEY"
+            )
+        if not any((self.REPOSITORY_KEEP_DAILY, self.REPOSITORY_KEEP_WEEKLY, self.REPOSITORY_KEEP_MONTHLY,
+                    self.REPOSITORY_KEEP_YEARLY)):
+            raise ValueError("REPOSITORY_KEEP_*: at least one must be above 0 (else every set would be forgotten)")
+        return self
 
     @field_validator("TASK_SIGNING_CERT_STORE")
     @classmethod
@@ -151,7 +222,7 @@ class Settings(BaseSettings):
         parse_compression(value)
         return value
 
-    @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE")
+    @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE", "REPOSITORY_MAINTENANCE_SCHEDULE")
     @classmethod
     def _cron(cls, value: str) -> str:
         from worker.coordination.schedule import parse_cron
@@ -185,6 +256,11 @@ class Settings(BaseSettings):
     @property
     def password(self) -> str | None:
         return self.DB_PASSWORD.get_secret_value() if self.DB_PASSWORD else None
+
+    @property
+    def repository(self) -> str | None:
+        """The restic repository's address (BACKUP_REPOSITORY), or None: backups stay local."""
+        return self.BACKUP_REPOSITORY
 
     @property
     def signing(self) -> bool:
@@ -230,7 +306,8 @@ def _one_line(error: ValidationError) -> str:
     variable = ".".join(str(part) for part in first["loc"]) or "settings"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
-    shown = "" if variable == "DB_PASSWORD" or isinstance(given, dict) else f" (got {given!r})"
+    secret = variable in SECRET_SETTINGS or variable == "BACKUP_REPOSITORY"  # an address may carry user:password@
+    shown = "" if secret or isinstance(given, dict) else f" (got {given!r})"
     return f"{variable}: {message}{shown}"
 
 

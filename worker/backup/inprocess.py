@@ -23,8 +23,10 @@ def run_backup(settings: Settings, database: str, executor: Executor, progress: 
         run = backup.checksum(run, settings, lock, progress)
         progress("writing meta", {})
         run = backup.write_meta(run, settings, lock)
+        if settings.repository:
+            run = backup.offsite(run, settings, lock, progress)
         progress("pruning", {})
-        run = backup.prune(run, settings, lock)
+        run = backup.prune(run, settings, lock, progress)
     except BaseException:
         backup.abandon_files(run)
         raise

@@ -1,7 +1,7 @@
 """A backup run's record and its beginning and end: the lock and the name at the start, the summary
 when it is over, and the removal of a failed run's files.
 
-The run record travels between the chain's links (start → dump → verify → checksum → meta → prune):
+The run record travels between the chain's links (start → dump → verify → checksum → meta → offsite → prune):
 a small JSON object of paths, ids, sizes and timings, never data or secrets. Like the task names it
 is a wire format (links queued by one version are run by the next), so its keys are pinned by a test.
 Celery tasks in `tasks/backup.py` are thin wrappers over these functions; the CLI's in-process mode
@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from worker.archive import catalogue
 from worker.archive.compression import parse_compression
@@ -49,6 +49,8 @@ class Run(TypedDict):
     size_bytes: NotRequired[int]
     duration_seconds: NotRequired[float]
     complete: NotRequired[bool]
+    # By offsite (only with BACKUP_REPOSITORY): the set id, bytes added, seconds, what else was sent.
+    offsite: NotRequired[dict[str, Any]]
     deleted: NotRequired[list[str]]
 
 
@@ -66,6 +68,7 @@ class Summary(TypedDict):
     duration_seconds: float
     deleted: list[str]
     mode: str
+    offsite: NotRequired[dict[str, Any]]  # with BACKUP_REPOSITORY: the set, bytes added, seconds
 
 
 def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock, server: str) -> Run:
@@ -125,7 +128,7 @@ def abandon_files(run: Run) -> list[str]:
 
 def summary(run: Run) -> Summary:
     """The chain's final result: small and readable in Flower and the result backend."""
-    return {
+    result: Summary = {
         "backup": run["backup"],
         "database": run["database"],
         "host": run["host"],
@@ -138,3 +141,6 @@ def summary(run: Run) -> Summary:
         "deleted": run.get("deleted", []),
         "mode": run["mode"],
     }
+    if "offsite" in run:
+        result["offsite"] = run["offsite"]
+    return result

@@ -1,4 +1,4 @@
-"""The links after the dump: verify → checksum → meta (publish) → prune."""
+"""The links after the dump: verify → checksum → meta (publish) → offsite (with a repository) → prune."""
 
 from __future__ import annotations
 
@@ -101,11 +101,43 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
     return run
 
 
-def prune(run: Run, settings: Settings, lock: DatabaseLock) -> Run:
+def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
+    """Send the repository every complete local backup of this database it lacks (this run's among
+    them), confirmed; then calendar retention there. A failure fails the run and leaves every local
+    backup as it was; the local prune does not run then, so nothing unsent is deleted, and the next run
+    sends what this one could not."""
+    from worker.repository.offsite import offsite as send_offsite
+
+    lock.confirm()
+    with kept_alive(lock, renewal_interval(settings)) as lock_lost:
+        run["offsite"] = send_offsite(settings, run["database"], run["run_id"], run["backup"], progress)
+        if lock_lost.is_set():
+            lock.confirm()
+    progress("sent offsite", {key: run["offsite"][key] for key in ("set", "bytes_added", "seconds")})
+    return run
+
+
+def _retain_in_repository(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress) -> None:
+    from worker.repository.maintenance import retain
+
+    offsite = run["offsite"]
+    with kept_alive(lock, renewal_interval(settings)):
+        kept = retain(settings, run["database"], run["run_id"], offsite["sent"], progress)
+    for item in offsite["sent"]:
+        item["set"] = kept["renamed"].get(item["set"], item["set"])
+    if offsite.get("set"):
+        offsite["set"] = kept["renamed"].get(offsite["set"], offsite["set"])
+    offsite["forgotten"] = kept["forgotten"]
+
+
+def prune(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
     """Keep the newest BACKUP_RETAIN_COUNT complete backups of this database; remove crashed runs'
-    leftovers. Then release the lock: the run is over."""
+    leftovers; with a repository, record what this run's sets added and apply REPOSITORY_KEEP_* there.
+    Then release the lock: the run is over."""
     lock.confirm()
     try:
+        if "offsite" in run:
+            _retain_in_repository(run, settings, lock, progress)
         backup = Path(run["backup"])
         doomed = catalogue.plan_prune(backup.parent, run["database"], settings.BACKUP_RETAIN_COUNT, keep=backup)
         if doomed:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import database_option, guarded, phase_printer
 from worker.settings import Settings, ensure_backup_dir, folder_warning, get_settings
@@ -19,6 +20,9 @@ PHASE_MESSAGES = {
     "verifying": "Verifying backup integrity (pg_restore --list) …",
     "checksumming": "Computing SHA-256 checksum …",
     "writing meta": "Writing .meta and publishing the backup …",
+    "waiting for the repository": "Waiting for the repository (another run or the weekly prune uses it) …",
+    "sending offsite": "Sending to the repository (BACKUP_REPOSITORY) …",
+    "forgetting old sets": "Applying the repository's calendar retention (REPOSITORY_KEEP_*) …",
     "pruning": "Applying retention (BACKUP_RETAIN_COUNT) …",
 }
 
@@ -34,6 +38,15 @@ def _print_summary(summary: Summary) -> None:
     output.ok(f"TOC entries: {summary['toc_entries']}")
     output.ok(f"Tables     : {summary['tables']} (exact row counts in the .meta)")
     output.ok(f"SHA-256    : {summary['sha256']}")
+    offsite = summary.get("offsite")
+    if offsite:
+        added = human_size(int(offsite["bytes_added"]))
+        output.ok(f"Off site   : set {offsite['set']} in {offsite['repository']} ({added}B added, {offsite['seconds']:.1f}s)")
+        for sent in offsite["sent"]:
+            if sent["set"] != offsite["set"]:
+                output.info(f"             also sent the backup of {sent['timestamp']} (set {sent['set']}), which an earlier run could not")
+        if offsite.get("forgotten"):
+            output.info(f"             forgot {len(offsite['forgotten'])} old set(s) per REPOSITORY_KEEP_*")
     if summary.get("deleted"):
         output.info(f"Pruned     : {', '.join(summary['deleted'])}")
 
@@ -42,7 +55,7 @@ def _print_summary(summary: Summary) -> None:
 @click.option("--database", "-d", help="Database to back up (default: DB_NAME).")
 @guarded
 def backup_command(database: str | None) -> None:
-    """Take a backup: dump → verify → checksum → meta → prune."""
+    """Take a backup: dump → verify → checksum → meta → offsite (with BACKUP_REPOSITORY) → prune."""
     settings = get_settings()
     database = database_option(database, settings)
     output.section("Full Database Backup")
@@ -71,7 +84,8 @@ def _backup_through_workers(settings: Settings, database: str) -> Summary:
     from worker import app
     from worker.cli.follow import check_workers, dispatch, follow_backup, sanitized
 
-    STEP_PHASES = {"verify": "verifying", "checksum": "checksumming", "meta": "writing meta", "prune": "pruning"}
+    STEP_PHASES = {"verify": "verifying", "checksum": "checksumming", "meta": "writing meta",
+                   "offsite": "sending offsite", "prune": "pruning"}
 
     workers = check_workers(app)
     output.info(f"Broker     : {sanitized(settings.broker_url or '')} ({len(workers)} worker(s) answered)")

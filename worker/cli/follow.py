@@ -27,7 +27,7 @@ from worker.settings import Settings
 POLL_SECONDS = 0.3
 LOST_TRACK_SECONDS = 60.0
 NO_WORKER_SECONDS = 60.0
-STEP_NAMES = ("dump", "verify", "checksum", "meta", "prune")
+STEP_NAMES = ("dump", "verify", "checksum", "meta", "prune")  # a kickoff from before `step_names` existed
 
 
 class LostTrack(BackupError):
@@ -185,7 +185,7 @@ def follow_backup(
         else None
     )
     summary: dict[str, Any] = {}
-    for name, step_id in zip(STEP_NAMES, steps, strict=False):
+    for name, step_id in zip(started.get("step_names") or STEP_NAMES, steps, strict=False):
         summary = wait_for(
             AsyncResult(step_id, app=app),
             deadline,

@@ -10,6 +10,7 @@ from worker.cli.drill import drill_command
 from worker.cli.inspect import list_command, status_command, verify_command
 from worker.cli.keys import keys_command
 from worker.cli.repair import repair_command
+from worker.cli.repository import repository_command
 from worker.cli.restore import restore_command, rollback_command
 
 
@@ -19,7 +20,7 @@ def cli() -> None:
 
 
 for command in (backup_command, verify_command, list_command, status_command, restore_command, rollback_command,
-                drill_command, repair_command, keys_command):
+                drill_command, repair_command, keys_command, repository_command):
     cli.add_command(command)
 
 

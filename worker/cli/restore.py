@@ -23,6 +23,28 @@ from worker.restore.tokens import LocalTokenStore, RedisTokenStore, TokenStore, 
 from worker.settings import Settings, SettingsError, get_settings
 
 
+def fetch_from_repository(settings: Settings, reference: str, database: str | None,
+                          host: str | None) -> tuple[str, str | None]:
+    """Fetch a set into BACKUP_DIR (on the worker's host through the broker, else here); returns the
+    backup's file name and the host that now holds it."""
+    if not settings.repository:
+        raise SettingsError("--from-repository needs BACKUP_REPOSITORY (and its password)")
+    database = database_option(database, settings) if reference == "latest" else database
+    output.info(f"Repository : fetching set {reference}" + (f" of {database!r}" if reference == "latest" else "") + " …")
+    if settings.broker_url:
+        kwargs = {"reference": reference, "database": database}
+        fetched = dict(call_task(settings, "tma_backup.fetch", kwargs, host))
+        host = str(fetched.get("host") or host)  # the restore runs where the file now is
+    else:
+        from worker.repository.fetch import fetch
+
+        fetched = fetch(settings, reference, database, f"local-{uuid.uuid4()}")
+    how = "already here, identical" if fetched["already_local"] else "fetched"
+    output.ok(f"Set        : {fetched['set']} → {fetched['file']} ({human_size(fetched['size_bytes'])}B, "
+              f"SHA-256 checked; {how}; {fetched['seconds']:.1f}s)")
+    return str(fetched["file"]), host
+
+
 def _show_backup(details: dict[str, Any]) -> None:
     output.info(f"File       : {details['file']}")
     output.info(f"Taken      : {details['timestamp']}")
@@ -116,11 +138,18 @@ def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: 
 @click.option("--prepare", "prepare_only", is_flag=True, help="Check the backup and print a token; restore later with --token.")
 @click.option("--token", help="A token printed by --prepare.")
 @click.option("--host", help="The worker host that holds FILE (several worker hosts share the broker).")
+@click.option("--from-repository", "from_repository", metavar="SET|latest",
+              help="Fetch this set (or the latest of --database) from BACKUP_REPOSITORY into BACKUP_DIR first.")
+@click.option("--database", "-d", help="With --from-repository latest: whose latest set (default: DB_NAME).")
 @guarded
 def restore_command(file: str | None, confirm_name: str | None, mode: str, prepare_only: bool, token: str | None,
-                    host: str | None) -> None:
+                    host: str | None, from_repository: str | None, database: str | None) -> None:
     """Restore FILE (from BACKUP_DIR) into its database, never destroying the live one on failure."""
     settings = get_settings()
+    if from_repository is not None:
+        if file or token:
+            raise SettingsError("restore: --from-repository replaces FILE and does not go with --token")
+        file, host = fetch_from_repository(settings, from_repository, database, host)
     store = _store(settings)
     output.section("Database Restore")
     if token:

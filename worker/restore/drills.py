@@ -88,11 +88,18 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
 
 
 def run_and_record(settings: Settings, executor: Executor, database: str | None, file: str | None, run: str,
-                   progress: Progress = no_progress, scheduled: bool = False) -> dict[str, Any]:
+                   progress: Progress = no_progress, scheduled: bool = False,
+                   from_repository: str | None = None) -> dict[str, Any]:
     """Run a drill and record pass or fail under the drilled database. With FILE that is the database of
     its `.meta` (`database`, when given, must agree); without, `database` or DB_NAME. A FILE whose
     database cannot be told, or a disagreeing `database`, is refused before anything is touched, and
-    recorded nowhere. A scheduled drill that finds the database busy skips."""
+    recorded nowhere. A scheduled drill that finds the database busy skips.
+
+    `from_repository` (`latest` or a set id) drills the off-site copy: the set is fetched and checked
+    first (a set that cannot be fetched is a failed drill), and a fetched file that was not here before
+    is removed again afterwards."""
+    if from_repository is not None:
+        return _drill_from_repository(settings, executor, database, from_repository, run, progress, scheduled)
     if file is None:
         database = database or settings.DB_NAME
     else:
@@ -109,6 +116,30 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
         _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
         raise
     _record(settings, database, {"result": "pass", "at": at, **result})
+    return result
+
+
+def _drill_from_repository(settings: Settings, executor: Executor, database: str | None, reference: str, run: str,
+                           progress: Progress, scheduled: bool) -> dict[str, Any]:
+    from worker.repository.fetch import fetch
+
+    database = database or settings.DB_NAME
+    at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)
+    try:
+        fetched = fetch(settings, reference, database, run, progress)
+    except BackupError as error:
+        _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
+                                     "error": str(error)})
+        raise
+    try:
+        result = run_and_record(settings, executor, fetched["database"], fetched["file"], run, progress, scheduled)
+    finally:
+        if not fetched["already_local"]:
+            dump = settings.backup_dir / fetched["file"]
+            catalogue.delete_files([dump, catalogue.meta_path(dump)])
+    result["from_repository"] = {key: fetched[key] for key in ("set", "seconds", "already_local")}
+    if "skipped" not in result:
+        _record(settings, fetched["database"], {"result": "pass", "at": at, **result})
     return result
 
 

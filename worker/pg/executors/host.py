@@ -22,7 +22,7 @@ from worker.settings import Settings
 _SCRUBBED = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGPASSFILE", "PGOPTIONS")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: if the worker process that started this tool dies (SIGKILL, the OOM
     killer), the kernel kills the tool too, so no orphaned pg_dump holds table locks or writes on."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -78,7 +78,7 @@ class StreamedDump:
         try:
             self._process = subprocess.Popen(argv, env=scrubbed_environment(env), stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             preexec_fn=_die_with_parent)
+                                             preexec_fn=die_with_parent)
         except OSError as error:
             target.close()
             raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None
@@ -167,7 +167,7 @@ class HostExecutor:
                 stdin=stdin_handle,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except OSError as error:
             raise BackupError(f"cannot run {argv[0]}: {error.strerror}") from None
@@ -189,7 +189,7 @@ class HostExecutor:
         feeder = threading.Thread(target=_feed, args=(archive, write_end), daemon=True)
         try:
             process = subprocess.Popen(["pg_restore", "--list"], env=scrubbed_environment(env), stdin=read_end,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         except OSError as error:
             os.close(write_end)
             raise BackupError(f"cannot run pg_restore: {error.strerror}") from None

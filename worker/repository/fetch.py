@@ -1,0 +1,152 @@
+"""Fetch a set from the repository into BACKUP_DIR, as the backup it was: `<db>_<timestamp>.dump` and
+its `.meta`, the dump's SHA-256 checked against the `.meta` while it is written. From there the restore
+(or drill) is the same locked, token-guarded one as for a backup made here.
+
+Works on a fresh machine: an empty BACKUP_DIR and nothing but the repository's address and password.
+The download goes to a `.partial` name (a crash leaves nothing that looks complete; the next prune
+removes it) and is published like a backup: `.meta` first, then the dump's final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.archive import catalogue
+from worker.archive.meta import MetaError, fsync_dir, human_size, parse_meta, write_atomically
+from worker.errors import BackupError, VerificationFailed
+from worker.progress import Progress, no_progress
+from worker.repository.lock import using_repository
+from worker.repository.restic import RepositoryError, Restic
+from worker.repository.sets import RepositorySet, find_set
+from worker.settings import Settings, SettingsError, ensure_backup_dir
+
+ROOM_MARGIN = 64 * 1024 * 1024
+
+
+class _HashingWriter:
+    def __init__(self, handle: Any, progress: Progress, name: str, total: int) -> None:
+        self._handle = handle
+        self._progress = progress
+        self._name = name
+        self._total = total
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self._reported = 0.0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self._handle.write(data)
+        self.written += len(data)
+        now = time.monotonic()
+        if now - self._reported >= 0.5:
+            self._progress("fetching from the repository", {"file": self._name, "bytes_done": self.written,
+                                                            "total_bytes": self._total})
+            self._reported = now
+        return len(data)
+
+
+def fetch(settings: Settings, reference: str, database: str | None, owner: str,
+          progress: Progress = no_progress) -> dict[str, Any]:
+    """Fetch set `reference` (`latest` of `database`, or an id) into BACKUP_DIR; returns the backup's
+    file name, the set and what was done. The bytes are always downloaded and checked, also when the
+    same backup is already here (a drill must prove the off-site copy, not the local one); an identical
+    local copy is then kept as it is."""
+    started = time.monotonic()
+    try:
+        directory = ensure_backup_dir(settings)
+    except SettingsError as error:
+        raise BackupError(str(error)) from None
+    restic = Restic(settings)
+    with using_repository(settings, owner, progress):
+        found = find_set(restic, reference, database)
+        dump_name = _dump_name(found)
+        meta_name = dump_name + catalogue.META_SUFFIX
+        meta_text = _read_small(restic, found, meta_name)
+        try:
+            meta = parse_meta(meta_text)
+        except MetaError as error:
+            raise VerificationFailed(f"set {found.short_id}: its .meta is unreadable ({error})") from None
+        if meta.database != found.database or meta.timestamp != found.timestamp:
+            raise VerificationFailed(f"set {found.short_id}: its .meta names another backup")
+        target = directory / dump_name
+        free = shutil.disk_usage(directory).free
+        if free < meta.file_size_bytes + ROOM_MARGIN:
+            raise BackupError(
+                f"not enough free space in {directory} to fetch {dump_name}: it needs {human_size(meta.file_size_bytes)}B "
+                f"(+{human_size(ROOM_MARGIN)}B margin), {human_size(free)}B are free; nothing was written")
+        partial = catalogue.partial_path(target)
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                writer = _HashingWriter(handle, progress, dump_name, meta.file_size_bytes)
+                restic.run(["dump", found.id, "/" + dump_name], stdout=writer)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            sha256 = writer.digest.hexdigest()
+            if sha256 != meta.sha256 or writer.written != meta.file_size_bytes:
+                raise VerificationFailed(
+                    f"set {found.short_id}: {dump_name} as fetched ({writer.written} bytes, SHA-256 {sha256[:16]}…) "
+                    f"is not what its .meta records ({meta.file_size_bytes} bytes, {meta.sha256[:16]}…); not used")
+            kept_local = _publish(target, partial, meta_text, meta.sha256)
+        except BaseException as error:
+            partial.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise BackupError(f"cannot write {partial.name} in {directory}: {error.strerror}") from None
+            raise
+    return {
+        "file": dump_name,
+        "set": found.short_id,
+        "database": found.database,
+        "timestamp": found.timestamp,
+        "size_bytes": meta.file_size_bytes,
+        "sha256": meta.sha256,
+        "already_local": kept_local,
+        "host": settings.WORKER_HOST,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _dump_name(found: RepositorySet) -> str:
+    name = found.dump_name
+    expected = {catalogue.backup_name(found.database, found.timestamp, suffix)
+                for suffix in (catalogue.DUMP_SUFFIX, catalogue.ZST_DUMP_SUFFIX)}
+    if name is None or name not in expected or f"{name}{catalogue.META_SUFFIX}" not in found.files:
+        raise RepositoryError(f"set {found.short_id} does not hold one backup and its .meta (it holds {found.files})")
+    return name
+
+
+def _read_small(restic: Restic, found: RepositorySet, name: str) -> str:
+    buffer = io.BytesIO()
+    restic.run(["dump", found.id, "/" + name], stdout=buffer)
+    if buffer.tell() > 64 * 1024 * 1024:
+        raise VerificationFailed(f"set {found.short_id}: {name} is far too large for a .meta")
+    return buffer.getvalue().decode("utf-8", "replace")
+
+
+def _publish(target: Path, partial: Path, meta_text: str, sha256: str) -> bool:
+    """Publish the checked download like a backup: `.meta`, then the dump's final name. When that
+    backup is already here, complete and recorded with the same SHA-256, keep it and drop the download
+    (the bytes are identical). Returns whether the local copy was kept."""
+    meta_file = catalogue.meta_path(target)
+    if os.path.lexists(target):
+        entry = catalogue.inspect_backup(target, *_database_and_timestamp(target, meta_text))
+        if entry.complete and entry.meta is not None and entry.meta.sha256 == sha256 and target.is_file():
+            partial.unlink()
+            return True
+        raise BackupError(f"{target.name} already exists in {target.parent} and is not this set's backup; "
+                          "move it away first (nothing was changed)")
+    write_atomically(meta_file, meta_text)
+    os.replace(partial, target)
+    fsync_dir(target.parent)
+    return False
+
+
+def _database_and_timestamp(target: Path, meta_text: str) -> tuple[str, str]:
+    meta = parse_meta(meta_text)
+    return meta.database, meta.timestamp

@@ -1,0 +1,109 @@
+"""The repository's upkeep: creating it, calendar retention (`forget`, with every run), reclaiming
+space (`prune`, weekly in beat: it reads every index and rewrites packs, the costly part), and checks.
+Each runs under the repository's lock (`worker.repository.lock`), never beside a backup or a restore.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from worker.progress import Progress, no_progress
+from worker.repository.lock import using_repository
+from worker.repository.restic import RepositoryError, RepositoryMissing, Restic
+from worker.repository.sets import TOOL_TAG, database_tag, list_sets
+from worker.settings import Settings
+
+
+def unlock_stale(restic: Restic) -> None:
+    """Remove locks of restic processes that died (`restic unlock` leaves live ones alone)."""
+    restic.run(["unlock"])
+
+
+def keep_arguments(settings: Settings) -> list[str]:
+    policy = {
+        "--keep-daily": settings.REPOSITORY_KEEP_DAILY,
+        "--keep-weekly": settings.REPOSITORY_KEEP_WEEKLY,
+        "--keep-monthly": settings.REPOSITORY_KEEP_MONTHLY,
+        "--keep-yearly": settings.REPOSITORY_KEEP_YEARLY,
+    }
+    return [part for flag, count in policy.items() if count for part in (flag, str(count))]
+
+
+def forget(restic: Restic, settings: Settings, database: str) -> list[str]:
+    """Apply the calendar policy to this database's sets (restic's semantics: the newest set of each
+    period that has one, in one group per database). Only snapshots tagged by this tool for this
+    database are considered; the newest always stays. Returns the ids forgotten."""
+    sets = list_sets(restic, database)
+    if len(sets) <= 1:
+        return []
+    newest = sets[-1].id
+    result = restic.json([
+        "forget", "--tag", f"{TOOL_TAG},{database_tag(database)}", "--group-by", "", *keep_arguments(settings),
+    ]) or []
+    removed: list[str] = []
+    for group in result:
+        removed += [str(item["id"]) for item in group.get("remove") or []]
+    if newest in removed:  # restic never does this with a keep-* of at least 1; fail loudly if it ever did
+        raise RepositoryError(f"retention removed the newest set {newest[:8]} of {database!r}; this is a bug")
+    return [identifier[:8] for identifier in removed]
+
+
+def retain(settings: Settings, database: str, owner: str, sent: list[dict[str, Any]],
+           progress: Progress = no_progress) -> dict[str, Any]:
+    """The prune link's share in the repository: record what each set this run sent added (a tag:
+    restic 0.14 keeps no such figure, and it is known only once the set is written; `restic tag`
+    rewrites the snapshot under a new id), then calendar retention for this database. Returns the
+    sets' final ids and the ids forgotten."""
+    restic = Restic(settings)
+    renamed: dict[str, str] = {}
+    with using_repository(settings, owner, progress):
+        for item in sent:
+            restic.run(["tag", "--add", f"added:{int(item['bytes_added'])}", str(item["set"])])
+        if sent:
+            by_timestamp = {found.timestamp: found.short_id for found in list_sets(restic, database)}
+            renamed = {str(item["set"]): by_timestamp.get(str(item["timestamp"]), str(item["set"])) for item in sent}
+        progress("forgetting old sets", {})
+        forgotten = forget(restic, settings, database)
+    return {"renamed": renamed, "forgotten": forgotten}
+
+
+def init(settings: Settings) -> dict[str, Any]:
+    """Create the repository (never implicitly: only this command does)."""
+    restic = Restic(settings)
+    try:
+        restic.run(["cat", "config"])
+    except RepositoryMissing:
+        pass
+    else:
+        raise RepositoryError(f"a repository already exists at {restic.shown}; nothing was changed")
+    outcome = restic.json(["init"])
+    identifier = str((outcome or {}).get("id", "")) if isinstance(outcome, dict) else ""
+    return {"repository": restic.shown, "id": identifier}
+
+
+def prune(settings: Settings, owner: str, progress: Progress = no_progress) -> dict[str, Any]:
+    """Forget per the policy for every database with sets, then reclaim the space (`restic prune`)."""
+    restic = Restic(settings)
+    started = time.monotonic()
+    with using_repository(settings, owner, progress):
+        unlock_stale(restic)
+        databases = sorted({found.database for found in list_sets(restic)})
+        forgotten = {database: forget(restic, settings, database) for database in databases}
+        progress("pruning the repository", {})
+        prune_started = time.monotonic()
+        restic.run(["prune"])
+        pruned = time.monotonic() - prune_started
+    return {"repository": restic.shown, "forgotten": forgotten, "prune_seconds": round(pruned, 3),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def check(settings: Settings, owner: str, subset: str | None = None, progress: Progress = no_progress) -> dict[str, Any]:
+    """`restic check` (structure and indexes), reading `subset` of the data too when given (`5%`, `1/7`)."""
+    restic = Restic(settings)
+    started = time.monotonic()
+    with using_repository(settings, owner, progress):
+        unlock_stale(restic)
+        progress("checking the repository", {"subset": subset})
+        restic.run(["check", *(["--read-data-subset", subset] if subset else [])])
+    return {"repository": restic.shown, "subset": subset, "ok": True, "seconds": round(time.monotonic() - started, 3)}

@@ -1,0 +1,125 @@
+"""The offsite link: this run's backup, and every complete local backup of the database that the
+repository lacks since its newest set (oldest first, so an outage of the remote heals at the next run),
+each becomes a set confirmed by listing it back. Calendar retention in the repository runs in the prune
+link (`worker.repository.maintenance.retain`).
+
+Nothing here touches the local backups: a failure leaves them exactly as they were, complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.archive import catalogue
+from worker.archive.catalogue import BackupEntry
+from worker.progress import Progress, no_progress
+from worker.repository.lock import using_repository
+from worker.repository.restic import RepositoryError, Restic
+from worker.repository.sets import list_sets, set_tags
+from worker.settings import Settings
+
+RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # `backup --time`, read in the TZ restic runs with (UTC)
+
+
+@dataclass
+class SentSet:
+    id: str
+    timestamp: str
+    bytes_added: int
+    seconds: float
+
+
+def offsite(settings: Settings, database: str, run_id: str, current: str | None = None,
+            progress: Progress = no_progress) -> dict[str, Any]:
+    """Send `current` (this run's complete backup) and every other complete local backup of `database`
+    newer than the repository's newest set that the repository lacks (what failed runs could not send;
+    an older one missing was forgotten by retention and stays forgotten). Each set is confirmed by
+    listing it back. Raises RepositoryError; the local backups are never touched.
+
+    The listing runs beside the upload of this run's backup, which is new by construction: restic pays
+    about half a second of key derivation per command, the one cost a bare `restic backup` does not."""
+    started = time.monotonic()
+    restic = Restic(settings)
+    local = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
+    own = next((entry for entry in local if current and entry.path == Path(current)), None)
+    sent: list[SentSet] = []
+    with using_repository(settings, run_id, progress):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="repository-listing") as pool:
+            listing = pool.submit(list_sets, restic, database)
+            try:
+                if own is not None:
+                    progress("sending offsite", {"file": own.path.name})
+                    sent.append(send(restic, own, run_id, settings.WORKER_HOST, progress))
+            finally:
+                present = listing.result()
+        known = {found.timestamp for found in present} | {item.timestamp for item in sent}
+        newest = max((found.timestamp for found in present), default="")
+        missing = [entry for entry in local if entry.timestamp not in known and entry.timestamp > newest]
+        for number, entry in enumerate(missing, 1):
+            progress("sending offsite", {"file": entry.path.name, "catching_up": number, "of": len(missing)})
+            sent.append(send(restic, entry, run_id, settings.WORKER_HOST, progress))
+    return {
+        "repository": restic.shown,
+        "set": sent[0].id[:8] if own is not None else None,
+        "bytes_added": sum(item.bytes_added for item in sent),
+        "sent": [{"set": item.id[:8], "timestamp": item.timestamp, "bytes_added": item.bytes_added,
+                  "seconds": round(item.seconds, 3)} for item in sent],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: Progress = no_progress) -> SentSet:
+    """One backup (its dump and `.meta`) as one set, confirmed by listing it back."""
+    started = time.monotonic()
+    dump, meta = entry.path, catalogue.meta_path(entry.path)
+    run_of_backup = (entry.meta.extra.get("run_id") if entry.meta else None) or run_id
+    summary: dict[str, Any] = {}
+
+    def on_line(message: dict[str, Any]) -> None:
+        kind = message.get("message_type")
+        if kind == "summary":
+            summary.update(message)
+        elif kind == "status":
+            progress("sending offsite", {"file": dump.name, "bytes_done": int(message.get("bytes_done", 0)),
+                                         "total_bytes": int(message.get("total_bytes", 0))})
+
+    moment = catalogue.parse_timestamp(entry.timestamp).strftime(RESTIC_TIME_FORMAT)
+    restic.run(
+        ["backup", "--json", "--host", host, "--time", moment,
+         "--tag", ",".join(set_tags(entry.database, entry.timestamp, run_of_backup)), dump.name, meta.name],
+        cwd=dump.parent, on_json=on_line,
+    )
+    snapshot = str(summary.get("snapshot_id") or "")
+    if not snapshot:
+        raise RepositoryError(f"restic reported no set for {dump.name}; nothing was recorded as sent")
+    listed = confirm(restic, snapshot, {dump.name: dump.stat().st_size, meta.name: meta.stat().st_size})
+    return SentSet(listed, entry.timestamp, int(summary.get("data_added", 0)), time.monotonic() - started)
+
+
+def confirm(restic: Restic, snapshot: str, expected: dict[str, int]) -> str:
+    """The set must list exactly the files sent, with their sizes; else it is forgotten and the run
+    fails. Returns the set's full id."""
+    outcome = restic.run(["ls", "--json", snapshot])
+    listed: dict[str, int] = {}
+    identifier = ""
+    for line in outcome.stdout.splitlines():
+        try:
+            node = json.loads(line)
+        except ValueError:
+            continue
+        if node.get("struct_type") == "snapshot":
+            identifier = str(node.get("id", ""))
+        elif node.get("struct_type") == "node" and node.get("type") == "file":
+            listed[str(node.get("path", "")).lstrip("/")] = int(node.get("size", -1))
+    if listed != expected or not identifier:
+        restic.run(["forget", snapshot], check=False)
+        raise RepositoryError(
+            f"set {snapshot[:8]} does not hold what was sent (it lists {sorted(listed.items())}, expected "
+            f"{sorted(expected.items())}); it was forgotten, and the backup stays complete locally"
+        )
+    return identifier

@@ -1,0 +1,252 @@
+"""Run the `restic` binary against BACKUP_REPOSITORY: secrets in its environment only, its failures
+turned into one line an operator can act on, and a watchdog for a server that stopped answering.
+
+restic retries a vanished server for a quarter of an hour or more (seen: still retrying after five
+minutes of connection refused). A backup must fail in bounded time instead, so while restic runs, its
+stderr is watched: after REPOSITORY_STALL_TIMEOUT seconds of nothing but retries it is killed and the
+last error reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from worker.errors import BackupError
+from worker.pg.executors.host import die_with_parent
+from worker.settings import Settings
+
+# What restic inherits from this process's environment; everything else (TMA Cloud's own AWS_* for its
+# bucket, RESTIC_* of whoever started the worker) is left out, so nothing redirects it.
+_INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+_RETRYING = re.compile(r"returned error, retrying after|retrying after")
+JsonLine = Callable[[dict[str, Any]], None]
+
+
+class RepositoryError(BackupError):
+    """The repository could not be used; `str()` is one line saying why and what to do."""
+
+
+class RepositoryMissing(RepositoryError):
+    """No repository at the address (or not initialised)."""
+
+
+class RepositoryLocked(RepositoryError):
+    """restic found a lock held by another restic process."""
+
+
+def redacted(address: str) -> str:
+    """The repository's address without a password (`rest:https://user:pw@host/` → `user:***@`)."""
+    scheme, sep, rest = address.partition(":")
+    if not sep or "://" not in rest or "@" not in rest:
+        return address
+    parts = urlsplit(rest)
+    if parts.password is None:
+        return address
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return f"{scheme}:{urlunsplit(parts._replace(netloc=netloc))}"
+
+
+def restic_binary() -> str:
+    found = shutil.which("restic")
+    if not found:
+        raise RepositoryError("restic is not installed on this host: apt-get install restic (0.14 or newer)")
+    return found
+
+
+def restic_environment(settings: Settings) -> dict[str, str]:
+    if settings.repository is None:
+        raise RepositoryError("BACKUP_REPOSITORY is not set: there is no repository to use")
+    environment = {key: os.environ[key] for key in _INHERITED if key in os.environ}
+    environment.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    environment.update({
+        "RESTIC_REPOSITORY": settings.repository,
+        "TZ": "UTC",  # `backup --time` and the snapshots' times are the backups' own UTC timestamps
+        "RESTIC_PROGRESS_FPS": "2",
+    })
+    if settings.BACKUP_REPOSITORY_PASSWORD is not None:
+        environment["RESTIC_PASSWORD"] = settings.BACKUP_REPOSITORY_PASSWORD.get_secret_value()
+    elif settings.BACKUP_REPOSITORY_PASSWORD_FILE is not None:
+        environment["RESTIC_PASSWORD_FILE"] = str(settings.BACKUP_REPOSITORY_PASSWORD_FILE)
+    if settings.BACKUP_REPOSITORY_ACCESS_KEY_ID and settings.BACKUP_REPOSITORY_SECRET_ACCESS_KEY:
+        environment["AWS_ACCESS_KEY_ID"] = settings.BACKUP_REPOSITORY_ACCESS_KEY_ID.get_secret_value()
+        environment["AWS_SECRET_ACCESS_KEY"] = settings.BACKUP_REPOSITORY_SECRET_ACCESS_KEY.get_secret_value()
+    if "HOME" not in environment and "XDG_CACHE_HOME" not in environment:
+        environment["RESTIC_CACHE_DIR"] = "/tmp/tma-backup-restic-cache"
+    return environment
+
+
+def explain(stderr: str, address: str) -> RepositoryError:
+    """restic's stderr as one line an operator can act on."""
+    text = stderr.strip()
+    shown = redacted(address)
+    lowered = text.lower()
+    if "wrong password" in lowered or "no key found" in lowered:
+        return RepositoryError(f"the repository at {shown} refused the password (BACKUP_REPOSITORY_PASSWORD"
+                               "[_FILE]): wrong password, or another repository at that address")
+    if any(code in text for code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
+                                     "Access Denied", "InvalidSecretKey")):
+        return RepositoryError(f"the repository's storage at {shown} refused the credentials "
+                               "(BACKUP_REPOSITORY_ACCESS_KEY_ID / BACKUP_REPOSITORY_SECRET_ACCESS_KEY)")
+    if "repository is already locked" in lowered or "unable to create lock" in lowered:
+        return RepositoryLocked(f"the repository at {shown} is locked by another restic process "
+                                "(a stale lock of a killed run is removed at the next run)")
+    unreachable = ("connection refused", "no such host", "i/o timeout", "network is unreachable",
+                   "connection reset", "stopped answering", "tls handshake", "dial tcp")
+    missing = ("is there a repository at the following location", "repository does not exist",
+               "unable to open config file", "nosuchbucket", "does not exist", "no such file or directory")
+    if any(sign in lowered for sign in unreachable):
+        return RepositoryError(f"cannot reach the repository at {shown}: {_detail(text)}")
+    if any(sign in lowered for sign in missing):
+        return RepositoryMissing(f"no restic repository at {shown}: check BACKUP_REPOSITORY, or create it once "
+                                 "with `tma-backup repository init`")
+    return RepositoryError(f"restic failed on {shown}: {_detail(text) or 'no message'}")
+
+
+def _detail(text: str) -> str:
+    """The most telling line of restic's stderr: its `Fatal:` line, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("Fatal:"):
+            return line.removeprefix("Fatal:").strip()[:300]
+    return lines[-1][:300] if lines else ""
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Restic:
+    """One repository, as the settings name it. Every command runs with `--json` where restic has it,
+    in a process of its own that dies with this one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.binary = restic_binary()
+        self.address = settings.repository or ""
+        self.environment = restic_environment(settings)
+        self.stall_timeout = settings.REPOSITORY_STALL_TIMEOUT
+
+    @property
+    def shown(self) -> str:
+        return redacted(self.address)
+
+    def run(self, args: list[str], *, cwd: Path | None = None, on_json: JsonLine | None = None,
+            stdout: IO[bytes] | None = None, check: bool = True) -> Outcome:
+        """Run `restic ARGS`. `on_json` gets each JSON line of stdout as it comes (progress); `stdout`
+        (a binary file) takes stdout raw instead (`restic dump`). Raises RepositoryError on failure.
+
+        A restic lock in the way is a killed run's (every user of the repository holds its lock, see
+        `worker.repository.lock`): `restic unlock` removes it if it is stale, and the command runs once more."""
+        try:
+            return self._run_once(args, cwd, on_json, stdout, check)
+        except RepositoryLocked:
+            if args[:1] == ["unlock"]:
+                raise
+            self._run_once(["unlock"], None, None, None, True)
+            return self._run_once(args, cwd, on_json, stdout, check)
+
+    def _run_once(self, args: list[str], cwd: Path | None, on_json: JsonLine | None, stdout: IO[bytes] | None,
+                  check: bool) -> Outcome:
+        argv = [self.binary, *args]
+        with self._process(argv, cwd) as (process, errors, stalled):
+            collected: list[str] = []
+            assert process.stdout is not None
+            if stdout is not None:
+                shutil.copyfileobj(process.stdout, stdout, 1024 * 1024)
+            else:
+                for raw in process.stdout:
+                    line = raw.decode("utf-8", "replace")
+                    collected.append(line)
+                    if on_json is not None and line.startswith("{"):
+                        try:
+                            on_json(json.loads(line))
+                        except ValueError:
+                            pass
+            returncode = process.wait()
+        outcome = Outcome(returncode, "".join(collected), "".join(errors))
+        if stalled.is_set():
+            raise RepositoryError(f"cannot reach the repository at {self.shown}: it stopped answering for "
+                                  f"{self.stall_timeout} s (REPOSITORY_STALL_TIMEOUT); last error: "
+                                  f"{_detail(outcome.stderr)}")
+        if check and returncode != 0:
+            raise explain(outcome.stderr, self.address)
+        return outcome
+
+    def json(self, args: list[str]) -> Any:
+        outcome = self.run([*args, "--json"])
+        try:
+            return json.loads(outcome.stdout or "null")
+        except ValueError:
+            raise RepositoryError(f"restic printed something other than JSON for `{args[0]}`") from None
+
+    @contextmanager
+    def _process(self, argv: list[str], cwd: Path | None) -> Iterator[tuple[subprocess.Popen[bytes], list[str], threading.Event]]:
+        process = subprocess.Popen(
+            argv, cwd=cwd, env=self.environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, preexec_fn=die_with_parent, start_new_session=True,
+        )
+        errors: list[str] = []
+        stalled = threading.Event()
+        retrying_since: list[float | None] = [None]
+
+        def read_errors() -> None:
+            assert process.stderr is not None
+            for raw_line in process.stderr:
+                line = raw_line.decode("utf-8", "replace")
+                errors.append(line)
+                if _RETRYING.search(line):
+                    if retrying_since[0] is None:
+                        retrying_since[0] = time.monotonic()
+                else:
+                    retrying_since[0] = None
+
+        finished = threading.Event()
+
+        def watch() -> None:
+            while not finished.wait(0.5):
+                since = retrying_since[0]
+                if since is not None and time.monotonic() - since > self.stall_timeout:
+                    stalled.set()
+                    _kill(process)
+                    return
+
+        reader = threading.Thread(target=read_errors, name="restic-stderr", daemon=True)
+        watchdog = threading.Thread(target=watch, name="restic-watchdog", daemon=True)
+        reader.start()
+        watchdog.start()
+        try:
+            yield process, errors, stalled
+        except BaseException:
+            _kill(process)
+            raise
+        finally:
+            process.wait()
+            finished.set()
+            reader.join(timeout=5)
+            watchdog.join(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

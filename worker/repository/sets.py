@@ -1,0 +1,134 @@
+"""Sets in the repository: one restic snapshot per backup, found by its tags.
+
+A set holds a backup's `.dump` (or `.dump.zst`) and its `.meta` at the root of the snapshot's tree (they
+are sent with relative names from BACKUP_DIR), so `restic restore ID --target DIR` gives the two files
+and nothing else. Its tags say what it is: `tma-backup`, `db:<database>` (percent-encoded: restic
+splits tags at commas), `at:<backup timestamp>`, `run:<run id>`, and `added:<bytes>` (what the set
+added to the repository), so listing and retention never touch snapshots this tool did not make.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote, unquote
+
+from worker.archive import catalogue
+from worker.repository.restic import RepositoryError, Restic
+
+TOOL_TAG = "tma-backup"
+
+
+def database_tag(database: str) -> str:
+    return "db:" + quote(database, safe="")
+
+
+def set_tags(database: str, timestamp: str, run_id: str) -> list[str]:
+    return [TOOL_TAG, database_tag(database), f"at:{timestamp}", f"run:{quote(run_id, safe='')}"]
+
+
+@dataclass(frozen=True)
+class RepositorySet:
+    id: str
+    database: str
+    timestamp: str  # the backup's own (catalogue) timestamp
+    run_id: str
+    time: datetime
+    host: str
+    bytes_added: int | None
+    files: list[str] = field(default_factory=list)  # the snapshot's top-level names
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def dump_name(self) -> str | None:
+        names = [name for name in self.files if not name.endswith(catalogue.META_SUFFIX)]
+        return names[0] if len(names) == 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.short_id,
+            "database": self.database,
+            "timestamp": self.timestamp,
+            "run_id": self.run_id,
+            "host": self.host,
+            "bytes_added": self.bytes_added,
+            "files": self.files,
+        }
+
+
+def _tag_value(tags: list[str], prefix: str) -> str | None:
+    for tag in tags:
+        if tag.startswith(prefix):
+            return tag[len(prefix):]
+    return None
+
+
+def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
+    """A snapshot as one of our sets, or None when this tool did not make it."""
+    tags = list(snapshot.get("tags") or [])
+    database, timestamp = _tag_value(tags, "db:"), _tag_value(tags, "at:")
+    if TOOL_TAG not in tags or database is None or timestamp is None:
+        return None
+    try:
+        catalogue.parse_timestamp(timestamp)
+    except ValueError:
+        return None
+    added = _tag_value(tags, "added:")
+    paths = [str(path) for path in snapshot.get("paths") or []]
+    return RepositorySet(
+        id=str(snapshot["id"]),
+        database=unquote(database),
+        timestamp=timestamp,
+        run_id=unquote(_tag_value(tags, "run:") or ""),
+        time=_parse_time(str(snapshot.get("time", ""))),
+        host=str(snapshot.get("hostname", "")),
+        bytes_added=int(added) if added and added.isdigit() else None,
+        files=sorted(path.rsplit("/", 1)[-1] for path in paths),
+    )
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        return datetime.fromtimestamp(0, timezone.utc)
+
+
+def list_sets(restic: Restic, database: str | None = None) -> list[RepositorySet]:
+    """Our sets (of one database, or all), oldest first. One set per backup timestamp: should a run
+    have died between writing a set and tagging it, the tagged copy wins."""
+    tag = f"{TOOL_TAG},{database_tag(database)}" if database is not None else TOOL_TAG
+    snapshots = restic.json(["snapshots", "--tag", tag]) or []
+    found: dict[tuple[str, str], RepositorySet] = {}
+    for snapshot in snapshots:
+        parsed = parse_snapshot(snapshot)
+        if parsed is None:
+            continue
+        key = (parsed.database, parsed.timestamp)
+        if key not in found or (found[key].bytes_added is None and parsed.bytes_added is not None):
+            found[key] = parsed
+    return sorted(found.values(), key=lambda item: (item.timestamp, item.database))
+
+
+def find_set(restic: Restic, reference: str, database: str | None) -> RepositorySet:
+    """`latest` (of `database`) or a set's id or id prefix (at least 4 characters)."""
+    sets = list_sets(restic, database if reference == "latest" else None)
+    if reference == "latest":
+        if not sets:
+            raise RepositoryError(f"the repository holds no set of database {database!r}")
+        return sets[-1]
+    if len(reference) < 4 or any(char not in "0123456789abcdef" for char in reference.lower()):
+        raise RepositoryError(f"{reference!r} is not a set id: give `latest` or an id from `tma-backup repository list`")
+    matches = [item for item in sets if item.id.startswith(reference.lower())]
+    if not matches:
+        raise RepositoryError(f"no set {reference!r} in the repository (see `tma-backup repository list`)")
+    if len(matches) > 1:
+        raise RepositoryError(f"set id {reference!r} is ambiguous: give more of it")
+    found = matches[0]
+    if database is not None and found.database != database:
+        raise RepositoryError(f"set {found.short_id} is a backup of {found.database!r}, not of {database!r}")
+    return found
