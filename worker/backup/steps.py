@@ -14,6 +14,7 @@ from worker.archive.verification import sha256_of, verify_archive
 from worker.backup.run import Run, abandon_files, read_counts
 from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.errors import BackupError
+from worker.faults import crash_point
 from worker.pg.executors import Executor
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
@@ -109,6 +110,7 @@ def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress
     from worker.repository.offsite import offsite as send_offsite
 
     lock.confirm()
+    crash_point("offsite")
     with kept_alive(lock, renewal_interval(settings)) as lock_lost:
         run["offsite"] = send_offsite(settings, run["database"], run["run_id"], run["backup"], progress)
         if lock_lost.is_set():

@@ -65,8 +65,9 @@ def list_command() -> None:
 @click.option("--database", "-d", help="Database to report on (default: DB_NAME).")
 @guarded
 def status_command(database: str | None) -> None:
-    """Newest complete backup, its age and size; exit 1 when older than BACKUP_MAX_AGE_HOURS, or while
-    an interrupted restore has left the database refusing connections (`tma-backup repair` fixes it)."""
+    """Newest complete backup, its age and size, and the newest set in the repository; exit 1 when either
+    is older than BACKUP_MAX_AGE_HOURS, the repository cannot be read, or an interrupted restore has left
+    the database refusing connections (`tma-backup repair` fixes it)."""
     settings = get_settings()
     database = database_option(database, settings)
     newest = catalogue.newest_complete(settings.backup_dir, database)
@@ -87,11 +88,37 @@ def status_command(database: str | None) -> None:
         output.info(f"Last drill : passed at {drill['at']} ({Path(drill['file']).name})")
     else:
         output.warn(f"Last drill : FAILED at {drill['at']}: {drill.get('error', '')}")
+    offsite_problem = _repository_status(settings, database) if settings.repository else None
     if refusing:
         raise BackupError(refusing)
     if age_hours > settings.BACKUP_MAX_AGE_HOURS:
         raise BackupError(f"newest backup of {database!r} is {age_hours:.1f} h old, over the limit")
-    output.ok("Backups are current.")
+    if offsite_problem:
+        raise BackupError(offsite_problem)
+    output.ok("Backups are current" + (", here and off site." if settings.repository else "."))
+
+
+def _repository_status(settings: Settings, database: str) -> str | None:
+    """Show the newest set of `database` in the repository; the problem to fail on, else None."""
+    from worker.repository.restic import Restic
+    from worker.repository.sets import list_sets
+
+    try:
+        restic = Restic(settings)
+        sets = list_sets(restic, database)
+    except BackupError as error:
+        output.warn(f"Off site   : cannot read the repository ({error})")
+        return f"the repository cannot be read: {error}"
+    if not sets:
+        output.warn(f"Off site   : no set of {database!r} in {restic.shown}")
+        return f"the repository {restic.shown} holds no set of {database!r}"
+    newest = sets[-1]
+    age_hours = (datetime.now(timezone.utc) - catalogue.parse_timestamp(newest.timestamp)).total_seconds() / 3600
+    output.info(f"Off site   : set {newest.short_id} of {newest.timestamp}, {age_hours:.1f} h old, in {restic.shown} "
+                f"({len(sets)} set(s))")
+    if age_hours > settings.BACKUP_MAX_AGE_HOURS:
+        return f"the newest set of {database!r} in the repository is {age_hours:.1f} h old, over the limit"
+    return None
 
 
 def _left_refusing(settings: Settings, database: str) -> str | None:

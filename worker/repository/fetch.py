@@ -20,6 +20,7 @@ from typing import Any
 from worker.archive import catalogue
 from worker.archive.meta import MetaError, fsync_dir, human_size, parse_meta, write_atomically
 from worker.errors import BackupError, VerificationFailed
+from worker.faults import crash_point
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
@@ -93,6 +94,7 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
                 raise VerificationFailed(
                     f"set {found.short_id}: {dump_name} as fetched ({writer.written} bytes, SHA-256 {sha256[:16]}…) "
                     f"is not what its .meta records ({meta.file_size_bytes} bytes, {meta.sha256[:16]}…); not used")
+            crash_point("fetch:publish")
             kept_local = _publish(target, partial, meta_text, meta.sha256)
         except BaseException as error:
             partial.unlink(missing_ok=True)
