@@ -7,6 +7,7 @@ reason and the command that installs what is missing.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests import services, tma_cloud
+from tests import s3_server, services, tma_cloud
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TEST_PASSWORD = "S3cret-Pw-For-Tests-9f2c1a"
@@ -67,6 +68,28 @@ def redis_server() -> Iterator[services.RedisServer]:
         _unavailable(str(error))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3_server.S3Server]:
+    """One SeaweedFS `weed mini` for the session (tests/s3_server.py): S3 on 127.0.0.1 with its own key and
+    secret (`s3.env()` for tma-backup, `s3.aws_env()` for restic, `s3.client()` for boto3). Tests that stop
+    or kill it must start it again before they end."""
+    try:
+        server = s3_server.start_s3(tmp_path_factory.mktemp("s3"))
+    except services.ServiceUnavailable as error:
+        _unavailable(str(error))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def restic_bin() -> str:
+    """The machine's restic (Debian 12: 0.14)."""
+    found = shutil.which("restic")
+    if not found:
+        _unavailable("restic is not installed: apt-get install restic")
+    return str(found)
 
 
 @pytest.fixture
