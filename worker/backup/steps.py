@@ -120,11 +120,19 @@ def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress
 
 
 def _retain_in_repository(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress) -> None:
+    """Tag what the sets added and forget per REPOSITORY_KEEP_*. The sets are already safe: a failure here
+    is a warning in the run's result (the next run applies the policy), never a failed backup."""
     from worker.repository.maintenance import retain
+    from worker.repository.restic import RepositoryError
 
     offsite = run["offsite"]
-    with kept_alive(lock, renewal_interval(settings)):
-        kept = retain(settings, run["database"], run["run_id"], offsite["sent"], progress)
+    try:
+        with kept_alive(lock, renewal_interval(settings)):
+            kept = retain(settings, run["database"], run["run_id"], offsite["sent"], progress)
+    except RepositoryError as error:
+        offsite["retention"] = f"not applied this time: {error}"
+        run["warnings"].append(f"repository retention {offsite['retention']}")
+        return
     for item in offsite["sent"]:
         item["set"] = kept["renamed"].get(item["set"], item["set"])
     if offsite.get("set"):

@@ -47,6 +47,8 @@ def _print_summary(summary: Summary) -> None:
                 output.info(f"             also sent the backup of {sent['timestamp']} (set {sent['set']}), which an earlier run could not")
         if offsite.get("forgotten"):
             output.info(f"             forgot {len(offsite['forgotten'])} old set(s) per REPOSITORY_KEEP_*")
+        if offsite.get("retention"):
+            output.warn(f"Retention  : {offsite['retention']}")
     if summary.get("deleted"):
         output.info(f"Pruned     : {', '.join(summary['deleted'])}")
 
