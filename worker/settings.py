@@ -30,7 +30,9 @@ SIGNING_SETTINGS = ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_
 # Never echoed back in an error line, a log or a result.
 SECRET_SETTINGS = frozenset({
     "DB_PASSWORD", "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_ACCESS_KEY_ID",
-    "BACKUP_REPOSITORY_SECRET_ACCESS_KEY",
+    "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", "FILE_ENCRYPTION_KEY", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
+    "RUSTFS_ACCESS_KEY", "RUSTFS_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NOTIFY_URLS",
+    "HEALTHCHECK_URL",
 })
 
 
@@ -99,6 +101,39 @@ class Settings(BaseSettings):
     REPOSITORY_LOCK_WAIT: int = Field(default=3600, ge=0, le=86400)
     BACKUP_DRILL_FROM_REPOSITORY: bool = False
 
+    # TMA Cloud's uploads and configuration (the whole set; `worker.uploads`), with TMA's own names.
+    STORAGE_DRIVER: Literal["local", "s3"] = "local"
+    UPLOAD_DIR: Path | None = None
+    FILE_ENCRYPTION_KEY: SecretStr | None = None
+    # The settings file that goes into each set (the `.env` these settings were read from by default).
+    TMA_ENV_FILE: Path | None = None
+    # The uploads the database references: one text column (the path, relative to UPLOAD_DIR or the
+    # object key), optionally a second with the plain size TMA records.
+    UPLOADS_REFERENCES_QUERY: str = "SELECT path, size FROM files WHERE type = 'file' AND path IS NOT NULL"
+    # TMA's S3 settings and precedence (backend/config/storage.js): R2_*, then RUSTFS_*, then AWS_S3_*/AWS_*.
+    R2_ACCOUNT_ID: str | None = None
+    R2_ENDPOINT: str | None = None
+    R2_BUCKET: str | None = None
+    R2_ACCESS_KEY_ID: SecretStr | None = None
+    R2_SECRET_ACCESS_KEY: SecretStr | None = None
+    RUSTFS_ENDPOINT: str | None = None
+    RUSTFS_BUCKET: str | None = None
+    RUSTFS_ACCESS_KEY: SecretStr | None = None
+    RUSTFS_SECRET_KEY: SecretStr | None = None
+    RUSTFS_REGION: str | None = None
+    RUSTFS_FORCE_PATH_STYLE: str | None = None
+    AWS_S3_ENDPOINT: str | None = None
+    AWS_S3_BUCKET: str | None = None
+    AWS_ACCESS_KEY_ID: SecretStr | None = None
+    AWS_SECRET_ACCESS_KEY: SecretStr | None = None
+    AWS_REGION: str | None = None
+
+    # Telling people (`worker.notify`): Apprise URLs, when to send, the dead-man's-switch ping.
+    NOTIFY_URLS: SecretStr | None = None  # URLs carry tokens: never shown
+    NOTIFY_ON: Literal["failure", "all"] = "failure"
+    HEALTHCHECK_URL: SecretStr | None = None
+    NOTIFY_TIMEOUT: float = Field(default=10, gt=0, le=120)  # the most a notification may delay a run
+
     @field_validator("DB_HOST")
     @classmethod
     def _host_name(cls, value: str) -> str:
@@ -136,7 +171,12 @@ class Settings(BaseSettings):
     @field_validator("DB_CONTAINER", "DB_SSLROOTCERT", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
                      "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", "BACKUP_REPOSITORY",
                      "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_PASSWORD_FILE",
-                     "BACKUP_REPOSITORY_ACCESS_KEY_ID", "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", mode="before")
+                     "BACKUP_REPOSITORY_ACCESS_KEY_ID", "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", "UPLOAD_DIR",
+                     "FILE_ENCRYPTION_KEY", "TMA_ENV_FILE", "R2_ACCOUNT_ID", "R2_ENDPOINT", "R2_BUCKET",
+                     "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "RUSTFS_ENDPOINT", "RUSTFS_BUCKET", "RUSTFS_ACCESS_KEY",
+                     "RUSTFS_SECRET_KEY", "RUSTFS_REGION", "RUSTFS_FORCE_PATH_STYLE", "AWS_S3_ENDPOINT", "AWS_S3_BUCKET",
+                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "NOTIFY_URLS", "HEALTHCHECK_URL",
+                     mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -187,6 +227,31 @@ class Settings(BaseSettings):
                     self.REPOSITORY_KEEP_YEARLY)):
             raise ValueError("REPOSITORY_KEEP_*: at least one must be above 0 (else every set would be forgotten)")
         return self
+
+    @field_validator("NOTIFY_URLS")
+    @classmethod
+    def _notify_urls(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        from worker.notify.urls import check_notify_urls
+
+        check_notify_urls(value.get_secret_value())  # ValueError naming what is wrong, never the URL's secrets
+        return value
+
+    @field_validator("HEALTHCHECK_URL")
+    @classmethod
+    def _healthcheck_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        from worker.notify.urls import check_healthcheck_url
+
+        check_healthcheck_url(value.get_secret_value())
+        return value
+
+    @field_validator("UPLOAD_DIR", "TMA_ENV_FILE")
+    @classmethod
+    def _absolute_path(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
 
     @field_validator("TASK_SIGNING_CERT_STORE")
     @classmethod
@@ -263,6 +328,11 @@ class Settings(BaseSettings):
         return self.BACKUP_REPOSITORY
 
     @property
+    def env_file(self) -> Path:
+        """The settings file these settings were read from (TMA_ENV_FILE, else `.env` here)."""
+        return self.TMA_ENV_FILE or Path(".env").absolute()
+
+    @property
     def signing(self) -> bool:
         """Task messages are signed and only signed ones accepted (the three TASK_SIGNING_* are set)."""
         return self.TASK_SIGNING_KEY is not None
@@ -314,8 +384,9 @@ def _one_line(error: ValidationError) -> str:
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The validated settings, read once per process."""
+    env_file = os.environ.get("TMA_ENV_FILE", "").strip() or ".env"
     try:
-        return Settings()
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings' init keyword
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
 
