@@ -48,7 +48,7 @@ def test_the_app_speaks_json_only_and_sends_events():
 # The run record is a wire format too: links queued by one version are run by the next.
 RUN_RECORD_KEYS = {
     "run_id", "database", "backup", "timestamp", "host", "server", "started_at", "warnings",
-    "server_version", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds",
+    "server_version", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds", "uploads",
     "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "offsite", "deleted",
 }
 RUN_RECORD_REQUIRED = {"run_id", "database", "backup", "timestamp", "host", "started_at", "warnings"}
@@ -61,4 +61,4 @@ def test_the_run_record_keys_are_exactly_the_documented_ones():
 
     assert Run.__required_keys__ | Run.__optional_keys__ == RUN_RECORD_KEYS
     assert Run.__required_keys__ == RUN_RECORD_REQUIRED
-    assert Summary.__required_keys__ == SUMMARY_KEYS and Summary.__optional_keys__ == {"offsite"}
+    assert Summary.__required_keys__ == SUMMARY_KEYS and Summary.__optional_keys__ == {"offsite", "uploads"}

@@ -62,7 +62,8 @@ def counts_path(dump: Path) -> Path:
 
 def run_files(dump: Path) -> list[Path]:
     """Every file a run in progress may have written for this backup, final names excluded."""
-    return [partial_path(dump), counts_path(dump), meta_path(dump).with_name(meta_path(dump).name + ".tmp")]
+    return [partial_path(dump), counts_path(dump), partial_path(dump).with_name(partial_path(dump).name + ".refs"),
+            meta_path(dump).with_name(meta_path(dump).name + ".tmp")]
 
 
 def new_backup_path(directory: Path, database: str, suffix: str = DUMP_SUFFIX) -> Path:

@@ -22,6 +22,10 @@ from worker.pg.executors import Executor, ToolProcess, ToolResult
 from worker.pg.server_errors import ServerUnavailable, server_gone
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
+from worker.uploads.capture import capture_for_run
+from worker.uploads.config import uploads_enabled
+from worker.uploads.references import Reference, read_references, references_path
+from worker.uploads.references import save as save_references
 
 
 def _create_private(path: Path) -> None:
@@ -70,7 +74,9 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                     _create_private(partial)
                     process = executor.start_dump(
                         options, tool_environment(settings, database), partial, compression.zstd_level)
-                    result, counts = _dump_and_count(process, connection, partial, lock, lock_lost, progress)
+                    query = settings.UPLOADS_REFERENCES_QUERY if uploads_enabled(settings) else None
+                    result, counted = _dump_and_count(process, connection, partial, lock, lock_lost, progress, query)
+            counts, references = counted if counted is not None else (None, None)
             if result.returncode != 0 or counts is None:
                 failure = ServerUnavailable if server_gone(result.stderr) else BackupError
                 raise failure(f"pg_dump failed: {result.last_error_line()}")
@@ -79,6 +85,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             if lock_lost.is_set():
                 lock.confirm()  # raises with the reason
             write_counts(catalogue.counts_path(backup), counts)
+            if references is not None:
+                save_references(references_path(backup), references)
             if compression.zstd_level is not None and result.output_bytes:
                 run["archive_bytes"] = result.output_bytes  # what a restore must decompress: room needed
         except BaseException as error:
@@ -100,17 +108,32 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
     run["tables"] = len(counts)
     run["dump_seconds"] = round(time.monotonic() - started, 3)
     progress("dumped", {"bytes": partial.stat().st_size})
+    if uploads_enabled(settings):
+        with kept_alive(lock, renewal_interval(settings)) as lock_lost:
+            run["uploads"] = capture_for_run(run, settings, progress)
+            if lock_lost.is_set():
+                lock.confirm()
     return run
 
 
+Counted = tuple[dict[str, int], list[Reference] | None]
+
+
+def _count_and_reference(connection: psycopg.Connection[Any], query: str | None) -> Counted:
+    counts = exact_row_counts(connection)
+    return counts, (read_references(connection, query) if query is not None else None)
+
+
 def _dump_and_count(process: ToolProcess, connection: psycopg.Connection[Any], partial: Path, lock: DatabaseLock,
-                    lock_lost: threading.Event, progress: Progress) -> tuple[ToolResult, dict[str, int] | None]:
+                    lock_lost: threading.Event, progress: Progress,
+                    references_query: str | None = None) -> tuple[ToolResult, Counted | None]:
     """Count rows exactly on the snapshot's own session (in a thread) while pg_dump runs, watching the
     lock all along: a lost lock stops both at once, even while the counting waits on a table lock.
-    The counts are None when pg_dump failed (the counting is then cancelled)."""
+    With `references_query`, the uploads the database references are read in that same snapshot too.
+    The result is None when pg_dump failed (the counting is then cancelled)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-rows") as pool:
         progress("counting rows", {})
-        counting = pool.submit(exact_row_counts, connection)
+        counting = pool.submit(_count_and_reference, connection, references_query)
         try:
             reported = 0.0
             while True:
@@ -140,7 +163,7 @@ def _dump_and_count(process: ToolProcess, connection: psycopg.Connection[Any], p
         return result, counting.result()
 
 
-def _stop_counting(connection: psycopg.Connection[Any], counting: Future[dict[str, int]]) -> None:
+def _stop_counting(connection: psycopg.Connection[Any], counting: Future[Counted]) -> None:
     if not counting.done():
         connection.cancel()
     try:

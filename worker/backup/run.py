@@ -20,6 +20,7 @@ from worker.archive.meta import human_size, write_atomically
 from worker.coordination.locks import DatabaseLock
 from worker.errors import BackupError
 from worker.settings import Settings, SettingsError, check_database_name, ensure_backup_dir, folder_warning
+from worker.uploads.config import check_set_inputs
 
 
 # No `from __future__ import annotations` here: TypedDict reads NotRequired at run time only from real
@@ -43,6 +44,8 @@ class Run(TypedDict):
     mode_fields: NotRequired[dict[str, str]]
     tables: NotRequired[int]
     dump_seconds: NotRequired[float]
+    # With uploads in the set (`worker.uploads`): the uploads part and the cross-check's counts.
+    uploads: NotRequired[dict[str, Any]]
     # By verify, checksum, meta and prune:
     toc_entries: NotRequired[int]
     sha256: NotRequired[str]
@@ -69,6 +72,7 @@ class Summary(TypedDict):
     deleted: list[str]
     mode: str
     offsite: NotRequired[dict[str, Any]]  # with BACKUP_REPOSITORY: the set, bytes added, seconds
+    uploads: NotRequired[dict[str, Any]]  # with uploads in the set: the uploads part and the cross-check
 
 
 def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock, server: str) -> Run:
@@ -89,6 +93,11 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         lock.release()
         raise
     warning = folder_warning(directory)
+    try:
+        set_warnings = check_set_inputs(settings)
+    except BaseException:
+        lock.release()
+        raise
     return {
         "run_id": run_id,
         "database": database,
@@ -97,7 +106,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         "host": settings.WORKER_HOST,
         "server": server,
         "started_at": time.time(),
-        "warnings": [warning] if warning else [],
+        "warnings": ([warning] if warning else []) + set_warnings,
     }
 
 
@@ -143,4 +152,6 @@ def summary(run: Run) -> Summary:
     }
     if "offsite" in run:
         result["offsite"] = run["offsite"]
+    if "uploads" in run:
+        result["uploads"] = run["uploads"]
     return result

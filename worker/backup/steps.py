@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from worker.faults import crash_point
 from worker.pg.executors import Executor
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
+from worker.uploads.references import references_path
 
 
 def verify(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
@@ -73,6 +75,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
             "run_id": run["run_id"],
             "task_id": task_id or run["run_id"],
             "tool": "tma-backup",
+            **_uploads_fields(run),
         }
         meta = BackupMeta(
             timestamp=run["timestamp"],
@@ -92,6 +95,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
         os.replace(partial, backup)
         fsync_dir(backup.parent)
         catalogue.counts_path(backup).unlink(missing_ok=True)
+        references_path(backup).unlink(missing_ok=True)
     except BaseException as error:
         abandon_files(run)
         if isinstance(error, OSError):
@@ -100,6 +104,18 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
     run["duration_seconds"] = round(meta.duration_seconds, 3)
     run["complete"] = True
     return run
+
+
+def _uploads_fields(run: Run) -> dict[str, str]:
+    """The set's uploads and configuration as `.meta` fields (`uploads_*`; lists as JSON)."""
+    uploads = run.get("uploads")
+    if not uploads:
+        return {}
+    fields = {}
+    for key, value in uploads.items():
+        name = "file_encryption_key_sha256" if key == "key_sha256" else f"uploads_{key}"
+        fields[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return fields
 
 
 def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the backup package pulls in psycopg: not needed for `--help
 PHASE_MESSAGES = {
     "counting rows": "Counting rows exactly, inside the dump's snapshot …",
     "dumping": "Running pg_dump (custom format, serializable snapshot) …",
+    "capturing uploads": "Capturing the uploads into the repository (unchanged files are not read again) …",
     "verifying": "Verifying backup integrity (pg_restore --list) …",
     "checksumming": "Computing SHA-256 checksum …",
     "writing meta": "Writing .meta and publishing the backup …",
@@ -38,6 +39,9 @@ def _print_summary(summary: Summary) -> None:
     output.ok(f"TOC entries: {summary['toc_entries']}")
     output.ok(f"Tables     : {summary['tables']} (exact row counts in the .meta)")
     output.ok(f"SHA-256    : {summary['sha256']}")
+    uploads = summary.get("uploads")
+    if uploads:
+        _print_uploads(uploads)
     offsite = summary.get("offsite")
     if offsite:
         added = human_size(int(offsite["bytes_added"]))
@@ -51,6 +55,23 @@ def _print_summary(summary: Summary) -> None:
             output.warn(f"Retention  : {offsite['retention']}")
     if summary.get("deleted"):
         output.info(f"Pruned     : {', '.join(summary['deleted'])}")
+
+
+def _print_uploads(uploads: dict[str, Any]) -> None:
+    if uploads.get("error"):
+        output.warn(f"Uploads    : not captured ({uploads['error']})")
+    else:
+        output.ok(f"Uploads    : {uploads['files']} files ({human_size(int(uploads['bytes']))}B), part {uploads['part']}, "
+                  f"{human_size(int(uploads['bytes_added']))}B added, {uploads['seconds']:.1f}s")
+        output.ok(f"Cross-check: {uploads['referenced']} referenced, {uploads['missing']} missing, "
+                  f"{uploads['unreferenced']} unreferenced (fine)")
+    if uploads.get("missing"):
+        names = ", ".join(uploads.get("missing_names", [])[:5])
+        output.warn(f"{uploads['missing']} referenced upload(s) missing from the set: {names}"
+                    + (" …" if uploads["missing"] > 5 else ""))
+    for key, what in (("unreadable", "could not be read"), ("escaping", "lead outside UPLOAD_DIR and were not read")):
+        if uploads.get(key):
+            output.warn(f"{uploads[key]} upload(s) {what}: {', '.join(uploads.get(key + '_names', [])[:5])}")
 
 
 @click.command("backup")

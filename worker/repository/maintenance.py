@@ -11,7 +11,15 @@ from typing import Any
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, RepositoryMissing, Restic
-from worker.repository.sets import TOOL_TAG, database_tag, list_sets
+from worker.repository.sets import (
+    DATABASE_PART,
+    TOOL_TAG,
+    UPLOADS_PART,
+    database_tag,
+    list_parts,
+    list_sets,
+    merge_parts,
+)
 from worker.settings import Settings
 
 
@@ -32,20 +40,30 @@ def keep_arguments(settings: Settings) -> list[str]:
 
 def forget(restic: Restic, settings: Settings, database: str) -> list[str]:
     """Apply the calendar policy to this database's sets (restic's semantics: the newest set of each
-    period that has one, in one group per database). Only snapshots tagged by this tool for this
-    database are considered; the newest always stays. Returns the ids forgotten."""
-    sets = list_sets(restic, database)
-    if len(sets) <= 1:
-        return []
-    newest = sets[-1].id
-    result = restic.json([
-        "forget", "--tag", f"{TOOL_TAG},{database_tag(database)}", "--group-by", "", *keep_arguments(settings),
-    ]) or []
+    period that has one, in one group per database). The policy runs on the database parts (tag filter:
+    this tool, this database, `part:database`); uploads parts then follow their database part, so a set
+    is kept or forgotten whole. Uploads parts left by failed runs go too, once a newer set exists. The
+    newest set always stays. Returns the ids forgotten."""
+    parts = list_parts(restic, database)
+    sets = merge_parts(parts)
     removed: list[str] = []
-    for group in result:
-        removed += [str(item["id"]) for item in group.get("remove") or []]
-    if newest in removed:  # restic never does this with a keep-* of at least 1; fail loudly if it ever did
-        raise RepositoryError(f"retention removed the newest set {newest[:8]} of {database!r}; this is a bug")
+    if len(sets) > 1:
+        newest = sets[-1].id
+        result = restic.json([
+            "forget", "--tag", f"{TOOL_TAG},{database_tag(database)},part:{DATABASE_PART}", "--group-by", "",
+            *keep_arguments(settings),
+        ]) or []
+        for group in result:
+            removed += [str(item["id"]) for item in group.get("remove") or []]
+        if newest in removed:  # restic never does this with a keep-* of at least 1; fail loudly if it ever did
+            raise RepositoryError(f"retention removed the newest set {newest[:8]} of {database!r}; this is a bug")
+    kept = {(item.database, item.timestamp) for item in sets if item.id not in removed}
+    newest_timestamp = sets[-1].timestamp if sets else ""
+    followers = [item.id for item in parts if item.part == UPLOADS_PART and (item.database, item.timestamp) not in kept
+                 and item.timestamp < newest_timestamp]
+    if followers:
+        restic.run(["forget", *followers])
+        removed += followers
     return [identifier[:8] for identifier in removed]
 
 

@@ -9,8 +9,12 @@ Nothing here touches the local backups: a failure leaves them exactly as they we
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +24,12 @@ from worker.archive.catalogue import BackupEntry
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
-from worker.repository.sets import list_sets, set_tags
+from worker.repository.sets import DATABASE_PART, list_sets, set_tags
 from worker.settings import Settings
+from worker.uploads.config import env_file, uploads_enabled
 
-RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # `backup --time`, read in the TZ restic runs with (UTC)
+RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+STAGING_PREFIX = ".offsite-staging-"  # `backup --time`, read in the TZ restic runs with (UTC)
 
 
 @dataclass
@@ -47,6 +53,7 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
     restic = Restic(settings)
     local = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     own = next((entry for entry in local if current and entry.path == Path(current)), None)
+    configuration = env_file(settings) if uploads_enabled(settings) else None
     sent: list[SentSet] = []
     with using_repository(settings, run_id, progress):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="repository-listing") as pool:
@@ -54,7 +61,7 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
             try:
                 if own is not None:
                     progress("sending offsite", {"file": own.path.name})
-                    sent.append(send(restic, own, run_id, settings.WORKER_HOST, progress))
+                    sent.append(send(restic, own, run_id, settings.WORKER_HOST, progress, configuration))
             finally:
                 present = listing.result()
         known = {found.timestamp for found in present} | {item.timestamp for item in sent}
@@ -62,7 +69,7 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
         missing = [entry for entry in local if entry.timestamp not in known and entry.timestamp > newest]
         for number, entry in enumerate(missing, 1):
             progress("sending offsite", {"file": entry.path.name, "catching_up": number, "of": len(missing)})
-            sent.append(send(restic, entry, run_id, settings.WORKER_HOST, progress))
+            sent.append(send(restic, entry, run_id, settings.WORKER_HOST, progress, configuration))
     return {
         "repository": restic.shown,
         "set": sent[0].id[:8] if own is not None else None,
@@ -73,8 +80,37 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
     }
 
 
-def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: Progress = no_progress) -> SentSet:
-    """One backup (its dump and `.meta`) as one set, confirmed by listing it back."""
+@contextmanager
+def _staged(dump: Path, meta: Path, configuration: Path | None) -> Iterator[tuple[Path, dict[str, int]]]:
+    """The folder restic runs in and the names (with sizes) the set must hold. Without a configuration
+    file that is BACKUP_DIR itself; with one, a private staging folder in BACKUP_DIR holding hard links
+    to the dump and `.meta` (no copy) and a copy of the configuration as `<backup name>.env`, removed
+    afterwards (a crash leaves it for the next send to remove)."""
+    if configuration is None:
+        yield dump.parent, {dump.name: dump.stat().st_size, meta.name: meta.stat().st_size}
+        return
+    for leftover in dump.parent.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    folder = dump.parent / f"{STAGING_PREFIX}{dump.name}"  # one name per backup: the set lists the same paths
+    try:
+        folder.mkdir(mode=0o700)
+        os.link(dump, folder / dump.name)
+        os.link(meta, folder / meta.name)
+        env_name = dump.name.removesuffix(catalogue.ZST_DUMP_SUFFIX).removesuffix(catalogue.DUMP_SUFFIX) + ".env"
+        descriptor = os.open(folder / env_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as target, open(configuration, "rb") as source:
+            shutil.copyfileobj(source, target)
+        yield folder, {name: (folder / name).stat().st_size for name in (dump.name, meta.name, env_name)}
+    except OSError as error:
+        raise RepositoryError(f"cannot stage {dump.name} with its configuration in {dump.parent}: {error.strerror}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: Progress = no_progress,
+         configuration: Path | None = None) -> SentSet:
+    """One backup (its dump and `.meta`, and the configuration file when given) as the database part of
+    its set, confirmed by listing it back."""
     started = time.monotonic()
     dump, meta = entry.path, catalogue.meta_path(entry.path)
     run_of_backup = (entry.meta.extra.get("run_id") if entry.meta else None) or run_id
@@ -89,15 +125,16 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
                                          "total_bytes": int(message.get("total_bytes", 0))})
 
     moment = catalogue.parse_timestamp(entry.timestamp).strftime(RESTIC_TIME_FORMAT)
-    restic.run(
-        ["backup", "--json", "--host", host, "--time", moment,
-         "--tag", ",".join(set_tags(entry.database, entry.timestamp, run_of_backup)), dump.name, meta.name],
-        cwd=dump.parent, on_json=on_line,
-    )
+    tags = [*set_tags(entry.database, entry.timestamp, run_of_backup), f"part:{DATABASE_PART}"]
+    with _staged(dump, meta, configuration) as (folder, expected):
+        restic.run(
+            ["backup", "--json", "--host", host, "--time", moment, "--tag", ",".join(tags), *sorted(expected)],
+            cwd=folder, on_json=on_line,
+        )
     snapshot = str(summary.get("snapshot_id") or "")
     if not snapshot:
         raise RepositoryError(f"restic reported no set for {dump.name}; nothing was recorded as sent")
-    listed = confirm(restic, snapshot, {dump.name: dump.stat().st_size, meta.name: meta.stat().st_size})
+    listed = confirm(restic, snapshot, expected)
     return SentSet(listed, entry.timestamp, int(summary.get("data_added", 0)), time.monotonic() - started)
 
 

@@ -1,15 +1,18 @@
 """Sets in the repository: one restic snapshot per backup, found by its tags.
 
-A set holds a backup's `.dump` (or `.dump.zst`) and its `.meta` at the root of the snapshot's tree (they
-are sent with relative names from BACKUP_DIR), so `restic restore ID --target DIR` gives the two files
-and nothing else. Its tags say what it is: `tma-backup`, `db:<database>` (percent-encoded: restic
-splits tags at commas), `at:<backup timestamp>`, `run:<run id>`, and `added:<bytes>` (what the set
-added to the repository), so listing and retention never touch snapshots this tool did not make.
+A set is one restic snapshot per backup, its *database part*: the backup's `.dump` (or `.dump.zst`),
+its `.meta` and, with uploads, the configuration file (`<name>.env`), at the root of the snapshot's
+tree, so `restic restore ID --target DIR` gives those files and nothing else. With uploads it has a
+second snapshot, its *uploads part*: UPLOAD_DIR's content at the root of its tree. Their tags say what
+they are: `tma-backup`, `db:<database>` (percent-encoded: restic splits tags at commas), `at:<backup
+timestamp>`, `run:<run id>`, `part:database` or `part:uploads`, and `added:<bytes>` (what it added to
+the repository), so listing and retention never touch snapshots this tool did not make. Both parts of
+a set carry the same `at:` tag and time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
@@ -18,6 +21,8 @@ from worker.archive import catalogue
 from worker.repository.restic import RepositoryError, Restic
 
 TOOL_TAG = "tma-backup"
+DATABASE_PART = "database"
+UPLOADS_PART = "uploads"
 
 
 def database_tag(database: str) -> str:
@@ -38,6 +43,8 @@ class RepositorySet:
     host: str
     bytes_added: int | None
     files: list[str] = field(default_factory=list)  # the snapshot's top-level names
+    part: str = DATABASE_PART
+    uploads: str | None = None  # the uploads part's id, when the set has one
 
     @property
     def short_id(self) -> str:
@@ -57,6 +64,7 @@ class RepositorySet:
             "host": self.host,
             "bytes_added": self.bytes_added,
             "files": self.files,
+            "uploads": self.uploads[:8] if self.uploads else None,
         }
 
 
@@ -88,6 +96,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         host=str(snapshot.get("hostname", "")),
         bytes_added=int(added) if added and added.isdigit() else None,
         files=sorted(path.rsplit("/", 1)[-1] for path in paths),
+        part=_tag_value(tags, "part:") or DATABASE_PART,
     )
 
 
@@ -102,16 +111,33 @@ def list_sets(restic: Restic, database: str | None = None) -> list[RepositorySet
     """Our sets (of one database, or all), oldest first. One set per backup timestamp: should a run
     have died between writing a set and tagging it, the tagged copy wins."""
     tag = f"{TOOL_TAG},{database_tag(database)}" if database is not None else TOOL_TAG
-    snapshots = restic.json(["snapshots", "--tag", tag]) or []
+    return merge_parts([parsed for snapshot in restic.json(["snapshots", "--tag", tag]) or []
+                        if (parsed := parse_snapshot(snapshot)) is not None])
+
+
+def merge_parts(parts: list[RepositorySet]) -> list[RepositorySet]:
+    """Sets from their parts: each database part, with the id of its uploads part when there is one.
+    An uploads part without its database part (a run that failed after capturing) is no set."""
     found: dict[tuple[str, str], RepositorySet] = {}
-    for snapshot in snapshots:
-        parsed = parse_snapshot(snapshot)
-        if parsed is None:
-            continue
+    uploads: dict[tuple[str, str], RepositorySet] = {}
+    for parsed in parts:
         key = (parsed.database, parsed.timestamp)
-        if key not in found or (found[key].bytes_added is None and parsed.bytes_added is not None):
-            found[key] = parsed
-    return sorted(found.values(), key=lambda item: (item.timestamp, item.database))
+        chosen = uploads if parsed.part == UPLOADS_PART else found
+        if key not in chosen or (chosen[key].bytes_added is None and parsed.bytes_added is not None):
+            chosen[key] = parsed
+    sets = [replace(item, uploads=uploads[key].id if key in uploads else None) for key, item in found.items()]
+    return sorted(sets, key=lambda item: (item.timestamp, item.database))
+
+
+def orphan_uploads(parts: list[RepositorySet]) -> list[RepositorySet]:
+    """Uploads parts whose database part does not exist."""
+    databases = {(item.database, item.timestamp) for item in parts if item.part != UPLOADS_PART}
+    return [item for item in parts if item.part == UPLOADS_PART and (item.database, item.timestamp) not in databases]
+
+
+def list_parts(restic: Restic, database: str) -> list[RepositorySet]:
+    snapshots = restic.json(["snapshots", "--tag", f"{TOOL_TAG},{database_tag(database)}"]) or []
+    return [parsed for snapshot in snapshots if (parsed := parse_snapshot(snapshot)) is not None]
 
 
 def find_set(restic: Restic, reference: str, database: str | None) -> RepositorySet:
