@@ -44,12 +44,13 @@ def prepare_restore(file: str, token_hash: str, checksum: bool = True) -> dict[s
 
 
 @app.task(name="tma_backup.restore", bind=True, acks_late=False, max_retries=0)
-def run_restore(self: Task, token: str, confirm: str, mode: str = "swap", file: str | None = None) -> dict[str, Any]:
+def run_restore(self: Task, token: str, confirm: str, mode: str = "swap", file: str | None = None,
+                uploads: str = "none") -> dict[str, Any]:
     settings = get_settings()
     executor = choose_executor(settings)
     lock = database_lock(settings, confirm, self.request.id, server_identity(settings, executor, confirm))
     result = restore.restore(settings, executor, _store(), token, confirm, lock, self.request.id, mode,
-                             progress_reporter(self, with_fields=False), file)
+                             progress_reporter(self, with_fields=False), file, uploads)
     logger.info("restored %r from %s (kept %s)", result["database"], result["file"], result["kept"])
     return result
 

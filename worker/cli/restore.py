@@ -17,6 +17,8 @@ import click
 from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import RESTORE_PHASES, database_option, duration, guarded, phase_printer
+
+UPLOADS_PHASES = {"fetching uploads": "Fetching the set's uploads beside the live ones (inside UPLOAD_DIR) …"}
 from worker.cli.follow import call_task
 from worker.errors import BackupError
 from worker.restore.tokens import LocalTokenStore, RedisTokenStore, TokenStore, new_token, token_hash
@@ -64,10 +66,26 @@ def _report(result: dict[str, Any]) -> None:
     output.section("Restore Complete")
     output.ok(f"Database   : {result['database']} ({result['mode']} mode)")
     output.ok(f"From       : {result['file']}")
-    output.ok(f"Tables     : {result['tables']}, {result['rows']} rows (exact, equal to the backup's .meta)")
-    for table, rows in result["row_counts"].items():
-        output.ok(f"  {table} = {rows}")
+    if result["mode"] != "uploads-only":
+        output.ok(f"Tables     : {result['tables']}, {result['rows']} rows (exact, equal to the backup's .meta)")
+        for table, rows in result["row_counts"].items():
+            output.ok(f"  {table} = {rows}")
     output.ok(f"Duration   : {duration(result)}")
+    uploads = result.get("uploads")
+    if uploads:
+        output.ok(f"Uploads    : {uploads['files']} files restored into {uploads['upload_dir']} (part {uploads['part']}); "
+                  f"the files that were live are kept in {uploads['previous']}")
+        if uploads.get("missing"):
+            output.warn(f"Uploads    : {uploads['missing']} referenced upload(s) were already missing when the set was made: "
+                        f"{', '.join(uploads.get('missing_names', [])[:5])}")
+        if uploads.get("key_matches") is False:
+            output.warn(f"Key        : these uploads were written with another FILE_ENCRYPTION_KEY (SHA-256 "
+                        f"{uploads['key_sha256'][:16]}…): restore the set's .env or TMA Cloud cannot read them")
+        elif uploads.get("key_sha256"):
+            output.ok(f"Key        : FILE_ENCRYPTION_KEY SHA-256 {uploads['key_sha256'][:16]}… "
+                      + ("(the current key)" if uploads.get("key_matches") else "(not set here: cannot compare)"))
+    if result.get("settled_uploads"):
+        output.warn(f"Uploads    : an interrupted swap was settled first: {result['settled_uploads']}")
     if result.get("kept"):
         output.ok(f"Previous   : kept as {result['kept']!r} (connections refused)")
         output.info(f"Roll back  : tma-backup rollback --database {result['database']} --confirm {result['database']}")
@@ -113,10 +131,10 @@ def _prepare(settings: Settings, file: str, hashed: str, host: str | None, store
 
 
 def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: str, host: str | None,
-         file: str | None = None) -> dict[str, Any]:
-    progress = phase_printer(RESTORE_PHASES)
+         file: str | None = None, uploads: str = "none") -> dict[str, Any]:
+    progress = phase_printer({**RESTORE_PHASES, **UPLOADS_PHASES})
     if settings.broker_url:
-        kwargs = {"token": token, "confirm": confirm, "mode": mode, "file": file}
+        kwargs = {"token": token, "confirm": confirm, "mode": mode, "file": file, "uploads": uploads}
         masked = {**kwargs, "token": "***"}
         return dict(call_task(settings, "tma_backup.restore", kwargs, host, masked, progress))
     from worker.coordination.locks import database_lock
@@ -127,7 +145,7 @@ def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: 
     run = f"local-{uuid.uuid4()}"
     executor = choose_executor(settings)
     lock = database_lock(settings, confirm, run, server_identity(settings, executor, confirm))
-    return restore.restore(settings, executor, store, token, confirm, lock, run, mode, progress, file)
+    return restore.restore(settings, executor, store, token, confirm, lock, run, mode, progress, file, uploads)
 
 
 @click.command("restore")
@@ -141,11 +159,20 @@ def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: 
 @click.option("--from-repository", "from_repository", metavar="SET|latest",
               help="Fetch this set (or the latest of --database) from BACKUP_REPOSITORY into BACKUP_DIR first.")
 @click.option("--database", "-d", help="With --from-repository latest: whose latest set (default: DB_NAME).")
+@click.option("--with-uploads", is_flag=True, help="Also restore the set's uploads into UPLOAD_DIR, swapped together "
+              "with the database (the current files are kept aside).")
+@click.option("--uploads-only", is_flag=True, help="Restore only the set's uploads (the database is not touched).")
 @guarded
 def restore_command(file: str | None, confirm_name: str | None, mode: str, prepare_only: bool, token: str | None,
-                    host: str | None, from_repository: str | None, database: str | None) -> None:
+                    host: str | None, from_repository: str | None, database: str | None, with_uploads: bool,
+                    uploads_only: bool) -> None:
     """Restore FILE (from BACKUP_DIR) into its database, never destroying the live one on failure."""
     settings = get_settings()
+    if with_uploads and uploads_only:
+        raise SettingsError("restore: --with-uploads and --uploads-only do not go together")
+    uploads = "with" if with_uploads else "only" if uploads_only else "none"
+    if uploads != "none" and mode != "swap":
+        raise SettingsError("restore: restoring uploads needs --mode swap (the current files are kept aside)")
     if from_repository is not None:
         if file or token:
             raise SettingsError("restore: --from-repository replaces FILE and does not go with --token")
@@ -161,7 +188,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
             raise SettingsError("restore: --token needs CELERY_BROKER_URL (tokens live in Redis)")
         binding = store.peek(token_hash(token))
         output.info(f"Token      : {token[:4]}… for {binding.file if binding else 'an unknown or expired token'}")
-        result = _run(settings, store, token, confirm_name, mode, binding.host if binding else host, file)
+        result = _run(settings, store, token, confirm_name, mode, binding.host if binding else host, file, uploads)
         _report(result)
         return
     if not file:
@@ -185,7 +212,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
     if confirm != details["database"]:
         store.take(token_hash(token))
         raise BackupError(f"restore cancelled: {confirm!r} is not {details['database']!r}; nothing was touched")
-    _report(_run(settings, store, token, confirm, mode, details["host"]))
+    _report(_run(settings, store, token, confirm, mode, details["host"], None, uploads))
 
 
 @click.command("rollback")
@@ -224,4 +251,7 @@ def rollback_command(database: str | None, confirm_name: str) -> None:
         result = rollback.rollback(settings, executor, store, token, confirm_name, lock, run)
     output.ok(f"Database   : {result['database']} is now the copy kept as {result['restored_from']!r}")
     output.ok(f"Replaced   : kept as {result['kept']!r}")
+    if result.get("uploads"):
+        output.ok(f"Uploads    : the files kept with it ({result['uploads']['restored_from']}) are live again; "
+                  f"the replaced ones are kept in {result['uploads']['kept']}")
     output.info("Restart the application to refresh connection pools.")

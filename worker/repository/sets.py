@@ -52,7 +52,7 @@ class RepositorySet:
 
     @property
     def dump_name(self) -> str | None:
-        names = [name for name in self.files if not name.endswith(catalogue.META_SUFFIX)]
+        names = [name for name in self.files if name.endswith((catalogue.DUMP_SUFFIX, catalogue.ZST_DUMP_SUFFIX))]
         return names[0] if len(names) == 1 else None
 
     def describe(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from worker.pg.executors import Executor, choose_executor
 from worker.pg.identity import server_identity
 from worker.restore import swap
 from worker.settings import Settings
+from worker.uploads import swap as uploads_swap
 
 LockFactory = Callable[[str], DatabaseLock]
 log = logging.getLogger(__name__)
@@ -82,12 +83,38 @@ def _repair_one(settings: Settings, connect_kwargs: dict[str, Any], live: str, l
         if shape is not None and not is_kept_copy(admin, live):
             lock.confirm()
             repaired = swap.repair_refused_connections(admin, live)
+        settled = _settle_uploads(settings, admin, live, lock)
     done: dict[str, Any] = {}
+    if settled:
+        done["uploads"] = settled
     if dropped:
         done["dropped"] = dropped
     if repaired:
         done["reenabled" if refused else "cleared_mark"] = True
     return done
+
+
+def _settle_uploads(settings: Settings, admin: psycopg.Connection[Any], live: str, lock: DatabaseLock) -> str | None:
+    """An uploads swap of `live` a crash interrupted: finished when its database swap committed (a copy
+    kept by that run exists), else undone (`worker.uploads.swap.settle`)."""
+    journal = _uploads_journal(settings)
+    if journal is None or journal.database != live or settings.UPLOAD_DIR is None:
+        return None
+    lock.confirm()
+
+    def swapped(pending: uploads_swap.Journal) -> bool:
+        return any(kept.run == pending.run for kept in swap.managed(admin, pending.database, swap.KEPT))
+
+    return uploads_swap.settle(settings.UPLOAD_DIR, swapped)
+
+
+def _uploads_journal(settings: Settings) -> uploads_swap.Journal | None:
+    if settings.UPLOAD_DIR is None:
+        return None
+    try:
+        return uploads_swap.read_journal(settings.UPLOAD_DIR)
+    except (BackupError, OSError):
+        return None
 
 
 def locks_for(settings: Settings, executor: Executor, owner: str) -> LockFactory:
@@ -111,6 +138,9 @@ def repair(settings: Settings, executor: Executor, database: str | None, lock_fo
     connect_kwargs = executor.connect_kwargs()
     with _discovery_connection(connect_kwargs) as admin:
         candidates = find_broken(admin, database)
+    pending = _uploads_journal(settings)
+    if pending is not None and pending.database not in candidates and database in (None, pending.database):
+        candidates.append(pending.database)
     fixed: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}

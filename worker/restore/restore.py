@@ -29,17 +29,26 @@ from worker.restore.scratch import (
 )
 from worker.restore.tokens import TokenRefused, TokenStore, consume
 from worker.settings import Settings
+from worker.uploads import restore as uploads_restore
+from worker.uploads import swap as uploads_swap
 
 MODES = ("swap", "in-place")
+UPLOADS_CHOICES = ("none", "with", "only")
 
 
 def restore(settings: Settings, executor: Executor, store: TokenStore, token: str, confirm: str,
             lock: DatabaseLock, run: str, mode: str = "swap", progress: Progress = no_progress,
-            file: str | None = None) -> dict[str, Any]:
+            file: str | None = None, uploads: str = "none") -> dict[str, Any]:
     """The restore task's body. Consumes the token first: whatever happens next, it is used up.
-    `file`, when the operator named one with the token, must be the file the token was issued for."""
+    `file`, when the operator named one with the token, must be the file the token was issued for.
+    `uploads`: `none` (the database only), `with` (the set's uploads too, swapped together with the
+    database) or `only` (the set's uploads alone; the live database is not touched)."""
     if mode not in MODES:
         raise BackupError(f"unknown restore mode {mode!r}; use one of {', '.join(MODES)}")
+    if uploads not in UPLOADS_CHOICES:
+        raise BackupError(f"unknown uploads choice {uploads!r}; use one of {', '.join(UPLOADS_CHOICES)}")
+    if uploads != "none" and mode != "swap":
+        raise BackupError("restoring uploads needs swap mode: in-place mode cannot keep the current files aside")
     binding = consume(store, token, confirm)
     if file is not None and resolve_backup_file(settings, file) != Path(binding.file):
         raise TokenRefused(f"restore refused: the token was issued for {Path(binding.file).name}, not {Path(file).name}")
@@ -54,17 +63,78 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
         if recorded_sha256(path) != binding.sha256:
             raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
         prepared = prepare(settings, executor, str(path))
-        result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock)
+        settled = settle_uploads(settings, executor, binding.database)
+        plan = uploads_restore.plan(settings, prepared.meta, run) if uploads != "none" else None
+        if plan is not None and uploads == "only":
+            result = _restore_uploads_only(settings, executor, prepared, binding.database, run, plan, progress, lock)
+        else:
+            result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock, plan)
+        if settled:
+            result["settled_uploads"] = settled
     result["duration_seconds"] = round(time.monotonic() - started, 3)
     result["phase_seconds"] = clock.finish()
     return result
 
 
+def settle_uploads(settings: Settings, executor: Executor, live: str) -> str | None:
+    """Finish or undo an uploads swap a crash interrupted (`worker.uploads.swap.settle`); the caller
+    holds the database's lock. Its database swap committed when a copy kept by that run exists."""
+    if settings.UPLOAD_DIR is None or not (settings.UPLOAD_DIR / uploads_swap.JOURNAL).exists():
+        return None
+    with swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        def swapped(journal: uploads_swap.Journal) -> bool:
+            return any(kept.run == journal.run for kept in swap.managed(admin, journal.database, swap.KEPT))
+
+        return uploads_swap.settle(settings.UPLOAD_DIR, swapped)
+
+
+def _restore_uploads_only(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
+                          plan: uploads_restore.UploadsPlan, progress: Progress, lock: DatabaseLock) -> dict[str, Any]:
+    """The set's uploads alone, checked against the live database's references, swapped in; the files
+    that were live are kept aside. The database is not touched."""
+    staged = uploads_restore.stage(settings, plan, progress)
+    try:
+        checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), live, plan, staged)
+        progress("swapping", {})
+        lock.confirm()
+    except BaseException:
+        uploads_swap.drop_staged(plan.folder, plan.staged)
+        raise
+    previous = uploads_swap.swap_uploads_only(plan.folder, plan.staged, run, live)
+    return {
+        "database": live, "file": str(prepared.path), "mode": "uploads-only", "tables": 0, "rows": 0,
+        "row_counts": {}, "kept": None, "dropped_previous": [], "cleaned_leftovers": [], "repaired_connections": False,
+        "uploads": {**plan.describe(settings), **checked, "files": len(staged), "previous": previous},
+    }
+
+
 def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
-                    mode: str, progress: Progress, lock: DatabaseLock) -> dict[str, Any]:
+                    mode: str, progress: Progress, lock: DatabaseLock,
+                    plan: uploads_restore.UploadsPlan | None = None) -> dict[str, Any]:
     """Every destructive step (drop, rename) is preceded by `lock.confirm()`: a restore whose lock
     expired or was taken meanwhile stops before it, and a failure before the swap drops only its own
-    scratch copy."""
+    scratch copy (and the staged uploads). With `plan`, the set's uploads are staged first, checked
+    against the restored copy's references, and swapped together with it."""
+    staged = uploads_restore.stage(settings, plan, progress) if plan is not None else None
+    uploads_result: dict[str, Any] | None = None
+    try:
+        result = _restore_database(settings, executor, prepared, live, run, mode, progress, lock, plan, staged)
+    except BaseException:
+        if plan is not None and not (plan.folder / uploads_swap.JOURNAL).exists():
+            uploads_swap.drop_staged(plan.folder, plan.staged)
+        raise
+    if plan is not None:
+        uploads_result = {**plan.describe(settings), **result.pop("uploads_checked"), "files": len(staged or {}),
+                          "previous": result.pop("uploads_previous")}
+        result["uploads"] = uploads_result
+    return result
+
+
+def _restore_database(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
+                      mode: str, progress: Progress, lock: DatabaseLock, plan: uploads_restore.UploadsPlan | None,
+                      staged: dict[str, int] | None) -> dict[str, Any]:
+    uploads_checked: dict[str, Any] = {}
+    previous: str | None = None
     with swap.admin_connection(executor.connect_kwargs(), live) as admin:
         lock.confirm()
         cleaned = swap.drop_leftover_scratches(admin, live)
@@ -77,24 +147,36 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
         else:
             scratch, counts = restore_into_scratch(
                 settings, executor, admin, prepared, shape or default_shape(admin), swap.SCRATCH, run, progress)
-            progress("swapping", {})
             try:
+                if plan is not None:
+                    uploads_checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), scratch, plan,
+                                                                   staged or {})
+                progress("swapping", {})
                 lock.confirm()
             except BaseException:
                 swap.drop(admin, scratch)  # our own copy: never needed again
                 raise
             if shape is None:
-                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(live)))
-                admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
+                def swap_database() -> None:
+                    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(scratch), sql.Identifier(live)))
+                    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(live)))
+
                 kept = None
             else:
                 kept = swap.kept_name(live, catalogue.utc_timestamp())
-                try:
-                    swap.apply_database_access(admin, scratch, swap.read_database_access(admin, live), with_comment=False)
-                    swap.swap_in(admin, live, scratch, kept, run)
-                except BaseException as error:
-                    swap.drop(admin, scratch)
-                    raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
+
+                def swap_database() -> None:
+                    try:
+                        swap.apply_database_access(admin, scratch, swap.read_database_access(admin, live), with_comment=False)
+                        swap.swap_in(admin, live, scratch, kept or "", run)
+                    except BaseException as error:
+                        swap.drop(admin, scratch)
+                        raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
+
+            if plan is not None:
+                _, previous = uploads_swap.swap_uploads(plan.folder, plan.staged, run, live, kept, swap_database)
+            else:
+                swap_database()
             lock.confirm()
             dropped = swap.trim_kept(admin, live, settings.RESTORE_KEEP_PREVIOUS)
             if kept in dropped:
@@ -110,6 +192,7 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
         "dropped_previous": dropped,
         "cleaned_leftovers": cleaned,
         "repaired_connections": repaired,
+        **({"uploads_checked": uploads_checked, "uploads_previous": previous} if plan is not None else {}),
     }
 
 

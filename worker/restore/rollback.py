@@ -6,6 +6,7 @@ copy in, under the database's lock. A message on the broker without a valid toke
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from worker.archive import catalogue
@@ -15,6 +16,7 @@ from worker.pg.executors import Executor
 from worker.restore import swap
 from worker.restore.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.settings import Settings
+from worker.uploads import swap as uploads_swap
 
 ACTION = "rollback"
 
@@ -47,9 +49,27 @@ def rollback(settings: Settings, executor: Executor, store: TokenStore, token: s
         lock.confirm()  # right before the swap: a rollback that lost its lock changes nothing
         swap.set_allow_connections(admin, previous, True)
         replaced = swap.kept_name(live, catalogue.utc_timestamp(), "pre_rollback")
-        try:
-            swap.swap_in(admin, live, previous, replaced, run)
-        except BaseException:
-            swap.set_allow_connections(admin, previous, False)
-            raise
+
+        def swap_database() -> None:
+            try:
+                swap.swap_in(admin, live, previous, replaced, run)
+            except BaseException:
+                swap.set_allow_connections(admin, previous, False)
+                raise
+
+        paired = _paired_uploads(settings, previous)
+        if paired is not None and settings.UPLOAD_DIR is not None:
+            # The files that were live when `previous` was: swapped back with it, the current ones kept aside.
+            _, aside = uploads_swap.swap_uploads(settings.UPLOAD_DIR, paired, run, live, replaced, swap_database)
+            return {"database": live, "restored_from": previous, "kept": replaced,
+                    "uploads": {"restored_from": paired.name, "kept": aside}}
+        swap_database()
     return {"database": live, "restored_from": previous, "kept": replaced}
+
+
+def _paired_uploads(settings: Settings, kept_database: str) -> Path | None:
+    """The uploads folder a restore set aside together with the database copy `kept_database`."""
+    if settings.UPLOAD_DIR is None:
+        return None
+    folder = settings.UPLOAD_DIR / f"{uploads_swap.PREVIOUS_PREFIX}{kept_database}"
+    return folder if folder.is_dir() and not folder.is_symlink() else None

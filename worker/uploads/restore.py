@@ -1,0 +1,93 @@
+"""Restoring a set's uploads: fetch its uploads part beside the live files (inside UPLOAD_DIR), check
+them against the restored database's references before anything is swapped, then swap them together
+with the database (`worker.uploads.swap`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.archive.meta import BackupMeta
+from worker.errors import BackupError
+from worker.pg.database import connect
+from worker.progress import Progress, no_progress
+from worker.repository.restic import Restic
+from worker.settings import Settings
+from worker.uploads import swap as uploads_swap
+from worker.uploads.capture import check_upload_dir
+from worker.uploads.crosscheck import cross_check, key_fingerprint
+from worker.uploads.references import read_references
+
+
+@dataclass
+class UploadsPlan:
+    folder: Path
+    part: str
+    staged: Path
+    bytes: int
+    missing_at_backup: int
+    key_sha256: str | None
+
+    def describe(self, settings: Settings) -> dict[str, Any]:
+        current = (key_fingerprint(settings.FILE_ENCRYPTION_KEY.get_secret_value())
+                   if settings.FILE_ENCRYPTION_KEY is not None else None)
+        return {
+            "upload_dir": str(self.folder),
+            "part": self.part,
+            "bytes": self.bytes,
+            "missing_at_backup": self.missing_at_backup,
+            "key_sha256": self.key_sha256,
+            "key_matches": None if self.key_sha256 is None or current is None else self.key_sha256 == current,
+        }
+
+
+def plan(settings: Settings, meta: BackupMeta, run: str) -> UploadsPlan:
+    """What restoring this backup's uploads takes; refuses (one line) when it cannot be done."""
+    if not settings.repository:
+        raise BackupError("--with-uploads needs BACKUP_REPOSITORY: the uploads live in the repository's sets")
+    part = meta.extra.get("uploads_part")
+    if not part:
+        raise BackupError(f"the backup of {meta.timestamp} has no uploads in its set (it was made without UPLOAD_DIR "
+                          "or its capture failed); restore the database alone")
+    folder = check_upload_dir(settings.UPLOAD_DIR)
+    return UploadsPlan(
+        folder=folder, part=part, staged=uploads_swap.staged_folder(folder, run),
+        bytes=int(meta.extra.get("uploads_bytes", "0") or 0),
+        missing_at_backup=int(meta.extra.get("uploads_missing", "0") or 0),
+        key_sha256=meta.extra.get("file_encryption_key_sha256"),
+    )
+
+
+def stage(settings: Settings, uploads: UploadsPlan, progress: Progress = no_progress) -> dict[str, int]:
+    """Fetch the uploads part into the staging folder inside UPLOAD_DIR (restic checks every blob's
+    hash as it restores). Returns the staged files. Nothing live is touched; a failure removes the
+    staging folder."""
+    uploads_swap.check_room(uploads.folder, uploads.bytes)
+    progress("fetching uploads", {"bytes": uploads.bytes})
+    started = time.monotonic()
+    try:
+        Restic(settings).run(["restore", uploads.part, "--target", str(uploads.staged)])
+        staged = uploads_swap.files_of(uploads.staged)
+    except BaseException:
+        uploads_swap.drop_staged(uploads.folder, uploads.staged)
+        raise
+    progress("fetched uploads", {"files": len(staged), "seconds": round(time.monotonic() - started, 3)})
+    return staged
+
+
+def check_staged(settings: Settings, connect_kwargs: dict[str, Any], database: str, uploads: UploadsPlan,
+                 staged: dict[str, int]) -> dict[str, Any]:
+    """The restored database's references against the staged files. A reference the set held at
+    backup time but the staged files lack is a failed restore (nothing is swapped); the ones already
+    missing at backup time are reported."""
+    with connect(connect_kwargs, database, autocommit=True) as connection:
+        references = read_references(connection, settings.UPLOADS_REFERENCES_QUERY)
+    checked = cross_check(references, staged)
+    if len(checked.missing) > uploads.missing_at_backup:
+        shown = ", ".join(checked.missing[:5])
+        raise BackupError(
+            f"{len(checked.missing)} upload(s) the restored database references are not among the restored files "
+            f"(the set lacked {uploads.missing_at_backup} at backup time): {shown}; nothing was swapped")
+    return checked.fields()
