@@ -92,7 +92,7 @@ def _restore_uploads_only(settings: Settings, executor: Executor, prepared: Prep
                           plan: uploads_restore.UploadsPlan, progress: Progress, lock: DatabaseLock) -> dict[str, Any]:
     """The set's uploads alone, checked against the live database's references, swapped in; the files
     that were live are kept aside. The database is not touched."""
-    staged = uploads_restore.stage(settings, plan, progress)
+    staged = uploads_restore.stage(settings, plan, run, progress)
     try:
         checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), live, plan, staged)
         progress("swapping", {})
@@ -115,7 +115,7 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
     expired or was taken meanwhile stops before it, and a failure before the swap drops only its own
     scratch copy (and the staged uploads). With `plan`, the set's uploads are staged first, checked
     against the restored copy's references, and swapped together with it."""
-    staged = uploads_restore.stage(settings, plan, progress) if plan is not None else None
+    staged = uploads_restore.stage(settings, plan, run, progress) if plan is not None else None
     uploads_result: dict[str, Any] | None = None
     try:
         result = _restore_database(settings, executor, prepared, live, run, mode, progress, lock, plan, staged)

@@ -21,6 +21,7 @@ from worker.archive import catalogue
 from worker.errors import BackupError
 from worker.progress import Progress, no_progress
 from worker.repository import sets
+from worker.repository.lock import using_repository
 from worker.repository.restic import Restic, explain
 from worker.repository.sets import TOOL_TAG, database_tag, parse_snapshot, set_tags
 from worker.settings import Settings
@@ -67,6 +68,12 @@ def capture(settings: Settings, folder: Path, database: str, timestamp: str, run
             progress: Progress = no_progress) -> UploadsCapture:
     """Store `folder` as the uploads part of the set `database`/`timestamp`. Raises RepositoryError or
     BackupError; a file that cannot be read is reported in the result (restic writes the snapshot)."""
+    with using_repository(settings, run_id, progress):
+        return _capture(settings, folder, database, timestamp, run_id, progress)
+
+
+def _capture(settings: Settings, folder: Path, database: str, timestamp: str, run_id: str,
+             progress: Progress) -> UploadsCapture:
     started = time.monotonic()
     restic = Restic(settings)
     parent = latest_uploads_part(restic, database)

@@ -13,6 +13,7 @@ from worker.archive.meta import BackupMeta
 from worker.errors import BackupError
 from worker.pg.database import connect
 from worker.progress import Progress, no_progress
+from worker.repository.lock import using_repository
 from worker.repository.restic import Restic
 from worker.settings import Settings
 from worker.uploads import swap as uploads_swap
@@ -60,7 +61,7 @@ def plan(settings: Settings, meta: BackupMeta, run: str) -> UploadsPlan:
     )
 
 
-def stage(settings: Settings, uploads: UploadsPlan, progress: Progress = no_progress) -> dict[str, int]:
+def stage(settings: Settings, uploads: UploadsPlan, run: str, progress: Progress = no_progress) -> dict[str, int]:
     """Fetch the uploads part into the staging folder inside UPLOAD_DIR (restic checks every blob's
     hash as it restores). Returns the staged files. Nothing live is touched; a failure removes the
     staging folder."""
@@ -68,7 +69,8 @@ def stage(settings: Settings, uploads: UploadsPlan, progress: Progress = no_prog
     progress("fetching uploads", {"bytes": uploads.bytes})
     started = time.monotonic()
     try:
-        Restic(settings).run(["restore", uploads.part, "--target", str(uploads.staged)])
+        with using_repository(settings, run, progress):
+            Restic(settings).run(["restore", uploads.part, "--target", str(uploads.staged)])
         staged = uploads_swap.files_of(uploads.staged)
     except BaseException:
         uploads_swap.drop_staged(uploads.folder, uploads.staged)
