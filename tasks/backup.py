@@ -13,7 +13,7 @@ from celery import Task, chain
 from celery.utils.log import get_task_logger
 
 from tasks.reporting import progress_reporter
-from worker import app, backup
+from worker import app, backup, notify
 from worker.backup import Run
 from worker.celery_app import host_queue
 from worker.coordination.locks import database_lock
@@ -58,7 +58,11 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     except LockHeld as busy:
         if scheduled:
             logger.warning("scheduled backup skipped: %s", busy)
+            notify.backup_skipped(settings, database, str(busy), run_id)
             return {"skipped": str(busy), "database": database}
+        raise
+    except Exception as error:  # BACKUP_DIR unusable, a bad name: the run failed before its first link
+        notify.backup_failed(settings, database, run_id, error, "start")
         raise
     if scheduled:
         try:
@@ -72,6 +76,7 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
             return {"skipped": taken, "database": database}
     for warning in run["warnings"]:
         logger.warning("%s", warning)
+    notify.backup_started(settings, database, run_id)  # before any link: `start` precedes `fail` or success
     queue = host_queue(settings.WORKER_HOST)
     signatures = [
         dump.s(run).set(queue=queue),
@@ -144,7 +149,9 @@ def offsite(self: Task, run: Run) -> Run:
 
 @app.task(name="tma_backup.prune", bind=True)
 def prune(self: Task, run: Run) -> backup.Summary:
-    return backup.summary(backup.prune(run, get_settings(), _lock(run), progress_reporter(self)))
+    result = backup.summary(backup.prune(run, get_settings(), _lock(run), progress_reporter(self)))
+    notify.backup_succeeded(get_settings(), result, run["run_id"])
+    return result
 
 
 @app.task(name="tma_backup.backup_failed")
@@ -161,4 +168,6 @@ def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str,
     finally:
         _lock(run).release()
     logger.error("backup of %r failed: %s (removed %s)", run["database"], exc, removed or "nothing")
+    link = str(getattr(request, "task", None) or "").removeprefix("tma_backup.") or None
+    notify.backup_failed(get_settings(), run["database"], run["run_id"], exc, link)
     return {"database": run["database"], "error": str(exc), "removed": removed}

@@ -9,7 +9,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from tasks.reporting import progress_reporter
-from worker import app
+from worker import app, notify
 from worker.repository import fetch as fetching
 from worker.repository import maintenance
 from worker.settings import get_settings
@@ -31,8 +31,14 @@ def repository_maintenance(self: Task, scheduled: bool = False) -> dict[str, Any
     if not settings.repository:
         return {"skipped": "BACKUP_REPOSITORY is not set"}
     progress = progress_reporter(self)
-    pruned = maintenance.prune(settings, self.request.id, progress)
-    checked = maintenance.check(settings, self.request.id, settings.REPOSITORY_CHECK_SUBSET, progress)
+    operation = "prune"
+    try:
+        pruned = maintenance.prune(settings, self.request.id, progress)
+        operation = "check"
+        checked = maintenance.check(settings, self.request.id, settings.REPOSITORY_CHECK_SUBSET, progress)
+    except Exception as error:
+        notify.repository_failed(settings, operation, error, self.request.id)
+        raise
     logger.info("repository %s pruned in %.1f s and checked (%s of the data read) in %.1f s", pruned["repository"],
                 pruned["prune_seconds"], checked["subset"], checked["seconds"])
     return {"prune": pruned, "check": checked}

@@ -15,7 +15,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from tasks.reporting import progress_reporter
-from worker import app
+from worker import app, notify
 from worker.coordination.locks import database_lock, redis_client
 from worker.errors import BackupError
 from worker.pg.executors import choose_executor
@@ -99,4 +99,6 @@ def run_repair(self: Task, database: str | None = None, scheduled: bool = False)
         logger.warning("scheduled repair did not run: %s", error)
         return {"fixed": {}, "skipped": {}, "failed": {}, "left_broken": [], "unreachable": str(error)}
     repair.describe(report, logger.warning, logger.info)
+    notify.left_refusing(settings, report["failed"], self.request.id,  # one message per database a day at most
+                         still_refusing=lambda name: repair.left_refusing(settings, executor, name))
     return report

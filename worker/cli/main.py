@@ -9,6 +9,7 @@ from worker.cli.backup import backup_command
 from worker.cli.drill import drill_command
 from worker.cli.inspect import list_command, status_command, verify_command
 from worker.cli.keys import keys_command
+from worker.cli.notify import notify_command, warn_on_terminal
 from worker.cli.repair import repair_command
 from worker.cli.repository import repository_command
 from worker.cli.restore import restore_command, rollback_command
@@ -20,11 +21,12 @@ def cli() -> None:
 
 
 for command in (backup_command, verify_command, list_command, status_command, restore_command, rollback_command,
-                drill_command, repair_command, keys_command, repository_command):
+                drill_command, repair_command, keys_command, repository_command, notify_command):
     cli.add_command(command)
 
 
 def main() -> None:
+    warn_on_terminal()  # an undeliverable notification is a [WARN] line, never a failure
     cli()
 
 

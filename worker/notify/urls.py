@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # apprise loads ~200 service plugins: only when NOTIFY_URLS is set
@@ -36,9 +37,10 @@ def split_urls(value: str) -> list[str]:
     entry starts with a scheme (a comma inside a URL, as in `mailto://…?to=a@x,b@y`, stays)."""
     from apprise.utils.parse import parse_urls
 
+    split = cast(Callable[[str], list[str]], parse_urls)  # untyped in Apprise
     entries: list[str] = []
     for word in value.split():
-        entries += [str(entry) for entry in parse_urls(word) if str(entry).strip(",;")]
+        entries += [str(entry) for entry in split(word) if str(entry).strip(",;")]
     return entries
 
 
@@ -72,8 +74,20 @@ def check_notify_urls(value: str) -> None:
             raise ValueError(f"entry {number} is not a URL Apprise can use (no scheme://; e.g. "
                              "json://host/path, mailto://user:password@host, tgram://bottoken/chat)")
         if instantiate(url) is None:
-            raise ValueError(f"entry {number} is not a URL Apprise can use (scheme '{scheme}': an unknown "
-                             "service, or a URL that service does not accept; see the Apprise wiki for its form)")
+            why = ("a service Apprise does not know" if known_scheme(scheme) is False
+                   else "not in the form that service needs: see its page in the Apprise wiki")
+            raise ValueError(f"entry {number} is not a URL Apprise can use (scheme '{scheme}': {why})")
+
+
+def known_scheme(scheme: str) -> bool | None:
+    """Whether Apprise has a service for `scheme` (None: this Apprise cannot say)."""
+    try:
+        from apprise.manager_plugins import NotificationManager
+
+        manager = cast(Callable[[], Any], NotificationManager)()  # untyped in Apprise
+        return scheme in manager.schemas()
+    except Exception:
+        return None
 
 
 def check_healthcheck_url(value: str) -> None:
@@ -128,14 +142,16 @@ def describe_healthcheck(url: str) -> str:
 
 def secret_parts(url: str) -> list[str]:
     """Pieces of a URL that may be secrets, for scrubbing them out of any text: the URL itself, its user
-    name and password, and every path segment and query value of six characters or more."""
-    parts = [url]
+    name and password, and every part of its address, path and query that looks like a token (eight
+    characters or more with a digit, or sixteen or more; not words like `notify` or `hooks`)."""
+    found = [url]
     try:
         split = urlsplit(url)
-        parts += [piece for piece in (split.username, split.password) if piece]
-        parts += re.split(r"[/:@]", split.netloc)
-        parts += split.path.split("/")
-        parts += [pair.partition("=")[2] for pair in split.query.split("&")]
+        found += [piece for piece in (split.username, split.password) if piece]
+        pieces = re.split(r"[/:@]", split.netloc) + split.path.split("/")
+        pieces += [pair.partition("=")[2] for pair in split.query.split("&")]
     except ValueError:
-        pass
-    return [piece for piece in dict.fromkeys(parts) if len(piece) >= 6 and not shown_host(piece)]
+        pieces = []
+    found += [piece for piece in pieces if not shown_host(piece)
+              and (len(piece) >= 16 or (len(piece) >= 8 and any(char.isdigit() for char in piece)))]
+    return list(dict.fromkeys(found))

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from worker import notify
 from worker.archive import catalogue
 from worker.archive.meta import MetaError, read_meta, write_atomically
 from worker.coordination.locks import DatabaseLock, database_lock, held, renewal_interval
@@ -114,8 +115,10 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
         raise
     except BackupError as error:
         _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
+        notify.drill_failed(settings, database, error, run, file)
         raise
     _record(settings, database, {"result": "pass", "at": at, **result})
+    notify.drill_passed(settings, result, run)  # only with NOTIFY_ON=all
     return result
 
 
@@ -130,6 +133,7 @@ def _drill_from_repository(settings: Settings, executor: Executor, database: str
     except BackupError as error:
         _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
                                      "error": str(error)})
+        notify.drill_failed(settings, database, error, run, from_repository=reference)
         raise
     try:
         result = run_and_record(settings, executor, fetched["database"], fetched["file"], run, progress, scheduled)
