@@ -117,7 +117,7 @@ def test_a_worker_killed_right_after_publishing_leaves_a_complete_verified_backu
     killed_at = time.monotonic()
     dump, meta = only_backup(stack.backups, tma_db)
     assert meta.sha256 == sha256_file(dump)
-    checked = run_cli(["verify", str(dump)], stack.env, stack.root)
+    checked = run_cli(["verify", "--local", str(dump)], stack.env, stack.root)
     assert checked.returncode == 0, checked.output
     wait_for(lambda: stack.lock_holder() is None, timeout=LOCK_TIMEOUT + 10, interval=0.05, what="lock expiry")
     assert time.monotonic() - killed_at <= LOCK_TIMEOUT + 1

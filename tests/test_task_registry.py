@@ -21,6 +21,9 @@ EXPECTED_TASKS = {
     "tma_backup.offsite",
     "tma_backup.fetch",
     "tma_backup.repository_maintenance",
+    "tma_backup.status",
+    "tma_backup.list_backups",
+    "tma_backup.verify_file",
 }
 
 
@@ -61,4 +64,4 @@ def test_the_run_record_keys_are_exactly_the_documented_ones():
 
     assert Run.__required_keys__ | Run.__optional_keys__ == RUN_RECORD_KEYS
     assert Run.__required_keys__ == RUN_RECORD_REQUIRED
-    assert Summary.__required_keys__ == SUMMARY_KEYS and Summary.__optional_keys__ == {"offsite", "uploads"}
+    assert Summary.__required_keys__ == SUMMARY_KEYS and Summary.__optional_keys__ == {"offsite", "uploads", "warnings"}

@@ -16,7 +16,7 @@ from celery.signals import celeryd_after_setup, worker_ready
 
 from worker.coordination import broker as _broker  # noqa: F401  (registers the start-up warning)
 
-app = Celery("tma_backup", include=["tasks.backup", "tasks.restore", "tasks.repository"])
+app = Celery("tma_backup", include=["tasks.backup", "tasks.restore", "tasks.repository", "tasks.status"])
 app.config_from_object("worker.celery_config")
 
 

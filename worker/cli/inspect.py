@@ -1,138 +1,235 @@
-"""`tma-backup verify | list | status`: look at backups without changing anything."""
+"""`tma-backup verify | list | status`: look at backups without changing anything.
+
+With a broker (CELERY_BROKER_URL) each command asks the worker hosts, which answer for their own
+BACKUP_DIR, database server and repository (`worker.cli.hosts`, tasks in `tasks.status`), so the answer
+is the same on an operator's laptop, on a compose stack's host and inside a worker. `--local` looks at
+this machine's BACKUP_DIR instead, as does every command without a broker."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from pathlib import Path
+import json
+from typing import Any
 
 import click
 
-from worker.archive import catalogue
 from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import database_option, guarded, printable
 from worker.errors import BackupError
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, SettingsError, get_settings
+
+LOCAL_HELP = "Look at this machine's BACKUP_DIR, without asking the workers."
+HOST_HELP = "Ask only this worker host (WORKER_HOST)."
+STATUS_ANSWER_SECONDS = 600.0  # a repository that stopped answering is given up after REPOSITORY_STALL_TIMEOUT
+LIST_ANSWER_SECONDS = 60.0
+
+
+def _via_workers(settings: Settings, local: bool, host: str | None) -> bool:
+    if host is not None and (local or not settings.broker_url):
+        raise SettingsError("--host asks a worker host through the broker: it needs CELERY_BROKER_URL, not --local")
+    return bool(settings.broker_url) and not local
 
 
 @click.command("verify")
 @click.argument("file")
+@click.option("--local", is_flag=True, help=LOCAL_HELP)
+@click.option("--host", help=HOST_HELP)
 @guarded
-def verify_command(file: str) -> None:
-    """Check FILE's SHA-256 against its .meta and its TOC with pg_restore --list (no database needed)."""
-    from worker.archive.verification import verify_backup
-    from worker.pg.executors import choose_executor
+def verify_command(file: str, local: bool, host: str | None) -> None:
+    """Check FILE's SHA-256 against its .meta and its TOC with pg_restore --list (no database needed).
+    With a broker, on the worker host that has FILE."""
+    from worker.health.files import verify_here
 
     settings = get_settings()
-    path = catalogue.locate(settings.backup_dir, file)
     output.section("Verify Backup")
-    output.info(f"File       : {printable(str(path))}")
-    checked = verify_backup(path, settings, choose_executor(settings))
-    output.ok(f"SHA-256    : {checked.meta.sha256} (matches .meta)")
-    output.ok(f"TOC entries: {checked.toc_entries} (matches .meta)")
-    output.ok(f"Tables     : {len(checked.meta.row_counts)}, {sum(checked.meta.row_counts.values())} rows at backup time")
+    if not _via_workers(settings, local, host):
+        checked = verify_here(settings, file)
+        if not checked["found"]:
+            raise BackupError(f"{checked['path']}: no such backup file")
+        _show_verified(checked, None)
+        return
+    from worker.cli.hosts import ask_hosts, worker_hosts
+
+    hosts = worker_hosts(settings, "verify", host)
+    answers = ask_hosts(settings, hosts, "tma_backup.verify_file", {"file": file}, settings.FOLLOW_TIMEOUT)
+    found = [answer for answer in answers if answer.answered and answer.result["found"]]
+    failed = [answer for answer in answers if answer.error is not None]
+    for answer in found:
+        _show_verified(answer.result, answer.host)
+    for answer in answers:
+        if answer.silent:
+            output.warn(f"Host       : {answer.silent}")
+    if failed:
+        raise BackupError("; ".join(f"{answer.host}: {answer.error}" if len(hosts) > 1 else answer.error or ""
+                                    for answer in failed))
+    if not found:
+        silent = [answer.host for answer in answers if answer.silent]
+        raise BackupError(f"{file}: no such backup file on the worker host(s) {', '.join(hosts)}"
+                          + (f" ({', '.join(silent)} did not answer)" if silent else "")
+                          + "; `tma-backup verify --local` looks on this machine")
+
+
+def _show_verified(checked: dict[str, Any], host: str | None) -> None:
+    output.info(f"File       : {printable(checked['path'])}" + (f" (on {host})" if host else ""))
+    output.ok(f"SHA-256    : {checked['sha256']} (matches .meta)")
+    output.ok(f"TOC entries: {checked['toc_entries']} (matches .meta)")
+    output.ok(f"Tables     : {checked['tables']}, {checked['rows']} rows at backup time")
     output.ok("Backup is intact.")
 
 
 @click.command("list")
+@click.option("--local", is_flag=True, help=LOCAL_HELP)
+@click.option("--host", help=HOST_HELP)
 @guarded
-def list_command() -> None:
-    """List backups in BACKUP_DIR: size, date, TOC entries, and whether each is complete."""
+def list_command(local: bool, host: str | None) -> None:
+    """List backups in BACKUP_DIR: size, date, TOC entries, and whether each is complete. With a broker,
+    in each worker host's BACKUP_DIR."""
+    from worker.health.files import listing
+
+    settings = get_settings()
+    if not _via_workers(settings, local, host):
+        _show_listing(listing(settings), None)
+        return
+    from worker.cli.hosts import ask_hosts, worker_hosts
+
+    answers = ask_hosts(settings, worker_hosts(settings, "list", host), "tma_backup.list_backups", {},
+                        LIST_ANSWER_SECONDS)
+    for answer in answers:
+        if answer.answered:
+            _show_listing(answer.result, answer.host)
+    unanswered = [f"{answer.host}: {answer.error or answer.silent}" for answer in answers if not answer.answered]
+    if unanswered:
+        raise BackupError("; ".join(unanswered))
+
+
+def _show_listing(found: dict[str, Any], host: str | None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    settings = get_settings()
-    entries = catalogue.list_all_backups(settings.backup_dir)
-    output.section(f"Backups in {settings.backup_dir}")
-    if not entries:
+    output.section(f"Backups in {printable(found['folder'])}" + (f" on {host}" if host else ""))
+    if not found["backups"]:
         output.info("No backups yet.")
         return
     table = Table(box=None, pad_edge=False)
     for column in ("File", "Size", "Date (UTC)", "TOC", "State"):
         table.add_column(column)
-    for entry in entries:
+    from worker.archive.catalogue import parse_timestamp
+
+    for entry in found["backups"]:
         table.add_row(
-            Text(printable(entry.path.name)),  # Text: a name is never read as Rich markup
-            human_size(entry.size),
-            entry.created.strftime("%Y-%m-%d %H:%M:%S"),
-            str(entry.meta.toc_entries) if entry.meta else "-",
-            "complete" if entry.complete else f"INCOMPLETE ({entry.problem})",
+            Text(printable(entry["file"])),  # Text: a name is never read as Rich markup
+            human_size(entry["size"]),
+            parse_timestamp(entry["timestamp"]).strftime("%Y-%m-%d %H:%M:%S"),
+            "-" if entry["toc_entries"] is None else str(entry["toc_entries"]),
+            "complete" if entry["problem"] is None else Text(f"INCOMPLETE ({printable(entry['problem'])})"),
         )
     output.stdout.print(table)
 
 
 @click.command("status")
-@click.option("--database", "-d", help="Database to report on (default: DB_NAME).")
+@click.option("--database", "-d", help="Database to report on (default: DB_NAME; with a broker, the workers').")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object on stdout.")
+@click.option("--local", is_flag=True, help=LOCAL_HELP)
+@click.option("--host", help=HOST_HELP)
 @guarded
-def status_command(database: str | None) -> None:
-    """Newest complete backup, its age and size, and the newest set in the repository; exit 1 when either
-    is older than BACKUP_MAX_AGE_HOURS, the repository cannot be read, or an interrupted restore has left
-    the database refusing connections (`tma-backup repair` fixes it)."""
+def status_command(database: str | None, as_json: bool, local: bool, host: str | None) -> None:
+    """Is everything in place to restore tonight? The newest complete backup and its age, the last restore
+    drill, the newest set in the repository, the uploads that set lacks, a database left refusing
+    connections. Exit 1 when: the newest backup is older than BACKUP_MAX_AGE_HOURS (or there is none);
+    the last drill failed, or none passed within two drill periods (BACKUP_DRILL_SCHEDULE); the
+    repository cannot be read or its newest set is too old; the newest set lacks referenced uploads; an
+    interrupted restore left the database refusing connections (`tma-backup repair` fixes it). Exit 2
+    for bad settings. `--json`: the same facts for scripts (keys: see `worker.health.facts`)."""
+    from worker.archive.catalogue import utc_timestamp
+    from worker.health.combine import combine
+    from worker.health.facts import status_facts
+
     settings = get_settings()
-    database = database_option(database, settings)
-    newest = catalogue.newest_complete(settings.backup_dir, database)
-    output.section(f"Backup Status: {database}")
-    refusing = _left_refusing(settings, database)
-    if newest is None:
-        raise BackupError(refusing or f"no complete backup of {database!r} in {settings.backup_dir}")
-    age_hours = (datetime.now(timezone.utc) - newest.created).total_seconds() / 3600
-    output.info(f"Newest     : {printable(newest.path.name)}")
-    output.info(f"Size       : {human_size(newest.size)}")
-    output.info(f"Age        : {age_hours:.1f} h (limit BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
-    from worker.restore.drills import last_drill
-
-    drill = last_drill(settings, database)
-    if drill is None:
-        output.warn("Last drill : none recorded (tma-backup drill)")
-    elif drill["result"] == "pass":
-        output.info(f"Last drill : passed at {drill['at']} ({Path(drill['file']).name})")
+    given = None if database is None else database_option(database, settings)
+    if not _via_workers(settings, local, host):
+        facts = status_facts(settings, given or settings.DB_NAME)
+        combined = combine({settings.WORKER_HOST: facts}, facts["database"], "local", facts["checked_at"])
     else:
-        output.warn(f"Last drill : FAILED at {drill['at']}: {drill.get('error', '')}")
-    offsite_problem = _repository_status(settings, database) if settings.repository else None
-    if refusing:
-        raise BackupError(refusing)
-    if age_hours > settings.BACKUP_MAX_AGE_HOURS:
-        raise BackupError(f"newest backup of {database!r} is {age_hours:.1f} h old, over the limit")
-    if offsite_problem:
-        raise BackupError(offsite_problem)
-    output.ok("Backups are current" + (", here and off site." if settings.repository else "."))
+        from worker.cli.hosts import ask_hosts, worker_hosts
+
+        answers = ask_hosts(settings, worker_hosts(settings, "status", host), "tma_backup.status",
+                            {"database": given}, STATUS_ANSWER_SECONDS)
+        names = sorted({answer.result["database"] for answer in answers if answer.answered})
+        if len(names) > 1:
+            raise BackupError(f"the worker hosts report on different databases (their DB_NAME: {', '.join(names)}): "
+                              "give --database")
+        combined = combine({answer.host: answer.result if answer.answered else str(answer.error or answer.silent)
+                            for answer in answers}, names[0] if names else given or settings.DB_NAME, "workers",
+                           utc_timestamp())
+    if as_json:
+        click.echo(json.dumps(combined, indent=2))  # ASCII: any file name survives any terminal
+    else:
+        _show_status(combined)
+    problems = combined["problems"]
+    if problems:
+        raise BackupError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+    if not as_json:
+        output.ok("Backups are current" + (", here and off site." if combined["repository"] else "."))
 
 
-def _repository_status(settings: Settings, database: str) -> str | None:
-    """Show the newest set of `database` in the repository; the problem to fail on, else None."""
-    from worker.repository.restic import Restic
-    from worker.repository.sets import list_sets
+def _show_status(facts: dict[str, Any]) -> None:
+    workers = facts["source"] == "workers"
 
-    try:
-        restic = Restic(settings)
-        sets = list_sets(restic, database)
-    except BackupError as error:
-        output.warn(f"Off site   : cannot read the repository ({error})")
-        return f"the repository cannot be read: {error}"
-    if not sets:
-        output.warn(f"Off site   : no set of {database!r} in {restic.shown}")
-        return f"the repository {restic.shown} holds no set of {database!r}"
-    newest = sets[-1]
-    age_hours = (datetime.now(timezone.utc) - catalogue.parse_timestamp(newest.timestamp)).total_seconds() / 3600
-    output.info(f"Off site   : set {newest.short_id} of {newest.timestamp}, {age_hours:.1f} h old, in {restic.shown} "
-                f"({len(sets)} set(s))")
-    if age_hours > settings.BACKUP_MAX_AGE_HOURS:
-        return f"the newest set of {database!r} in the repository is {age_hours:.1f} h old, over the limit"
-    return None
+    def on(section: dict[str, Any]) -> str:
+        return f" (on {section['host']})" if workers else ""
+
+    title = f"Backup Status: {facts['database']}"
+    output.section(title + (f" (asked {', '.join(facts['hosts'])})" if workers else ""))
+    for host, summary in facts["hosts"].items():
+        if not summary["answered"]:
+            output.warn(f"Host       : {host}: {summary['problems'][0]}")
+    backup = facts["backup"]
+    if backup is not None:
+        if backup["file"] is None:
+            output.warn(f"Newest     : no complete backup in {printable(backup['folder'])}{on(backup)}")
+        else:
+            output.info(f"Newest     : {printable(backup['file'])}{on(backup)}")
+            output.info(f"Size       : {human_size(backup['size'])}")
+            (output.warn if backup["problem"] else output.info)(
+                f"Age        : {backup['age_hours']:.1f} h (limit BACKUP_MAX_AGE_HOURS={backup['max_age_hours']:g})")
+        if backup["warning"]:
+            output.warn(f"Upload key : {backup['warning']}")
+    drill = facts["drill"]
+    if drill is not None:
+        _show_drill(drill, on(drill))
+    repository = facts["repository"]
+    if repository is not None:
+        if repository["error"]:
+            output.warn(f"Off site   : cannot read the repository ({repository['error']}){on(repository)}")
+        elif not repository["sets"]:
+            output.warn(f"Off site   : no set of {facts['database']!r} in {repository['address']}{on(repository)}")
+        else:
+            (output.warn if repository["problem"] else output.info)(
+                f"Off site   : set {repository['set']} of {repository['timestamp']}, {repository['age_hours']:.1f} h "
+                f"old, in {repository['address']} ({repository['sets']} set(s)){on(repository)}")
+    uploads = facts["uploads"]
+    if uploads is not None:
+        if uploads["problem"]:
+            output.warn(f"Uploads    : {uploads['problem']}")
+        else:
+            output.info(f"Uploads    : every upload the database references is in the set of {uploads['file']}")
+    connections = facts["connections"]
+    if connections is not None:
+        if connections["problem"]:
+            output.warn(f"Connections: REFUSED: {connections['problem']}{on(connections)}")
+        elif not connections["checked"]:
+            output.warn(f"Connections: not checked ({connections['error']}){on(connections)}")
 
 
-def _left_refusing(settings: Settings, database: str) -> str | None:
-    """The error to report when an interrupted swap left `database` refusing connections, else None.
-    A server that cannot be asked is a warning: status is about backups, and reads them without it."""
-    from worker.pg.executors import choose_executor
-    from worker.restore.repair import left_refusing
-
-    try:
-        refusing = left_refusing(settings, choose_executor(settings), database)
-    except BackupError as error:
-        output.warn(f"Connections: not checked ({error})")
-        return None
-    if not refusing:
-        return None
-    return (f"database {database!r} is refusing connections: a restore was interrupted during its swap and left it "
-            f"so; run `tma-backup repair --database {database}`")
+def _show_drill(drill: dict[str, Any], where: str) -> None:
+    if drill["result"] is None:
+        output.warn(f"Last drill : none recorded (tma-backup drill){where}")
+        if drill["problem"]:
+            output.warn(f"Drills     : {drill['problem']}")
+    elif drill["result"] == "pass":
+        (output.warn if drill["problem"] or drill["warning"] else output.info)(
+            f"Last drill : passed at {drill['at']} ({printable(drill['file'] or '-')}){where}"
+            + (f", none since {drill['due_since']} (BACKUP_DRILL_SCHEDULE={drill['schedule']})"
+               if drill["problem"] or drill["warning"] else ""))
+    else:
+        output.warn(f"Last drill : FAILED at {drill['at']}: {drill['error']}{where}")

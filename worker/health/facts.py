@@ -1,0 +1,247 @@
+"""The status facts of one host: what `tma-backup status` judges, as one dict of plain data.
+
+The same dict is printed by the CLI (a line per fact) and by `status --json`, and returned by the
+`tma_backup.status` task when a worker host answers for its own BACKUP_DIR. Every section carries its
+own `problem` (a reason to exit 1, one line) and `warning` (worth saying, not failing), so that the
+answers of several hosts can be merged section by section (`worker.health.combine`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from worker.archive import catalogue
+from worker.archive.catalogue import BackupEntry
+from worker.errors import BackupError
+from worker.health.drill_due import due_since
+from worker.settings import Settings
+
+SECTIONS = ("backup", "drill", "repository", "uploads", "connections")
+FINGERPRINT_FIELD = "file_encryption_key_sha256"
+MISSING_FIELD = "uploads_missing"
+MISSING_NAMES_FIELD = "uploads_missing_names"  # a JSON list of at most a few names
+ERROR_FIELD = "uploads_error"  # the capture failed
+
+
+def status_facts(settings: Settings, database: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """The facts of `database` (default DB_NAME) as this host sees them. Keys (stable: scripts read them
+    through `tma-backup status --json`):
+
+    - `database`, `host` (WORKER_HOST), `checked_at` (UTC, `YYYYmmddTHHMMSSZ`);
+    - `ok` (no problem), `problems` and `warnings` (lists of one-line strings, from the sections below);
+    - `backup`: the newest complete local backup: `folder`, `file` (name, or null when there is none),
+      `timestamp`, `age_hours`, `size` (bytes), `max_age_hours` (BACKUP_MAX_AGE_HOURS),
+      `file_encryption_key` (`matches`, `differs`, `not set` or null: FILE_ENCRYPTION_KEY against the
+      SHA-256 its .meta records). Problem: none, or older than BACKUP_MAX_AGE_HOURS. Warning: the key differs
+      or is not set;
+    - `drill`: the last recorded drill: `result` (`pass`, `fail` or null), `at`, `file`, `error`,
+      `schedule` (BACKUP_DRILL_SCHEDULE), `scheduled` (whether the schedule drills this database: it
+      drills DB_NAME), `due_since` (see `worker.health.drill_due`). Problem: the last drill failed; or it
+      is scheduled and none passed since `due_since`; or none was ever recorded although complete
+      backups (here or in the repository) go back beyond `due_since`. A fresh install with no drill yet is
+      a warning;
+    - `repository` (null without BACKUP_REPOSITORY): `address` (without a password), `set` (short id),
+      `timestamp`, `age_hours`, `sets` (how many), `max_age_hours`, `error`. Problem: cannot be read,
+      holds no set of the database, or its newest set is older than BACKUP_MAX_AGE_HOURS;
+    - `uploads` (null unless the newest backup's .meta records the uploads cross-check): `file`,
+      `missing` (count), `missing_names`, `error` (why the capture failed, if it did). Problem: `missing` > 0;
+    - `connections`: `checked`, `refusing`, `error` (why it was not checked). Problem: an interrupted restore left the database refusing
+      connections. Warning: the server could not be asked.
+
+    Every section also has `host`, `problem` and `warning`."""
+    database = database or settings.DB_NAME
+    now = now or datetime.now(timezone.utc)
+    host = settings.WORKER_HOST
+    complete = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
+    newest = complete[-1] if complete else None
+    repository, oldest_set = _repository(settings, database, now) if settings.repository else (None, None)
+    starts = [moment for moment in (complete[0].created if complete else None, oldest_set) if moment is not None]
+    sections: dict[str, dict[str, Any] | None] = {
+        "backup": _backup(settings, database, newest, now),
+        "drill": _drill(settings, database, min(starts) if starts else None, now),
+        "repository": repository,
+        "uploads": _uploads(database, newest),
+        "connections": _connections(settings, database),
+    }
+    for section in sections.values():
+        if section is not None:
+            section["host"] = host
+    return {"database": database, "host": host, "checked_at": catalogue.utc_timestamp(now), **judged(sections),
+            **sections}
+
+
+def judged(sections: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """`ok`, `problems` and `warnings` from the sections' own."""
+    present = [sections[name] for name in SECTIONS if sections.get(name) is not None]
+    problems = [section["problem"] for section in present if section and section.get("problem")]
+    warnings = [section["warning"] for section in present if section and section.get("warning")]
+    return {"ok": not problems, "problems": problems, "warnings": warnings}
+
+
+def _hours(since: datetime, now: datetime) -> float:
+    return round((now - since).total_seconds() / 3600, 2)
+
+
+def _backup(settings: Settings, database: str, newest: BackupEntry | None, now: datetime) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "folder": str(settings.backup_dir), "file": None, "timestamp": None, "age_hours": None, "size": None,
+        "max_age_hours": settings.BACKUP_MAX_AGE_HOURS, "file_encryption_key": None, "problem": None,
+        "warning": None,
+    }
+    if newest is None:
+        section["problem"] = f"no complete backup of {database!r} in {settings.backup_dir}"
+        return section
+    age = _hours(newest.created, now)
+    section.update(file=newest.path.name, timestamp=newest.timestamp, age_hours=age, size=newest.size)
+    if age > settings.BACKUP_MAX_AGE_HOURS:
+        section["problem"] = (f"newest backup of {database!r} is {age:.1f} h old, over the limit "
+                              f"(BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
+    recorded = newest.meta.extra.get(FINGERPRINT_FIELD) if newest.meta else None
+    if recorded:
+        from worker.uploads.crosscheck import key_fingerprint
+
+        key = settings.FILE_ENCRYPTION_KEY
+        current = key_fingerprint(key.get_secret_value()) if key else None
+        section["file_encryption_key"] = "not set" if current is None else "matches" if current == recorded else "differs"
+        if current != recorded:
+            section["warning"] = (
+                f"the uploads of {newest.path.name} were encrypted with the key whose SHA-256 begins "
+                f"{recorded[:12]}, but FILE_ENCRYPTION_KEY here is "
+                + ("not set" if current is None else f"another (SHA-256 {current[:12]}…)")
+                + ": restored uploads would be unreadable without the old key")
+    return section
+
+
+def _drill(settings: Settings, database: str, history_start: datetime | None, now: datetime) -> dict[str, Any]:
+    from worker.restore.drills import last_drill
+
+    scheduled = database == settings.DB_NAME
+    due = due_since(settings.BACKUP_DRILL_SCHEDULE, now)
+    section: dict[str, Any] = {
+        "result": None, "at": None, "file": None, "error": None, "schedule": settings.BACKUP_DRILL_SCHEDULE,
+        "scheduled": scheduled, "due_since": catalogue.utc_timestamp(due) if due else None, "problem": None,
+        "warning": None,
+    }
+    record = last_drill(settings, database) or {}
+    at = _moment(record.get("at"))
+    if record.get("result") not in ("pass", "fail") or at is None:
+        return _no_drill(section, database, scheduled, due, history_start, bool(record))
+    file = record.get("file")
+    section.update(result=record["result"], at=record["at"], file=Path(str(file)).name if file else None,
+                   error=record.get("error"))
+    if record["result"] == "fail":
+        section["problem"] = f"the last restore drill of {database!r} failed at {record['at']}: {record.get('error')}"
+    elif due is not None and at < due:
+        text = (f"no restore drill of {database!r} passed since {due:%Y-%m-%d %H:%M} UTC, two scheduled drills "
+                f"ago (BACKUP_DRILL_SCHEDULE={settings.BACKUP_DRILL_SCHEDULE}); the last passed at {record['at']}: "
+                "is beat running? `tma-backup drill` runs one now")
+        section["problem" if scheduled else "warning"] = text
+    return section
+
+
+def _no_drill(section: dict[str, Any], database: str, scheduled: bool, due: datetime | None,
+              history_start: datetime | None, unreadable: bool) -> dict[str, Any]:
+    what = "the drill record is unreadable" if unreadable else "no restore drill recorded"
+    if scheduled and due is not None and history_start is not None and history_start < due:
+        section["problem"] = (
+            f"{what} for {database!r}, though complete backups go back to {history_start:%Y-%m-%d %H:%M} UTC, "
+            f"before the last two scheduled drills (BACKUP_DRILL_SCHEDULE={section['schedule']}): "
+            "is beat running? `tma-backup drill` runs one now")
+    else:
+        section["warning"] = f"{what} for {database!r} yet (`tma-backup drill` runs one)"
+    return section
+
+
+def _moment(text: Any) -> datetime | None:
+    try:
+        return catalogue.parse_timestamp(str(text))
+    except ValueError:
+        return None
+
+
+def _repository(settings: Settings, database: str, now: datetime) -> tuple[dict[str, Any], datetime | None]:
+    """The newest set of `database` in the repository, and when its oldest set was made."""
+    from worker.repository.restic import Restic, redacted
+    from worker.repository.sets import list_sets
+
+    section: dict[str, Any] = {
+        "address": redacted(settings.repository or ""), "set": None, "timestamp": None, "age_hours": None,
+        "sets": None, "max_age_hours": settings.BACKUP_MAX_AGE_HOURS, "error": None, "problem": None,
+        "warning": None,
+    }
+    try:
+        restic = Restic(settings)
+        section["address"] = restic.shown
+        sets = list_sets(restic, database)
+    except BackupError as error:
+        section.update(error=str(error), problem=f"the repository cannot be read: {error}")
+        return section, None
+    section["sets"] = len(sets)
+    if not sets:
+        section["problem"] = f"the repository {restic.shown} holds no set of {database!r}"
+        return section, None
+    newest = sets[-1]
+    age = _hours(catalogue.parse_timestamp(newest.timestamp), now)
+    section.update(set=newest.short_id, timestamp=newest.timestamp, age_hours=age)
+    if age > settings.BACKUP_MAX_AGE_HOURS:
+        section["problem"] = (f"the newest set of {database!r} in the repository is {age:.1f} h old, over the limit "
+                              f"(BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
+    return section, catalogue.parse_timestamp(sets[0].timestamp)
+
+
+def _uploads(database: str, newest: BackupEntry | None) -> dict[str, Any] | None:
+    """The uploads cross-check the newest backup's .meta records (`uploads_missing`, and up to a few of
+    their names in `uploads_missing_names`), or None when it records none."""
+    extra = newest.meta.extra if newest is not None and newest.meta is not None else {}
+    if newest is None or MISSING_FIELD not in extra:
+        return None
+    section: dict[str, Any] = {"file": newest.path.name, "missing": None, "missing_names": [], "error": None,
+                               "problem": None, "warning": None}
+    raw = extra[MISSING_FIELD].strip()
+    if not raw.isascii() or not raw.isdigit():
+        section["problem"] = (f"{newest.path.name}: its .meta records uploads_missing={raw!r}, not a count; "
+                              "the uploads of the newest set cannot be trusted")
+        return section
+    section["missing"] = missing = int(raw)
+    section["missing_names"] = names = _names(extra.get(MISSING_NAMES_FIELD, ""))
+    section["error"] = extra.get(ERROR_FIELD) or None
+    if missing:
+        shown = ", ".join(names[:3]) + (", …" if missing > 3 else "")
+        why = f"the uploads were not captured ({section['error']})" if section["error"] else \
+            "check UPLOAD_DIR or the bucket, then back up again"
+        section["problem"] = (f"the newest set of {database!r} ({newest.path.name}) lacks {missing} upload(s) the "
+                              f"database references{f' ({shown})' if shown else ''}: they would not come back "
+                              f"with a restore; {why}")
+    return section
+
+
+def _names(raw: str) -> list[str]:
+    """The recorded names: a JSON list, else one name per line."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return [line for line in raw.split("\n") if line]
+    return [str(name) for name in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+
+def _connections(settings: Settings, database: str) -> dict[str, Any]:
+    """Whether an interrupted swap left `database` refusing connections. A server that cannot be asked is
+    a warning: status is about backups, and reads them without it."""
+    from worker.pg.executors import choose_executor
+    from worker.restore.repair import left_refusing
+
+    section: dict[str, Any] = {"checked": False, "refusing": None, "error": None, "problem": None, "warning": None}
+    try:
+        refusing = left_refusing(settings, choose_executor(settings), database)
+    except BackupError as error:
+        section.update(error=str(error), warning=f"whether {database!r} accepts connections was not checked ({error})")
+        return section
+    section.update(checked=True, refusing=refusing)
+    if refusing:
+        section["problem"] = (
+            f"database {database!r} is refusing connections: a restore was interrupted during its swap and left it "
+            f"so; run `tma-backup repair --database {database}`")
+    return section
