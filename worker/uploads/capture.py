@@ -152,6 +152,7 @@ def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progre
     from worker.repository.restic import RepositoryError
     from worker.uploads.crosscheck import cross_check, key_fingerprint
     from worker.uploads.references import load, references_path
+    from worker.uploads.s3_source import MANIFEST_NAME, SourceError, sync_mirror
 
     backup = Path(run["backup"])
     references = load(references_path(backup))
@@ -159,26 +160,37 @@ def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progre
     if settings.FILE_ENCRYPTION_KEY is not None:
         record["key_sha256"] = key_fingerprint(settings.FILE_ENCRYPTION_KEY.get_secret_value())
     progress("capturing uploads", {})
-    folder = check_upload_dir(settings.UPLOAD_DIR)
+    mirror = None
     try:
+        if settings.STORAGE_DRIVER == "s3":  # TMA's bucket, mirrored into BACKUP_DIR: the mirror is captured
+            mirror = sync_mirror(settings, run["database"], progress)
+            record.update(mirror.fields())
+            run["warnings"].extend(mirror.warnings())
+            folder = mirror.folder
+        else:
+            folder = check_upload_dir(settings.UPLOAD_DIR)
         captured = capture(settings, folder, run["database"], run["timestamp"], run["run_id"], progress)
-    except RepositoryError as error:
+    except (RepositoryError, SourceError) as error:  # the set then lacks its uploads: all count as missing
         checked = cross_check(references, {})
         record.update({"error": str(error), **checked.fields()})
         run["warnings"].append(f"uploads not captured: {error}")
         return record
-    checked = cross_check(references, captured.files, captured.links, captured.unreadable)
+    files, unreadable = captured.files, captured.unreadable
+    if mirror is not None:  # the manifest is the set's own file, no upload; keys the mirror could not fetch
+        files = {path: size for path, size in files.items() if path != MANIFEST_NAME}
+        unreadable = sorted({*unreadable, *mirror.unreadable})
+    checked = cross_check(references, files, captured.links, unreadable)
     record.update({
         "part": captured.id[:8],
-        "files": len(captured.files),
-        "bytes": sum(captured.files.values()),
+        "files": len(files),
+        "bytes": sum(files.values()),
         "bytes_added": captured.bytes_added,
         "seconds": round(captured.seconds, 3),
-        "unreadable": len(captured.unreadable),
-        "unreadable_names": captured.unreadable[:20],
+        "unreadable": len(unreadable),
+        "unreadable_names": unreadable[:20],
         **checked.fields(),
     })
-    for problem, names in (("cannot be read", captured.unreadable), ("are referenced but missing from the set", checked.missing),
+    for problem, names in (("cannot be read", unreadable), ("are referenced but missing from the set", checked.missing),
                            ("are references leading outside UPLOAD_DIR (never read)", checked.escaping)):
         if names:
             shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")

@@ -35,12 +35,20 @@ def env_file(settings: Settings) -> Path | None:
 def check_set_inputs(settings: Settings) -> list[str]:
     """Refuse a run whose set could not be made (one line each); warnings for what it will lack."""
     if not uploads_enabled(settings):
+        if settings.repository and settings.STORAGE_DRIVER == "s3":  # TMA would refuse to start like this
+            from worker.uploads.s3_source import missing_settings_warning
+
+            return [missing_settings_warning(settings)]
         return []
     warnings = []
     if settings.STORAGE_DRIVER == "local":
         from worker.uploads.capture import check_upload_dir
 
         check_upload_dir(settings.UPLOAD_DIR)
+    else:
+        from worker.uploads.s3_source import check_source
+
+        check_source(settings)
     configuration = env_file(settings)
     if configuration is None:
         warnings.append("no .env to put in the set (settings come from the environment): set TMA_ENV_FILE to "

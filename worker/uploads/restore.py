@@ -48,6 +48,10 @@ def plan(settings: Settings, meta: BackupMeta, run: str) -> UploadsPlan:
     """What restoring this backup's uploads takes; refuses (one line) when it cannot be done."""
     if not settings.repository:
         raise BackupError("--with-uploads needs BACKUP_REPOSITORY: the uploads live in the repository's sets")
+    if settings.STORAGE_DRIVER == "s3":
+        raise BackupError(
+            "restoring uploads into TMA Cloud's bucket (STORAGE_DRIVER=s3) is not supported yet: restore the database "
+            "alone, then copy the set's uploads part back with `restic restore <part> --target DIR` and your S3 tool")
     part = meta.extra.get("uploads_part")
     if not part:
         raise BackupError(f"the backup of {meta.timestamp} has no uploads in its set (it was made without UPLOAD_DIR "
