@@ -73,6 +73,7 @@ class Summary(TypedDict):
     mode: str
     offsite: NotRequired[dict[str, Any]]  # with BACKUP_REPOSITORY: the set, bytes added, seconds
     uploads: NotRequired[dict[str, Any]]  # with uploads in the set: the uploads part and the cross-check
+    warnings: NotRequired[list[str]]  # what the operator should know of a run that succeeded
 
 
 def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock, server: str) -> Run:
@@ -154,4 +155,6 @@ def summary(run: Run) -> Summary:
         result["offsite"] = run["offsite"]
     if "uploads" in run:
         result["uploads"] = run["uploads"]
+    if run["warnings"]:
+        result["warnings"] = run["warnings"]
     return result

@@ -171,4 +171,22 @@ def prune(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress =
         run["deleted"] = [path.name for path in catalogue.delete_files(doomed)]
     finally:
         lock.release()
+    incomplete = incomplete_set(run)
+    if incomplete:
+        raise BackupError(incomplete)
     return run
+
+
+def incomplete_set(run: Run) -> str | None:
+    """Why the run's set is not whole although every link ran (its uploads could not be captured, or
+    references lead outside UPLOAD_DIR): the run then fails at its very end, after the backup was
+    published, sent and pruned, so that the operator and the failure notification hear of it."""
+    uploads = run.get("uploads") or {}
+    done = f"{Path(run['backup']).name} is complete" + (" and off site" if run.get("offsite") else "")
+    if uploads.get("error"):
+        return f"{done}, but the set lacks its uploads: {uploads['error']}"
+    if uploads.get("escaping"):
+        names = ", ".join(uploads.get("escaping_names", [])[:5])
+        return (f"{done}, but {uploads['escaping']} upload reference(s) lead outside UPLOAD_DIR and were not read "
+                f"(UPLOADS_REFERENCES_QUERY): {names}")
+    return None

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # the backup package pulls in psycopg: not needed for `--help
 PHASE_MESSAGES = {
     "counting rows": "Counting rows exactly, inside the dump's snapshot …",
     "dumping": "Running pg_dump (custom format, serializable snapshot) …",
+    "listing TMA Cloud's bucket": "Listing TMA Cloud's bucket (STORAGE_DRIVER=s3) …",
+    "downloading uploads from TMA Cloud's bucket": "Copying new and changed objects from TMA Cloud's bucket …",
     "capturing uploads": "Capturing the uploads into the repository (unchanged files are not read again) …",
     "verifying": "Verifying backup integrity (pg_restore --list) …",
     "checksumming": "Computing SHA-256 checksum …",
@@ -42,6 +44,9 @@ def _print_summary(summary: Summary) -> None:
     uploads = summary.get("uploads")
     if uploads:
         _print_uploads(uploads)
+    for warning in summary.get("warnings", []):
+        if "upload" not in warning:  # the uploads' own lines above say it
+            output.warn(warning)
     offsite = summary.get("offsite")
     if offsite:
         added = human_size(int(offsite["bytes_added"]))
@@ -65,6 +70,15 @@ def _print_uploads(uploads: dict[str, Any]) -> None:
                   f"{human_size(int(uploads['bytes_added']))}B added, {uploads['seconds']:.1f}s")
         output.ok(f"Cross-check: {uploads['referenced']} referenced, {uploads['missing']} missing, "
                   f"{uploads['unreferenced']} unreferenced (fine)")
+    if uploads.get("downloaded") is not None:
+        output.info(f"Bucket     : {uploads['downloaded']} object(s) downloaded "
+                    f"({human_size(int(uploads.get('downloaded_bytes', 0)))}B); the rest unchanged since the last run")
+    if uploads.get("source_versioning") is False:
+        output.warn("Bucket     : TMA Cloud's bucket keeps no versions: an overwritten or deleted object cannot be "
+                    "recovered from the bucket itself (enable versioning)")
+    if uploads.get("source_refused"):
+        output.warn(f"Bucket     : {uploads['source_refused']} key(s) cannot be stored as files and were not copied: "
+                    f"{', '.join(uploads.get('source_refused_names', [])[:5])}")
     if uploads.get("missing"):
         names = ", ".join(uploads.get("missing_names", [])[:5])
         output.warn(f"{uploads['missing']} referenced upload(s) missing from the set: {names}"

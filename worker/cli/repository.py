@@ -18,7 +18,7 @@ from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import guarded, printable
 from worker.errors import BackupError
-from worker.settings import Settings, check_database_name, get_settings
+from worker.settings import Settings, SettingsError, check_database_name, get_settings
 
 
 def _configured() -> Settings:
@@ -109,7 +109,7 @@ def check_command(subset: str | None) -> None:
 
     settings = _configured()
     if subset is not None and not re.fullmatch(r"(100|[1-9][0-9]?)(\.[0-9]+)?%|[1-9][0-9]*/[1-9][0-9]*", subset):
-        raise BackupError(f"--read-data-subset {subset!r}: give a percentage (5%) or n/t (1/7)")
+        raise SettingsError(f"--read-data-subset {subset!r}: give a percentage (5%) or n/t (1/7)")
     output.section("Check Repository")
     result = check(settings, f"cli-{uuid.uuid4()}", subset, lambda phase, fields: output.info(f"{phase} …"))
     read = f", {subset} of the data read and verified" if subset else " (structure and indexes; add --read-data-subset to read data)"

@@ -5,6 +5,7 @@ Each runs under the repository's lock (`worker.repository.lock`), never beside a
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -95,9 +96,9 @@ def init(settings: Settings) -> dict[str, Any]:
         pass
     else:
         raise RepositoryError(f"a repository already exists at {restic.shown}; nothing was changed")
-    outcome = restic.json(["init"])
-    identifier = str((outcome or {}).get("id", "")) if isinstance(outcome, dict) else ""
-    return {"repository": restic.shown, "id": identifier}
+    created = restic.run(["init"]).stdout  # restic 0.14's `init` prints text: "created restic repository ID at …"
+    found = re.search(r"created restic repository ([0-9a-f]+)", created)
+    return {"repository": restic.shown, "id": found.group(1) if found else ""}
 
 
 def prune(settings: Settings, owner: str, progress: Progress = no_progress) -> dict[str, Any]:

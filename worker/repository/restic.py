@@ -98,7 +98,9 @@ def explain(stderr: str, address: str) -> RepositoryError:
         return RepositoryError(f"the repository at {shown} refused the password (BACKUP_REPOSITORY_PASSWORD"
                                "[_FILE]): wrong password, or another repository at that address")
     if any(code in text for code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
-                                     "Access Denied", "InvalidSecretKey")):
+                                     "Access Denied", "InvalidSecretKey")) or any(
+            sign in lowered for sign in ("request signature we calculated does not match",
+                                         "access key id you provided does not exist", "access denied")):
         return RepositoryError(f"the repository's storage at {shown} refused the credentials "
                                "(BACKUP_REPOSITORY_ACCESS_KEY_ID / BACKUP_REPOSITORY_SECRET_ACCESS_KEY)")
     if "repository is already locked" in lowered or "unable to create lock" in lowered:
