@@ -7,9 +7,15 @@
 #      from the working tree through the build cache (seconds when nothing changed;
 #      SKIP_IF_EXISTS=1 reuses it as it is);
 #   3. creates the env file (.env) from .env.example with random passwords (DB_PASSWORD,
-#      FLOWER_PASSWORD, REDIS_PASSWORD) when there is none (never overwrites); an existing one without
-#      REDIS_PASSWORD gets a random one appended (the stack's Redis requires it), and says so;
-#   4. `docker-compose up -d` and waits until postgres and redis are healthy and the others run.
+#      FLOWER_PASSWORD, REDIS_PASSWORD, BACKUP_REPOSITORY_PASSWORD) when there is none (never overwrites);
+#      an existing one without REDIS_PASSWORD or BACKUP_REPOSITORY_PASSWORD(_FILE) gets a random one
+#      appended, and says so (keep a copy of the repository's password off this host: without it no set
+#      can be read);
+#   4. `docker-compose up -d` and waits until postgres and redis are healthy and the others run;
+#   5. the off-site repository: creates the default one (/repository, the stack's own volume) once, when
+#      that volume is empty; any other BACKUP_REPOSITORY must already exist (the operator creates it once,
+#      deliberately: docker-compose exec worker tma-backup repository init). Fails when the worker cannot
+#      read it (wrong password, unreachable, missing).
 # Never reads stdin (fine with CI=true). Logs to stderr. Options:
 #   --build-only             steps 1-2 only
 #   --env-only               step 3 only (no Docker needed)
@@ -17,8 +23,8 @@
 #   --env-file FILE          the settings (default: DIR/.env)
 #   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
 # Host ports: REDIS_HOST_PORT (default 56379), FLOWER_HOST_PORT (default 5555), from the environment.
-# Stop with: docker-compose down   (add -v to delete the database, broker and backup volumes; pass the
-# same --project-directory/--env-file/-p as here)
+# Stop with: docker-compose down   (add -v to delete the database, broker, backup AND repository volumes;
+# pass the same --project-directory/--env-file/-p as here)
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -37,7 +43,7 @@ while [ $# -gt 0 ]; do
     --project-directory) [ $# -ge 2 ] || die "$1 needs a folder"; project_dir=$2; shift ;;
     --env-file) [ $# -ge 2 ] || die "$1 needs a file"; env_file=$2; shift ;;
     -p|--project-name) [ $# -ge 2 ] || die "$1 needs a name"; project_name=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
     *) die "unknown option $1 (try --help)" ;;
   esac
   shift
@@ -54,25 +60,52 @@ dc() {
 }
 
 # The env file: created from .env.example with random passwords when missing (never overwritten); one
-# without REDIS_PASSWORD gets a random one appended. Random values are hex: safe in a URL and in Redis's
-# configuration.
+# without REDIS_PASSWORD or BACKUP_REPOSITORY_PASSWORD(_FILE) gets a random one appended. Random values
+# are hex: safe in a URL and in Redis's configuration.
 rand() { od -An -N18 -tx1 /dev/urandom | tr -d ' \n'; }
+# append KEY=VALUE, completing a last line that lacks its newline first (the file keeps its mode)
+append_setting() {
+  { [ -z "$(tail -c1 "$env_file")" ] || echo; printf '%s=%s\n' "$1" "$2"; } >>"$env_file" ||
+    die "cannot append $1 to $env_file"
+}
+keep_elsewhere() {
+  log "****************************************************************************************************"
+  log "* BACKUP_REPOSITORY_PASSWORD in $env_file is new: KEEP A COPY OF IT AWAY FROM THIS HOST (a password"
+  log "* manager, a safe). Every set in the repository is encrypted with it: without it, no set can ever be"
+  log "* read, and the night you need the repository is the night this host and its .env are gone."
+  log "****************************************************************************************************"
+}
 prepare_env_file() {
   if [ ! -e "$env_file" ]; then
     [ -r "$REPO/.env.example" ] || die "$env_file and $REPO/.env.example are both missing"
-    log "no $env_file: creating it from .env.example with random DB_PASSWORD, FLOWER_PASSWORD and REDIS_PASSWORD (mode 600)"
+    log "no $env_file: creating it from .env.example with random DB_PASSWORD, FLOWER_PASSWORD, REDIS_PASSWORD and BACKUP_REPOSITORY_PASSWORD (mode 600)"
     (
       umask 077
       sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$(rand)/" -e "s/^FLOWER_PASSWORD=.*/FLOWER_PASSWORD=$(rand)/" \
-        -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(rand)/" "$REPO/.env.example" >"$env_file.tmp" &&
+        -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(rand)/" \
+        -e "s/^BACKUP_REPOSITORY_PASSWORD=.*/BACKUP_REPOSITORY_PASSWORD=$(rand)/" "$REPO/.env.example" >"$env_file.tmp" &&
         mv "$env_file.tmp" "$env_file"
     ) || die "cannot create $env_file"
+    grep -q '^BACKUP_REPOSITORY_PASSWORD=' "$env_file" && keep_elsewhere
   fi
   if ! grep -q '^REDIS_PASSWORD=' "$env_file"; then
     log "$env_file has no REDIS_PASSWORD: appending a random one (the stack's Redis now requires a password; clients outside the stack need it in CELERY_BROKER_URL: redis://:REDIS_PASSWORD@host:port/0)"
-    # complete a last line that lacks its newline, then append (the file keeps its mode)
-    { [ -z "$(tail -c1 "$env_file")" ] || echo; printf 'REDIS_PASSWORD=%s\n' "$(rand)"; } >>"$env_file" ||
-      die "cannot append REDIS_PASSWORD to $env_file"
+    append_setting REDIS_PASSWORD "$(rand)"
+  fi
+  # The repository's password: BACKUP_REPOSITORY_PASSWORD, or a file named by BACKUP_REPOSITORY_PASSWORD_FILE
+  # (one of them, never both). A new one only when neither is there: a repository that exists keeps its own.
+  if ! grep -q '^BACKUP_REPOSITORY_PASSWORD\(_FILE\)\{0,1\}=' "$env_file"; then
+    log "$env_file has no BACKUP_REPOSITORY_PASSWORD: appending a random one (the password of the off-site restic repository; an existing repository keeps its own: put that one in $env_file instead)"
+    append_setting BACKUP_REPOSITORY_PASSWORD "$(rand)"
+    keep_elsewhere
+  fi
+  repository_password=$(sed -n 's/^BACKUP_REPOSITORY_PASSWORD=//p' "$env_file" | tail -n1)
+  if grep -q '^BACKUP_REPOSITORY_PASSWORD=' "$env_file"; then
+    case $repository_password in
+      "") grep -q '^BACKUP_REPOSITORY_PASSWORD_FILE=.' "$env_file" ||
+            die "BACKUP_REPOSITORY_PASSWORD in $env_file is empty: set the repository's password, or delete the line to get a random one (only for a repository not created yet)" ;;
+      change-me) log "WARNING: BACKUP_REPOSITORY_PASSWORD in $env_file is still .env.example's 'change-me': set a random one before the repository is created (it cannot be changed by editing .env afterwards)" ;;
+    esac
   fi
   redis_password=$(sed -n 's/^REDIS_PASSWORD=//p' "$env_file" | tail -n1)
   case $redis_password in
@@ -144,5 +177,38 @@ for svc in worker beat flower; do
     die "$svc is $1 after $2 restarts"
   fi
 done
+
+# 5. The repository. Only the stack's own default (/repository, the empty `repository` volume) is created
+# here: another address is created once by the operator, deliberately, because a typo in it or a wrong
+# password must fail, never end with a new empty repository beside the real one. The address is not
+# logged (it may carry user:password@); tma-backup's own lines redact it.
+address=$(dc exec -T worker printenv BACKUP_REPOSITORY 2>/dev/null | tr -d '\r' || true)
+if [ -z "$address" ]; then
+  log "repository: BACKUP_REPOSITORY is empty: backups stay on this host only (README, \"The off-site repository\")"
+elif listed=$(dc exec -T worker tma-backup repository list --json 2>&1); then
+  log "repository: ready ($(printf '%s\n' "$listed" | grep -c '^{' || true) set(s) in it)"
+else
+  case $listed in
+    *"no restic repository at"*)
+      [ "$address" = /repository ] ||
+        die "repository: $(printf '%s\n' "$listed" | grep '\[ERROR\]' | head -n1 | sed 's/^\[ERROR\] *//'). The stack is up, but every backup fails until it exists: create it once with: docker-compose exec worker tma-backup repository init"
+      [ -z "$(dc exec -T worker find /repository -mindepth 1 -maxdepth 1 -print 2>/dev/null | head -n1)" ] ||
+        die "repository: /repository (the stack's repository volume) is not empty but holds no restic repository; nothing was created. Look inside: docker-compose exec worker ls -la /repository"
+      log "repository: creating the stack's default repository in the volume at /repository (once)"
+      # `repository list` succeeding afterwards is the proof, whatever init printed
+      created=$(dc exec -T worker tma-backup repository init 2>&1) || true
+      if ! dc exec -T worker tma-backup repository list >/dev/null 2>&1; then
+        printf '%s\n' "$created" >&2
+        die "repository: could not create the default repository at /repository (see above)"
+      fi
+      volume=$(docker inspect -f '{{range .Mounts}}{{if eq .Destination "/repository"}}{{.Name}}{{end}}{{end}}' "$(dc ps -q worker)" || true)
+      log "repository: created at /repository, in the volume ${volume:-repository} ON THIS HOST: a stand-in, not off site; point BACKUP_REPOSITORY at a bucket for that (README, \"The off-site repository\"). Its password is BACKUP_REPOSITORY_PASSWORD in $env_file: keep a copy away from this host"
+      ;;
+    *)
+      printf '%s\n' "$listed" | grep '\[ERROR\]' >&2 || printf '%s\n' "$listed" | tail -n5 >&2
+      die "repository: the worker cannot read BACKUP_REPOSITORY (above); the stack is up, but every backup fails until this is fixed"
+      ;;
+  esac
+fi
 dc ps >&2
 log "stack up in $(( $(date +%s) - t0 )) s; Flower: http://$(dc port flower 5555); broker for the host CLI: redis://:REDIS_PASSWORD@$(dc port redis 6379)/0 (REDIS_PASSWORD from $env_file)"

@@ -1,6 +1,8 @@
 """docker-compose.yml for real: it validates, and the stack comes up on the local Docker engine from
 locally built images (docker/up.sh) and runs one backup end to end, then goes away (`down -v`). Its
 Redis requires REDIS_PASSWORD, and no password shows in any process's argv, in Flower or in the logs.
+The backup lands a set in the stack's default repository (/repository, its own volume, which up.sh
+creates once with a generated BACKUP_REPOSITORY_PASSWORD), and `tma-backup status` reports it.
 
 Every run uses a throwaway settings file and project folder under tmp_path (never a `.env` in the
 repository: the settings read `.env` from the working directory), its own project name, and random
@@ -36,7 +38,8 @@ REPO = services.REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 FIXED_NAMES = ("tma-cloud-postgres", "tma-backup-beat")
 BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/python-base:bookworm")
-CHAIN = ("tma_backup.dump", "tma_backup.verify", "tma_backup.checksum", "tma_backup.meta", "tma_backup.prune")
+CHAIN = ("tma_backup.dump", "tma_backup.verify", "tma_backup.checksum", "tma_backup.meta", "tma_backup.offsite",
+         "tma_backup.prune")
 
 
 def _run(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -51,6 +54,7 @@ def _write_env_file(path: Path, project: str, omit: tuple[str, ...] = ()) -> dic
         "DB_USER": "postgres", "DB_PASSWORD": f"dbpw-{secrets.token_hex(8)}", "DB_NAME": "tma_cloud_storage",
         "BACKUP_RETAIN_COUNT": "3", "FLOWER_USER": "admin", "FLOWER_PASSWORD": f"flpw-{secrets.token_hex(8)}",
         "REDIS_PASSWORD": f"rdpw-{secrets.token_hex(8)}", "COMPOSE_PROJECT_NAME": project,
+        "BACKUP_REPOSITORY_PASSWORD": f"rppw-{secrets.token_hex(8)}",
     }
     settings = {key: value for key, value in settings.items() if key not in omit}
     path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
@@ -115,7 +119,7 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     settings = _write_env_file(tmp_path / "settings.env", project)
     config = _config(Compose(tmp_path, tmp_path / "settings.env", project))
     services_ = config["services"]
-    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "worker"]
+    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "repository-volume", "worker"]
 
     postgres = services_["postgres"]
     assert postgres["container_name"] == "tma-cloud-postgres" and "healthcheck" in postgres
@@ -144,10 +148,37 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     assert "requirepass" in " ".join(broker_service["entrypoint"])
     assert "redis-cli" in " ".join(broker_service["healthcheck"]["test"])
     # No password in anything that becomes a process's argv: commands, entrypoints, healthchecks.
-    passwords = [settings[key] for key in ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD")]
+    passwords = [settings[key] for key in ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD",
+                                           "BACKUP_REPOSITORY_PASSWORD")]
     argv = json.dumps({name: [service.get(key) for key in ("command", "entrypoint", "healthcheck")]
                        for name, service in services_.items()})
     assert not [password for password in passwords if password in argv], "passwords stay out of argv"
+
+
+    # The repository: by default /repository, a volume of its own that only the worker mounts, made uid 1000's
+    # by a one-shot root service before the worker starts; its password from the env file, never in Flower.
+    assert "repository" in config["volumes"]
+    assert "repository:/repository:rw" in worker["volumes"] and "backups:/backups:rw" in worker["volumes"]
+    assert worker["depends_on"]["repository-volume"] == {"condition": "service_completed_successfully"}
+    for name in ("beat", "flower"):
+        assert not [volume for volume in services_[name].get("volumes", []) if "repository" in volume], name
+    owner = services_["repository-volume"]
+    assert owner["user"] == "0:0" and owner["network_mode"] == "none" and owner["restart"] == "no"
+    assert owner["volumes"] == ["repository:/repository:rw"] and "chown 1000:1000 /repository" in owner["entrypoint"][-1]
+    for name in ("worker", "beat"):
+        assert services_[name]["environment"]["BACKUP_REPOSITORY"] == "/repository"
+        assert services_[name]["environment"]["BACKUP_REPOSITORY_PASSWORD"] == settings["BACKUP_REPOSITORY_PASSWORD"]
+    assert {key: value for key, value in flower["environment"].items() if key.startswith("BACKUP_REPOSITORY")} == {
+        "BACKUP_REPOSITORY": "", "BACKUP_REPOSITORY_PASSWORD": "", "BACKUP_REPOSITORY_PASSWORD_FILE": "",
+        "BACKUP_REPOSITORY_ACCESS_KEY_ID": "", "BACKUP_REPOSITORY_SECRET_ACCESS_KEY": ""}, "Flower never has them"
+    # .env names another repository (a bucket), or none at all (empty: backups stay local).
+    for address in ("s3:https://s3.example.com/bucket/tma", ""):
+        _write_env_file(tmp_path / "s3.env", project)
+        with open(tmp_path / "s3.env", "a") as handle:
+            handle.write(f"BACKUP_REPOSITORY={address}\n")
+        other = _config(Compose(tmp_path, tmp_path / "s3.env", project))["services"]
+        assert other["worker"]["environment"]["BACKUP_REPOSITORY"] == address
+        assert other["beat"]["environment"]["BACKUP_REPOSITORY"] == address
 
     # Without a password the file refuses to resolve, naming the variable.
     for variable in ("DB_PASSWORD", "REDIS_PASSWORD"):
@@ -171,14 +202,19 @@ def test_up_sh_creates_the_env_file_with_random_passwords_and_never_overwrites_i
     assert result.returncode == 0, result.stderr
     values = _env_values(created)
     assert created.stat().st_mode & 0o777 == 0o600
-    assert set(values) >= {"DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD", "CELERY_BROKER_URL"}
-    generated = [values[key] for key in ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD")]
-    assert len(set(generated)) == 3 and all(len(value) == 36 and int(value, 16) >= 0 for value in generated), values
+    keys = ("DB_PASSWORD", "FLOWER_PASSWORD", "REDIS_PASSWORD", "BACKUP_REPOSITORY_PASSWORD")
+    assert set(values) >= {*keys, "CELERY_BROKER_URL"}
+    generated = [values[key] for key in keys]
+    assert len(set(generated)) == 4 and all(len(value) == 36 and int(value, 16) >= 0 for value in generated), values
     assert "REDIS_PASSWORD" in result.stderr and "appending" not in result.stderr
-    # Run again: not a byte changes.
+    assert "BACKUP_REPOSITORY_PASSWORD in" in result.stderr and "KEEP A COPY OF IT AWAY FROM THIS HOST" in result.stderr
+    assert not [value for value in generated if value in result.stderr], "the log names variables, never values"
+    assert "BACKUP_REPOSITORY=" not in values, "the stack's default repository unless the operator names one"
+    # Run again: not a byte changes, and no note about a new password.
     before = created.read_bytes()
     again = _up_env_only(created, tmp_path)
     assert again.returncode == 0 and created.read_bytes() == before, again.stderr
+    assert "KEEP A COPY" not in again.stderr
 
 
 def test_up_sh_appends_redis_password_to_an_env_file_without_one_and_says_so(tmp_path):
@@ -204,6 +240,39 @@ def test_up_sh_appends_redis_password_to_an_env_file_without_one_and_says_so(tmp
         refused = _up_env_only(existing, tmp_path)
         assert refused.returncode != 0 and "REDIS_PASSWORD" in refused.stderr, refused.stderr
         assert existing.read_bytes() == kept
+
+
+def test_up_sh_appends_a_repository_password_only_when_there_is_none_and_says_to_keep_it(tmp_path):
+    existing = tmp_path / "existing.env"
+    settings = _write_env_file(existing, "tmarepo", omit=("BACKUP_REPOSITORY_PASSWORD",))
+    before = existing.read_text()
+    result = _up_env_only(existing, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{existing} has no BACKUP_REPOSITORY_PASSWORD: appending a random one" in result.stderr
+    assert "KEEP A COPY OF IT AWAY FROM THIS HOST" in result.stderr
+    after = existing.read_text()
+    assert after.startswith(before) and after.count("\n") == before.count("\n") + 1
+    values = _env_values(existing)
+    assert len(values["BACKUP_REPOSITORY_PASSWORD"]) == 36 and values["REDIS_PASSWORD"] == settings["REDIS_PASSWORD"]
+    assert values["BACKUP_REPOSITORY_PASSWORD"] not in result.stderr
+    assert existing.stat().st_mode & 0o777 == 0o600
+
+    # A password file instead: nothing appended (both would be refused by every process).
+    existing.write_text(before + "BACKUP_REPOSITORY_PASSWORD_FILE=/run/secrets/restic\n")
+    kept = existing.read_bytes()
+    result = _up_env_only(existing, tmp_path)
+    assert result.returncode == 0 and existing.read_bytes() == kept, result.stderr
+    assert "KEEP A COPY" not in result.stderr
+
+    # Empty: refused, naming the variable, file untouched; .env.example's placeholder: a warning.
+    existing.write_text(before + "BACKUP_REPOSITORY_PASSWORD=\n")
+    kept = existing.read_bytes()
+    refused = _up_env_only(existing, tmp_path)
+    assert refused.returncode != 0 and "BACKUP_REPOSITORY_PASSWORD" in refused.stderr, refused.stderr
+    assert existing.read_bytes() == kept
+    existing.write_text(before + "BACKUP_REPOSITORY_PASSWORD=change-me\n")
+    warned = _up_env_only(existing, tmp_path)
+    assert warned.returncode == 0 and "WARNING: BACKUP_REPOSITORY_PASSWORD" in warned.stderr, warned.stderr
 
 
 def test_the_stacks_redis_refuses_a_password_that_a_url_cannot_carry(docker_engine, tmp_path):
@@ -247,10 +316,12 @@ def _http(url: str, auth: tuple[str, str] | None) -> tuple[int, str]:
 
 @pytest.fixture
 def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
-    """The stack, from a settings file written before the broker had a password (no REDIS_PASSWORD):
-    docker/up.sh appends a random one, and the settings returned include it."""
+    """The stack, from a settings file written before the broker had a password and before the repository
+    (no REDIS_PASSWORD, no BACKUP_REPOSITORY_PASSWORD): docker/up.sh appends random ones and creates the
+    default repository in its volume; the settings returned include both passwords."""
     project = f"tmatest{secrets.token_hex(4)}"
-    settings = _write_env_file(tmp_path / "settings.env", project, omit=("REDIS_PASSWORD",))
+    settings = _write_env_file(tmp_path / "settings.env", project,
+                               omit=("REDIS_PASSWORD", "BACKUP_REPOSITORY_PASSWORD"))
     compose = Compose(tmp_path, tmp_path / "settings.env", project)
     _wait_for_fixed_names_to_be_free()
     try:
@@ -259,8 +330,12 @@ def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
                   env={**compose.environ, "UP_SETTLE": "3"}, cwd=tmp_path)
         assert up.returncode == 0, f"docker/up.sh failed:\n{up.stderr[-5000:]}"
         assert "has no REDIS_PASSWORD: appending a random one" in up.stderr
-        settings["REDIS_PASSWORD"] = _env_values(compose.env_file)["REDIS_PASSWORD"]
-        assert settings["REDIS_PASSWORD"] not in up.stderr
+        assert "has no BACKUP_REPOSITORY_PASSWORD: appending a random one" in up.stderr
+        assert "repository: creating the stack's default repository in the volume at /repository" in up.stderr
+        assert f"in the volume {project}_repository ON THIS HOST" in up.stderr
+        for key in ("REDIS_PASSWORD", "BACKUP_REPOSITORY_PASSWORD"):
+            settings[key] = _env_values(compose.env_file)[key]
+            assert settings[key] not in up.stderr
         yield compose, settings
     finally:
         down = compose("down", "-v", "--remove-orphans", "--timeout", "20", timeout=180)
@@ -271,7 +346,8 @@ def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
 
 def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(stack):
     compose, settings = stack
-    secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"], settings["REDIS_PASSWORD"])
+    secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"], settings["REDIS_PASSWORD"],
+                settings["BACKUP_REPOSITORY_PASSWORD"])
 
     # TMA Cloud's database gets a table with rows (pg_dump of an empty database holds no TOC entries).
     created = compose.exec("postgres", "psql", "-v", "ON_ERROR_STOP=1", "-q", "-U", "postgres", "-d",
@@ -294,6 +370,21 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     verify = compose.exec("worker", "tma-backup", "verify", f"/backups/{dumps[0]}")
     assert verify.returncode == 0, verify.stderr
     assert "Backup is intact" in verify.stderr
+
+    # The backup is a set in the stack's repository (its own volume, uid 1000's, 0700), holding the dump
+    # and its .meta; status reports it and exits 0.
+    owner = compose.exec("worker", "stat", "-c", "%u %a %s", "/repository", "/repository/config").stdout.split()
+    assert owner[:2] == ["1000", "700"] and int(owner[-1]) > 0, owner  # uid 1000's, 0700, a restic repository
+    listed = compose.exec("worker", "tma-backup", "repository", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    sets = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(sets) == 1 and sets[0]["database"] == "tma_cloud_storage", sets
+    assert sets[0]["files"] == [dumps[0], dumps[0] + ".meta"] and sets[0]["bytes_added"] > 0, sets
+    assert f"Off site   : set {sets[0]['id']} in /repository" in backup.stderr, backup.stderr
+    status = compose.exec("worker", "tma-backup", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"Off site   : set {sets[0]['id']} of {sets[0]['timestamp']}" in status.stderr
+    assert "Backups are current, here and off site." in status.stderr
 
     # The worker runs as uid 1000; beat is one container; Flower asks for credentials and shows the chain.
     assert compose.exec("worker", "id", "-u").stdout.strip() == "1000"
@@ -336,7 +427,11 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     assert "redis://:**@redis:6379/0" in pages["/broker"][1], "the broker page shows the URL, masked"
     leaking = {path: secret for path, (_, page) in pages.items() for secret in secrets_ if secret in page}
     assert leaking == {}
-    for container in compose("ps", "-q").stdout.split():
+    # (the one-shot repository-volume has exited, with 0: the worker waited for that)
+    one_shot = compose("ps", "-q", "repository-volume").stdout.strip()
+    assert _run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", one_shot]).stdout.split() == [
+        "exited", "0"]
+    for container in compose("ps", "-q", "postgres", "redis", "worker", "beat", "flower").stdout.split():
         top = _run(["docker", "top", container, "-eo", "pid,args"])
         assert top.returncode == 0 and not [secret for secret in secrets_ if secret in top.stdout], top.stdout
     assert "redis-server" in compose("top", "redis").stdout
