@@ -30,10 +30,12 @@ from tests.s3_server import S3Server, start_s3
 from tests.test_repository import Repository, our_sets, restic, restic_init, s3_repository, tag_value
 from worker.archive.meta import read_meta
 from worker.settings import Settings
-from worker.uploads import s3_source
+from worker.uploads import s3_mirror
 from worker.uploads.capture import capture_for_run
 from worker.uploads.config import check_set_inputs
-from worker.uploads.s3_source import MANIFEST_NAME, SourceError, mirrorable, s3_settings, sync_mirror
+from worker.uploads.s3_errors import SourceError
+from worker.uploads.s3_mirror import MANIFEST_NAME, mirrorable, sync_mirror
+from worker.uploads.s3_settings import s3_configured, s3_settings
 
 ENCRYPTION_OVERHEAD = 32  # TMA's [16-byte IV][data][16-byte tag]
 TMA_FILES = """CREATE TABLE files (id text PRIMARY KEY, name text, type text NOT NULL, size bigint, path text,
@@ -338,7 +340,7 @@ def test_the_mirror_refuses_to_start_without_room_for_the_downloads(
     settings = settings_for(tma_env(pg, backup_dir, tma, new_repository(s3, restic_bin, tmp_path),
                                     **tma_variables(tma)))
     real = shutil.disk_usage
-    monkeypatch.setattr(s3_source.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    monkeypatch.setattr(s3_mirror.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
     with pytest.raises(SourceError) as refused:
         sync_mirror(settings, tma.database)
     assert str(refused.value).startswith(f"not enough room in {backup_dir} for TMA Cloud's bucket mirror: ")
@@ -422,11 +424,11 @@ def test_tma_precedence_r2_then_rustfs_then_aws() -> None:
 
 
 def test_s3_is_used_only_with_the_driver_and_all_four_settings() -> None:
-    assert s3_source.s3_configured(settings(**RUSTFS))
-    assert not s3_source.s3_configured(Settings(_env_file=None, STORAGE_DRIVER="local", **RUSTFS))  # type: ignore[call-arg]
+    assert s3_configured(settings(**RUSTFS))
+    assert not s3_configured(Settings(_env_file=None, STORAGE_DRIVER="local", **RUSTFS))  # type: ignore[call-arg]
     for missing in ("RUSTFS_ENDPOINT", "RUSTFS_BUCKET", "RUSTFS_ACCESS_KEY", "RUSTFS_SECRET_KEY"):
         partial = {key: value for key, value in RUSTFS.items() if key != missing}
-        assert not s3_source.s3_configured(settings(**partial)), missing
+        assert not s3_configured(settings(**partial)), missing
     incomplete = settings(BACKUP_REPOSITORY="/srv/repository", BACKUP_REPOSITORY_PASSWORD="pw",
                           RUSTFS_ENDPOINT="http://rustfs:9000")
     assert check_set_inputs(incomplete) == [

@@ -152,7 +152,8 @@ def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progre
     from worker.repository.restic import RepositoryError
     from worker.uploads.crosscheck import cross_check, key_fingerprint
     from worker.uploads.references import load, references_path
-    from worker.uploads.s3_source import MANIFEST_NAME, SourceError, sync_mirror
+    from worker.uploads.s3_errors import SourceError
+    from worker.uploads.s3_mirror import MANIFEST_NAME, sync_mirror
 
     backup = Path(run["backup"])
     references = load(references_path(backup))

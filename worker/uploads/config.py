@@ -17,7 +17,7 @@ def uploads_enabled(settings: Settings) -> bool:
     if not settings.repository:
         return False
     if settings.STORAGE_DRIVER == "s3":
-        from worker.uploads.s3_source import s3_configured
+        from worker.uploads.s3_settings import s3_configured
 
         return s3_configured(settings)
     return settings.UPLOAD_DIR is not None
@@ -36,7 +36,7 @@ def check_set_inputs(settings: Settings) -> list[str]:
     """Refuse a run whose set could not be made (one line each); warnings for what it will lack."""
     if not uploads_enabled(settings):
         if settings.repository and settings.STORAGE_DRIVER == "s3":  # TMA would refuse to start like this
-            from worker.uploads.s3_source import missing_settings_warning
+            from worker.uploads.s3_settings import missing_settings_warning
 
             return [missing_settings_warning(settings)]
         return []
@@ -46,7 +46,7 @@ def check_set_inputs(settings: Settings) -> list[str]:
 
         check_upload_dir(settings.UPLOAD_DIR)
     else:
-        from worker.uploads.s3_source import check_source
+        from worker.uploads.s3_settings import check_source
 
         check_source(settings)
     configuration = env_file(settings)

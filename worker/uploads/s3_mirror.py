@@ -1,4 +1,4 @@
-"""TMA Cloud's S3 storage as the source of the uploads (STORAGE_DRIVER=s3).
+"""The mirror of TMA Cloud's S3 bucket: the source of the uploads with STORAGE_DRIVER=s3.
 
 TMA's bucket is mirrored into `BACKUP_DIR/.uploads-mirror/<database>/` (object key → file path), then
 that folder is captured as the set's uploads part exactly as UPLOAD_DIR is for the local driver (restic,
@@ -29,17 +29,17 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from worker.archive.meta import human_size, write_atomically
-from worker.errors import BackupError
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
 from worker.uploads.references import escapes
+from worker.uploads.s3_errors import SourceError, _code, _Incomplete, explain
+from worker.uploads.s3_settings import S3Source, missing_settings_warning, s3_settings
 
 MIRROR_FOLDER = ".uploads-mirror"
 DOWNLOAD_FOLDER = ".uploads-download"  # downloads in progress, renamed into the mirror when complete
@@ -51,110 +51,9 @@ ATTEMPTS = 3
 CHUNK = 1 << 20
 NAMES_SHOWN = 20
 DOWNLOADING = "downloading uploads from TMA Cloud's bucket"
-CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidSecretKey", "AccessDenied",
-                    "InvalidToken", "AuthorizationHeaderMalformed", "Forbidden", "403"}
 
 
 logger = logging.getLogger(__name__)
-
-
-class SourceError(BackupError):
-    """The uploads cannot be taken from TMA Cloud's bucket; `str()` is one line saying why."""
-
-
-@dataclass(frozen=True)
-class S3Source:
-    """TMA Cloud's bucket, resolved with TMA's own precedence (backend/config/storage.js)."""
-
-    endpoint: str
-    bucket: str
-    access_key: str = field(repr=False)
-    secret_key: str = field(repr=False)
-    region: str
-    path_style: bool
-    key_names: str  # the variables the keys came from, for error lines (never their values)
-    bucket_name: str  # the variable the bucket came from
-
-    @property
-    def where(self) -> str:
-        """`<endpoint>/<bucket>`, without any user:password@ an endpoint may carry."""
-        parts = urlsplit(self.endpoint)
-        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}/{self.bucket}"
-
-
-def _text(value: Any) -> str | None:
-    """A setting as TMA's `||` sees it: unset and empty are the same."""
-    if value is None:
-        return None
-    text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-    return text or None
-
-
-def _first(settings: Settings, *names: str) -> tuple[str | None, str | None]:
-    for name in names:
-        value = _text(getattr(settings, name))
-        if value is not None:
-            return value, name
-    return None, None
-
-
-def _resolve(settings: Settings) -> dict[str, tuple[str | None, str | None]]:
-    account = _text(settings.R2_ACCOUNT_ID)
-    r2_endpoint = _text(settings.R2_ENDPOINT) or (f"https://{account}.r2.cloudflarestorage.com" if account else None)
-    endpoint = ((r2_endpoint, "R2_ENDPOINT" if _text(settings.R2_ENDPOINT) else "R2_ACCOUNT_ID") if r2_endpoint
-                else _first(settings, "RUSTFS_ENDPOINT", "AWS_S3_ENDPOINT"))
-    return {
-        "endpoint": endpoint,
-        "bucket": _first(settings, "R2_BUCKET", "RUSTFS_BUCKET", "AWS_S3_BUCKET"),
-        "access key": _first(settings, "R2_ACCESS_KEY_ID", "RUSTFS_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
-        "secret key": _first(settings, "R2_SECRET_ACCESS_KEY", "RUSTFS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
-    }
-
-
-def s3_settings(settings: Settings) -> S3Source | None:
-    """TMA's bucket from TMA's variables and precedence, or None when one of endpoint, bucket and the two
-    keys is missing (TMA itself then refuses to start with STORAGE_DRIVER=s3)."""
-    found = _resolve(settings)
-    if any(value is None for value, _ in found.values()):
-        return None
-    is_r2 = bool((_text(settings.R2_ENDPOINT) or _text(settings.R2_ACCOUNT_ID)) and _text(settings.R2_BUCKET)
-                 and _text(settings.R2_ACCESS_KEY_ID) and _text(settings.R2_SECRET_ACCESS_KEY))
-    region = "auto" if is_r2 else (_text(settings.RUSTFS_REGION) or _text(settings.AWS_REGION) or "us-east-1")
-    path_style = False if is_r2 else settings.RUSTFS_FORCE_PATH_STYLE != "false"
-    return S3Source(
-        endpoint=str(found["endpoint"][0]), bucket=str(found["bucket"][0]),
-        access_key=str(found["access key"][0]), secret_key=str(found["secret key"][0]),
-        region=region, path_style=path_style, key_names=f"{found['access key'][1]} / {found['secret key'][1]}",
-        bucket_name=str(found["bucket"][1]),
-    )
-
-
-def s3_configured(settings: Settings) -> bool:
-    """STORAGE_DRIVER=s3 with endpoint, bucket and both keys set: the uploads come from TMA's bucket."""
-    return settings.STORAGE_DRIVER == "s3" and s3_settings(settings) is not None
-
-
-def missing_settings_warning(settings: Settings) -> str:
-    """Why STORAGE_DRIVER=s3 gives no uploads: what TMA's variables lack."""
-    missing = [what for what, (value, _) in _resolve(settings).items() if value is None]
-    return (f"STORAGE_DRIVER=s3 but TMA Cloud's bucket settings lack the {', '.join(missing)} (R2_*, RUSTFS_* or "
-            "AWS_S3_*/AWS_*, as in TMA's .env): the sets will hold no uploads")
-
-
-def check_source(settings: Settings) -> None:
-    """Refuse, before anything is written, an endpoint boto3 could never use."""
-    source = s3_settings(settings)
-    if source is None:
-        return
-    parts = urlsplit(source.endpoint)
-    try:
-        parts.port  # noqa: B018  (raises on a port that is no number, or out of range)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        valid = False
-    if not valid:
-        raise BackupError("the endpoint of TMA Cloud's bucket (R2_ENDPOINT, R2_ACCOUNT_ID, RUSTFS_ENDPOINT or "
-                          "AWS_S3_ENDPOINT) must be an http:// or https:// URL")
 
 
 @dataclass
@@ -470,10 +369,6 @@ def _stream(response: dict[str, Any], temporary: Path) -> int:
     return written
 
 
-class _Incomplete(Exception):
-    """The body ended before its Content-Length."""
-
-
 def _fill_versions(client: Any, source: S3Source, entries: dict[str, Entry]) -> None:
     """The version id of objects mirrored before the bucket kept versions (once: then it is kept)."""
     from botocore.exceptions import ClientError
@@ -521,55 +416,3 @@ def _etag(value: Any) -> str:
 
 def _moment(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value or "")
-
-
-def _code(error: Any) -> str:
-    return str(error.response.get("Error", {}).get("Code") or _status(error))
-
-
-def _status(error: Any) -> int:
-    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def explain(error: BaseException, source: S3Source) -> SourceError:
-    """A failure talking to TMA's bucket as one line an operator can act on, with no secret in it."""
-    from botocore.exceptions import ClientError
-
-    where = source.where
-    if isinstance(error, SourceError):
-        return error
-    if isinstance(error, ClientError):
-        code = _code(error)
-        message = str(error.response.get("Error", {}).get("Message") or "")
-        if code in CREDENTIAL_CODES:
-            line = (f"TMA Cloud's bucket at {where} refused the credentials ({code}): check {source.key_names} "
-                    "in TMA's .env")
-        elif code == "NoSuchBucket":
-            line = f"TMA Cloud's bucket {source.bucket!r} does not exist at {where} ({source.bucket_name})"
-        else:
-            line = f"TMA Cloud's bucket at {where} answered {code}" + (f": {message}" if message else "")
-    elif _is_network(error):
-        line = f"cannot reach TMA Cloud's bucket at {where}: {_reason(error)}"
-    else:
-        line = f"cannot mirror TMA Cloud's bucket at {where}: {type(error).__name__}: {_reason(error)}"
-    for secret in (source.access_key, source.secret_key):
-        line = line.replace(secret, "***")
-    return SourceError(" ".join(line.split()))
-
-
-def _is_network(error: BaseException) -> bool:
-    from botocore.exceptions import ConnectionError, HTTPClientError
-    from urllib3.exceptions import HTTPError
-
-    return isinstance(error, (ConnectionError, HTTPClientError, HTTPError, _Incomplete))
-
-
-def _reason(error: BaseException) -> str:
-    """The cause under botocore's wrapper: `connection refused`, a timeout, a name that does not resolve."""
-    cause = getattr(error, "kwargs", {}).get("error")
-    text = str(cause if cause is not None else error).strip()
-    if "[Errno" in text:
-        text = text.rsplit("] ", 1)[-1]
-        text = text[:-1] if text.endswith(")") and text.count(")") > text.count("(") else text
-    text = text[:200] or type(error).__name__
-    return text[:1].lower() + text[1:]
