@@ -33,6 +33,9 @@ SLOW_MODULES = {
     "test_beat", "test_bench_smoke", "test_broker_security", "test_compose", "test_docker_mode", "test_drill_database",
     "test_faults_backup", "test_faults_restore", "test_flower", "test_locks", "test_repair",
     "test_restore_workers", "test_signing", "test_sslmode", "test_workers",
+    # the repository, the whole set and notifications: S3 servers, restic, workers, receivers
+    "test_repository", "test_faults_repository", "test_uploads", "test_faults_uploads", "test_uploads_s3",
+    "test_notify", "test_status", "test_s3_fixture",
 }
 
 
