@@ -64,8 +64,10 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
                     sent.append(send(restic, own, run_id, settings.WORKER_HOST, progress, configuration))
             finally:
                 present = listing.result()
-        known = {found.timestamp for found in present} | {item.timestamp for item in sent}
-        newest = max((found.timestamp for found in present), default="")
+        ours = {item.timestamp for item in sent}
+        known = {found.timestamp for found in present} | ours
+        # The listing ran beside this run's upload and may already hold its set: the newest set from before.
+        newest = max((found.timestamp for found in present if found.timestamp not in ours), default="")
         missing = [entry for entry in local if entry.timestamp not in known and entry.timestamp > newest]
         for number, entry in enumerate(missing, 1):
             progress("sending offsite", {"file": entry.path.name, "catching_up": number, "of": len(missing)})

@@ -34,6 +34,7 @@ _INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CACHE_HOME", "SSL
               "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 _RETRYING = re.compile(r"returned error, retrying after|retrying after")
 JsonLine = Callable[[dict[str, Any]], None]
+READ_ONLY = frozenset({"snapshots", "ls", "dump", "cat", "restore", "stats"})
 
 
 class RepositoryError(BackupError):
@@ -165,7 +166,10 @@ class Restic:
 
     def _run_once(self, args: list[str], cwd: Path | None, on_json: JsonLine | None, stdout: IO[bytes] | None,
                   check: bool) -> Outcome:
-        argv = [self.binary, *args]
+        # Readers take no restic lock: our own repository lock already keeps them from a prune, and two
+        # locking restic processes at once can stall each other for a minute (restic 0.14 retries loading
+        # a lock file the other one has just removed).
+        argv = [self.binary, *args, *(["--no-lock"] if args[:1] and args[0] in READ_ONLY else [])]
         with self._process(argv, cwd) as (process, errors, stalled):
             collected: list[str] = []
             assert process.stdout is not None
