@@ -1,8 +1,18 @@
 """A database shaped like TMA Cloud's: users, files with bytea, audit_log, sessions, share_links, a
-`pgboss` schema with a job table, the `pg_trgm` extension and jsonb columns. Used by tests and bench."""
+`pgboss` schema with a job table, the `pg_trgm` extension and jsonb columns. Used by tests and bench.
+
+`files` carries the columns of TMA Cloud's own that the uploads cross-check reads: `type` (`file` or
+`folder`), `path` (the upload's key relative to UPLOAD_DIR, NULL for a folder), `size` (the plain size)
+and `deleted_at` (set while the row is in the trash). `make_uploads` gives rows real blobs in an
+UPLOAD_DIR, written as TMA Cloud writes them."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,11 +32,14 @@ CREATE INDEX users_name_trgm ON users USING gin (name gin_trgm_ops);
 CREATE TABLE files (
     id bigserial PRIMARY KEY,
     owner_id bigint NOT NULL REFERENCES users(id),
-    path text NOT NULL,
+    path text,
     mime text NOT NULL,
     content bytea,
     metadata jsonb NOT NULL DEFAULT '{}',
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    type text NOT NULL DEFAULT 'file',
+    size bigint,
+    deleted_at timestamptz
 );
 CREATE INDEX files_path_trgm ON files USING gin (path gin_trgm_ops);
 CREATE TABLE audit_log (
@@ -132,3 +145,93 @@ def table_digests(connection: psycopg.Connection[Any]) -> dict[str, str]:
             sql.Identifier(schema, table))
         digests[table_key(schema, table)] = connection.execute(query).fetchone()[0]
     return digests
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uploads: TMA Cloud's local storage driver (STORAGE_DRIVER=local, UPLOAD_DIR)
+
+ENCRYPTION_OVERHEAD = 32  # AES-256-GCM as TMA Cloud stores a file: [16-byte IV][data][16-byte tag]
+EXTENSIONS = (".pdf", ".jpg", ".png", ".txt", ".docx", ".zip", "")
+
+
+@dataclass
+class Uploads:
+    """What `make_uploads` made: `sizes` maps every referenced path (trashed ones included) to the
+    plain size its row records; `trashed` are the paths whose rows are in the trash."""
+
+    folder: Path
+    sizes: dict[str, int] = field(default_factory=dict)
+    trashed: list[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self.sizes)
+
+
+def upload_name(rng: random.Random) -> str:
+    """A key as TMA Cloud names an upload: a random hex id and the original extension."""
+    return f"{rng.getrandbits(128):032x}{rng.choice(EXTENSIONS)}"
+
+
+def write_blob(path: Path, plain_size: int, encrypted: bool = True) -> bytes:
+    """Random bytes standing for an upload: IV + data + tag when `encrypted` (on disk exactly
+    `plain_size + 32` bytes), else `plain_size` bytes. Returns what was written."""
+    data = os.urandom(plain_size + (ENCRYPTION_OVERHEAD if encrypted else 0))
+    path.write_bytes(data)
+    return data
+
+
+def make_uploads(connection: psycopg.Connection[Any], upload_dir: Path, n: int, encrypted: bool = True,
+                 sizes: tuple[int, int] = (256, 4096), trashed: int = 3, seed: int | None = None) -> Uploads:
+    """Make the database's `files` rows `n` uploads with their blobs in `upload_dir`, as TMA Cloud keeps
+    them: `path` = `<random hex id><ext>`, `size` = the plain size, the blob `[IV][data][tag]` (32 bytes
+    longer). Rows beyond `n` are deleted, missing ones added. The first `trashed` rows go to the trash
+    (`deleted_at` set; their blobs stay, as in TMA Cloud until the purge) and one folder row
+    (`type='folder'`, `path` NULL) is added. `connection` must be in autocommit mode."""
+    rng = random.Random(seed)
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    ids = [row[0] for row in connection.execute("SELECT id FROM files ORDER BY id").fetchall()]
+    if len(ids) > n:
+        connection.execute("DELETE FROM files WHERE id = ANY(%s)", (ids[n:],))
+        ids = ids[:n]
+    if len(ids) < n:
+        owner = connection.execute("SELECT min(id) FROM users").fetchone()[0]
+        added = connection.execute(
+            "INSERT INTO files (owner_id, path, mime) SELECT %s, 'pending-' || g, 'application/octet-stream'"
+            " FROM generate_series(1, %s) g RETURNING id", (owner, n - len(ids))).fetchall()
+        ids += [row[0] for row in added]
+    made = Uploads(upload_dir)
+    rows = []
+    for number, row_id in enumerate(ids):
+        name = upload_name(rng)
+        while name in made.sizes:
+            name = upload_name(rng)
+        plain = rng.randint(*sizes)
+        write_blob(upload_dir / name, plain, encrypted)
+        made.sizes[name] = plain
+        rows.append((name, plain, number < trashed, row_id))
+        if number < trashed:
+            made.trashed.append(name)
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "UPDATE files SET type = 'file', path = %s, size = %s,"
+            " deleted_at = CASE WHEN %s THEN now() - interval '3 days' END WHERE id = %s", rows)
+    connection.execute(
+        "INSERT INTO files (owner_id, path, mime, type, size) SELECT min(id), NULL, 'inode/directory', 'folder', NULL"
+        " FROM users")
+    return made
+
+
+def folder_digests(folder: Path, skip_ours: bool = True) -> dict[str, str]:
+    """SHA-256 of every regular file under `folder` (relative POSIX path → hex digest), without
+    following symbolic links; `skip_ours` leaves out tma-backup's own `.tma-*` entries at the top."""
+    found = {}
+    for directory, folders, files in os.walk(folder):
+        if skip_ours and Path(directory) == folder:
+            folders[:] = [name for name in folders if not name.startswith(".tma-")]
+            files = [name for name in files if not name.startswith(".tma-")]
+        for name in files:
+            path = Path(directory) / name
+            if path.is_file() and not path.is_symlink():
+                found[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

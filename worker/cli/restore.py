@@ -75,7 +75,11 @@ def _report(result: dict[str, Any]) -> None:
     if uploads:
         output.ok(f"Uploads    : {uploads['files']} files restored into {uploads['upload_dir']} (part {uploads['part']}); "
                   f"the files that were live are kept in {uploads['previous']}")
-        if uploads.get("missing"):
+        if uploads.get("missing") and result["mode"] == "uploads-only":
+            output.warn(f"Uploads    : {uploads['missing']} upload(s) the live database references are not in the set "
+                        f"(newer than it, or already missing then) and stay missing: "
+                        f"{', '.join(uploads.get('missing_names', [])[:5])}")
+        elif uploads.get("missing"):
             output.warn(f"Uploads    : {uploads['missing']} referenced upload(s) were already missing when the set was made: "
                         f"{', '.join(uploads.get('missing_names', [])[:5])}")
         if uploads.get("key_matches") is False:

@@ -107,10 +107,14 @@ def explain(stderr: str, address: str) -> RepositoryError:
     if "repository is already locked" in lowered or "unable to create lock" in lowered:
         return RepositoryLocked(f"the repository at {shown} is locked by another restic process "
                                 "(a stale lock of a killed run is removed at the next run)")
+    if "no space left on device" in lowered:
+        where = next((line.strip() for line in text.splitlines() if "no space left on device" in line.lower()), "")
+        return RepositoryError(f"no space left on device: restic could not write what it read from {shown} "
+                               f"({where[:200]})")
     unreachable = ("connection refused", "no such host", "i/o timeout", "network is unreachable",
                    "connection reset", "stopped answering", "tls handshake", "dial tcp")
     missing = ("is there a repository at the following location", "repository does not exist",
-               "unable to open config file", "nosuchbucket", "does not exist", "no such file or directory")
+               "unable to open config file", "nosuchbucket", "does not exist")
     if any(sign in lowered for sign in unreachable):
         return RepositoryError(f"cannot reach the repository at {shown}: {_detail(text)}")
     if any(sign in lowered for sign in missing):

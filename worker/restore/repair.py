@@ -23,7 +23,7 @@ from worker.errors import BackupError, LockHeld, first_line
 from worker.pg.database import connect
 from worker.pg.executors import Executor, choose_executor
 from worker.pg.identity import server_identity
-from worker.restore import swap
+from worker.restore import pending, swap
 from worker.settings import Settings
 from worker.uploads import swap as uploads_swap
 
@@ -95,17 +95,12 @@ def _repair_one(settings: Settings, connect_kwargs: dict[str, Any], live: str, l
 
 
 def _settle_uploads(settings: Settings, admin: psycopg.Connection[Any], live: str, lock: DatabaseLock) -> str | None:
-    """An uploads swap of `live` a crash interrupted: finished when its database swap committed (a copy
-    kept by that run exists), else undone (`worker.uploads.swap.settle`)."""
+    """An uploads swap of `live` a crash interrupted: finished or undone (`worker.restore.pending`)."""
     journal = _uploads_journal(settings)
-    if journal is None or journal.database != live or settings.UPLOAD_DIR is None:
+    if journal is None or journal.database != live:
         return None
     lock.confirm()
-
-    def swapped(pending: uploads_swap.Journal) -> bool:
-        return any(kept.run == pending.run for kept in swap.managed(admin, pending.database, swap.KEPT))
-
-    return uploads_swap.settle(settings.UPLOAD_DIR, swapped)
+    return pending.settle_uploads(settings, admin, live)
 
 
 def _uploads_journal(settings: Settings) -> uploads_swap.Journal | None:
@@ -227,4 +222,6 @@ def summary(done: dict[str, Any]) -> str:
         parts.append("a stale swap mark cleared (it was accepting connections)")
     if done.get("dropped"):
         parts.append(f"dropped leftover scratch databases {', '.join(done['dropped'])}")
+    if done.get("uploads"):
+        parts.append(f"uploads: {done['uploads']}")
     return "; ".join(parts)

@@ -17,7 +17,7 @@ from worker.coordination.locks import DatabaseLock, held, renewal_interval
 from worker.errors import BackupError, VerificationFailed, first_line
 from worker.pg.executors import Executor
 from worker.progress import PhaseClock, Progress, no_progress
-from worker.restore import swap
+from worker.restore import pending, swap
 from worker.restore.prepare import PreparedRestore, prepare, recorded_sha256, resolve_backup_file
 from worker.restore.scratch import (
     check_room_to_decompress,
@@ -77,15 +77,12 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
 
 
 def settle_uploads(settings: Settings, executor: Executor, live: str) -> str | None:
-    """Finish or undo an uploads swap a crash interrupted (`worker.uploads.swap.settle`); the caller
-    holds the database's lock. Its database swap committed when a copy kept by that run exists."""
+    """Finish or undo an uploads swap a crash interrupted (`worker.restore.pending`); the caller holds
+    the database's lock."""
     if settings.UPLOAD_DIR is None or not (settings.UPLOAD_DIR / uploads_swap.JOURNAL).exists():
         return None
     with swap.admin_connection(executor.connect_kwargs(), live) as admin:
-        def swapped(journal: uploads_swap.Journal) -> bool:
-            return any(kept.run == journal.run for kept in swap.managed(admin, journal.database, swap.KEPT))
-
-        return uploads_swap.settle(settings.UPLOAD_DIR, swapped)
+        return pending.settle_uploads(settings, admin, live)
 
 
 def _restore_uploads_only(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
@@ -94,7 +91,7 @@ def _restore_uploads_only(settings: Settings, executor: Executor, prepared: Prep
     that were live are kept aside. The database is not touched."""
     staged = uploads_restore.stage(settings, plan, run, progress)
     try:
-        checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), live, plan, staged)
+        checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), live, plan, staged, strict=False)
         progress("swapping", {})
         lock.confirm()
     except BaseException:
@@ -174,7 +171,7 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
                         raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
 
             if plan is not None:
-                _, previous = uploads_swap.swap_uploads(plan.folder, plan.staged, run, live, kept, swap_database)
+                _, previous = uploads_swap.swap_uploads(plan.folder, plan.staged, run, live, kept, swap_database, scratch)
             else:
                 swap_database()
             lock.confirm()

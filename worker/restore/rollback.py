@@ -13,7 +13,7 @@ from worker.archive import catalogue
 from worker.coordination.locks import DatabaseLock, held, renewal_interval
 from worker.errors import BackupError
 from worker.pg.executors import Executor
-from worker.restore import swap
+from worker.restore import pending, swap
 from worker.restore.tokens import TokenBinding, TokenRefused, TokenStore, consume
 from worker.settings import Settings
 from worker.uploads import swap as uploads_swap
@@ -43,6 +43,7 @@ def rollback(settings: Settings, executor: Executor, store: TokenStore, token: s
     binding = consume(store, token, confirm, ACTION)
     live, previous = binding.database, binding.file
     with held(lock, renewal_interval(settings)), swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        pending.settle_uploads(settings, admin, live)  # a restore's swap a crash interrupted: settled first
         if previous not in {kept.name for kept in swap.managed(admin, live, swap.KEPT)}:
             raise TokenRefused(f"rollback refused: {previous!r}, the copy the token was issued for, is no longer "
                                f"a kept copy of {live!r}; prepare the rollback again")

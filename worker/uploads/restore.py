@@ -20,6 +20,7 @@ from worker.uploads import swap as uploads_swap
 from worker.uploads.capture import check_upload_dir
 from worker.uploads.crosscheck import cross_check, key_fingerprint
 from worker.uploads.references import read_references
+from worker.uploads.s3_mirror import MANIFEST_NAME
 
 
 @dataclass
@@ -84,14 +85,17 @@ def stage(settings: Settings, uploads: UploadsPlan, run: str, progress: Progress
 
 
 def check_staged(settings: Settings, connect_kwargs: dict[str, Any], database: str, uploads: UploadsPlan,
-                 staged: dict[str, int]) -> dict[str, Any]:
-    """The restored database's references against the staged files. A reference the set held at
-    backup time but the staged files lack is a failed restore (nothing is swapped); the ones already
-    missing at backup time are reported."""
+                 staged: dict[str, int], strict: bool = True) -> dict[str, Any]:
+    """`database`'s references against the staged files. `strict` (the restored copy, before the swap):
+    a reference the set held at backup time but the staged files lack is a failed restore (nothing is
+    swapped); the ones already missing at backup time are reported. Not strict (`--uploads-only`,
+    against the live database): references the set cannot have (uploads newer than the set) are
+    reported, never a reason to keep the others from coming back."""
     with connect(connect_kwargs, database, autocommit=True) as connection:
         references = read_references(connection, settings.UPLOADS_REFERENCES_QUERY)
+    staged = {path: size for path, size in staged.items() if path != MANIFEST_NAME}
     checked = cross_check(references, staged)
-    if len(checked.missing) > uploads.missing_at_backup:
+    if strict and len(checked.missing) > uploads.missing_at_backup:
         shown = ", ".join(checked.missing[:5])
         raise BackupError(
             f"{len(checked.missing)} upload(s) the restored database references are not among the restored files "

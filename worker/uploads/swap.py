@@ -47,6 +47,8 @@ class Journal:
     staged: str
     previous: str
     phase: str  # db | out | in
+    kept: str | None = None  # the database copy this swap keeps (None: there was no live database)
+    scratch: str | None = None  # the database swapped in, by its name before the swap
 
     def save(self, folder: Path) -> None:
         write_atomically(folder / JOURNAL, json.dumps(self.__dict__))
@@ -99,11 +101,13 @@ def _move_all(source: Path, target: Path, names: list[str]) -> None:
 
 
 def swap_uploads(folder: Path, staged: Path, run: str, database: str, kept_database: str | None,
-                 swap_database: Callable[[], Any]) -> tuple[Any, str]:
+                 swap_database: Callable[[], Any], scratch: str | None = None) -> tuple[Any, str]:
     """Swap the database (`swap_database()`, which must be atomic) and the uploads together; returns
-    what `swap_database` returned and the previous folder's name."""
+    what `swap_database` returned and the previous folder's name. Refuses while another swap's journal
+    is pending (the caller settles it first)."""
+    refuse_if_pending(folder)
     previous = f"{PREVIOUS_PREFIX}{kept_database or run}"
-    journal = Journal(run, database, staged.name, previous, "db")
+    journal = Journal(run, database, staged.name, previous, "db", kept_database, scratch)
     journal.save(folder)
     try:
         result = swap_database()
@@ -115,8 +119,16 @@ def swap_uploads(folder: Path, staged: Path, run: str, database: str, kept_datab
     return result, previous
 
 
+def refuse_if_pending(folder: Path) -> None:
+    pending = read_journal(folder)
+    if pending is not None:
+        raise BackupError(f"an interrupted uploads swap (run {pending.run}) is pending in {folder}: run "
+                          f"`tma-backup repair --database {pending.database}` first; nothing was swapped")
+
+
 def swap_uploads_only(folder: Path, staged: Path, run: str, database: str) -> str:
     """The staged uploads in, the live ones aside, without a database swap (a crash is finished forward)."""
+    refuse_if_pending(folder)
     previous = f"{PREVIOUS_PREFIX}uploads-{staged.name.removeprefix(STAGED_PREFIX)}"
     journal = Journal(run, database, staged.name, previous, "out")
     journal.save(folder)
