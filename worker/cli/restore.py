@@ -88,6 +88,9 @@ def _report(result: dict[str, Any]) -> None:
         elif uploads.get("key_sha256"):
             output.ok(f"Key        : FILE_ENCRYPTION_KEY SHA-256 {uploads['key_sha256'][:16]}… "
                       + ("(the current key)" if uploads.get("key_matches") else "(not set here: cannot compare)"))
+    if uploads and len(uploads.get("previous_folders", [])) > 1:
+        output.info(f"Uploads    : UPLOAD_DIR holds {len(uploads['previous_folders'])} folders of files set aside by "
+                    "restores (.tma-previous-*); tma-backup never deletes them: remove the ones you no longer need")
     if result.get("settled_uploads"):
         output.warn(f"Uploads    : an interrupted swap was settled first: {result['settled_uploads']}")
     if result.get("kept"):

@@ -122,7 +122,8 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
         raise
     if plan is not None:
         uploads_result = {**plan.describe(settings), **result.pop("uploads_checked"), "files": len(staged or {}),
-                          "previous": result.pop("uploads_previous")}
+                          "previous": result.pop("uploads_previous"),
+                          "previous_folders": uploads_swap.previous_folders(plan.folder)}
         result["uploads"] = uploads_result
     return result
 
