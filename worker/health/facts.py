@@ -24,6 +24,7 @@ FINGERPRINT_FIELD = "file_encryption_key_sha256"
 MISSING_FIELD = "uploads_missing"
 MISSING_NAMES_FIELD = "uploads_missing_names"  # a JSON list of at most a few names
 ERROR_FIELD = "uploads_error"  # the capture failed
+VERSIONING_FIELD = "uploads_source_versioning"  # STORAGE_DRIVER=s3: whether TMA Cloud's bucket keeps versions
 
 
 def status_facts(settings: Settings, database: str | None = None, now: datetime | None = None) -> dict[str, Any]:
@@ -208,6 +209,9 @@ def _uploads(database: str, newest: BackupEntry | None) -> dict[str, Any] | None
     section["missing"] = missing = int(raw)
     section["missing_names"] = names = _names(extra.get(MISSING_NAMES_FIELD, ""))
     section["error"] = extra.get(ERROR_FIELD) or None
+    if extra.get(VERSIONING_FIELD) == "False":
+        section["warning"] = ("TMA Cloud's bucket keeps no versions: an object overwritten or deleted there can only "
+                              "come back from a set (enable versioning on the bucket)")
     if missing:
         shown = ", ".join(names[:3]) + (", …" if missing > 3 else "")
         why = f"the uploads were not captured ({section['error']})" if section["error"] else \
