@@ -11,20 +11,28 @@
 #      an existing one without REDIS_PASSWORD or BACKUP_REPOSITORY_PASSWORD(_FILE) gets a random one
 #      appended, and says so (keep a copy of the repository's password off this host: without it no set
 #      can be read);
-#   4. `docker-compose up -d` and waits until postgres and redis are healthy and the others run;
+#   4. `docker-compose up -d` and waits until postgres and redis are healthy, the others run, and the worker
+#      answers the broker (a command sent right after up.sh then finds it);
 #   5. the off-site repository: creates the default one (/repository, the stack's own volume) once, when
 #      that volume is empty; any other BACKUP_REPOSITORY must already exist (the operator creates it once,
 #      deliberately: docker-compose exec worker tma-backup repository init). Fails when the worker cannot
 #      read it (wrong password, unreachable, missing).
+# Joining a running TMA Cloud stack (docker-compose.tma.yml: TMA's tma-cloud-postgres, network, .env and
+# uploads/ instead of a database of our own): --join TMA_DIR, or TMA_DIR in the env file. up.sh checks
+# that tma-cloud-postgres runs, finds TMA's network (TMA_NETWORK) and the Docker socket's group
+# (DOCKER_GID), and writes TMA_DIR, TMA_NETWORK, DOCKER_GID and COMPOSE_FILE into the env file when they
+# are missing, so that plain `docker-compose …` in the project folder uses both files from then on.
 # Never reads stdin (fine with CI=true). Logs to stderr. Options:
 #   --build-only             steps 1-2 only
 #   --env-only               step 3 only (no Docker needed)
 #   --project-directory DIR  where the env file and relative paths live (default: the repository)
 #   --env-file FILE          the settings (default: DIR/.env)
 #   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
+#   --join TMA_DIR           back up the TMA Cloud whose docker-compose stack runs from TMA_DIR
 # Host ports: REDIS_HOST_PORT (default 56379), FLOWER_HOST_PORT (default 5555), from the environment.
+# TMA_UPLOADS_MODE=rw (environment) mounts the uploads writable, for a restore with uploads.
 # Stop with: docker-compose down   (add -v to delete the database, broker, backup AND repository volumes;
-# pass the same --project-directory/--env-file/-p as here)
+# pass the same --project-directory/--env-file/-p as here; with --join, TMA Cloud's stack is not touched)
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -36,6 +44,7 @@ env_only=0
 project_dir=$REPO
 env_file=
 project_name=
+join_dir=
 while [ $# -gt 0 ]; do
   case $1 in
     --build-only) build_only=1 ;;
@@ -43,7 +52,8 @@ while [ $# -gt 0 ]; do
     --project-directory) [ $# -ge 2 ] || die "$1 needs a folder"; project_dir=$2; shift ;;
     --env-file) [ $# -ge 2 ] || die "$1 needs a file"; env_file=$2; shift ;;
     -p|--project-name) [ $# -ge 2 ] || die "$1 needs a name"; project_name=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    --join) [ $# -ge 2 ] || die "$1 needs TMA Cloud's folder"; join_dir=$2; shift ;;
+    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
     *) die "unknown option $1 (try --help)" ;;
   esac
   shift
@@ -53,11 +63,15 @@ project_dir=$(cd "$project_dir" && pwd) || die "no folder $project_dir"
 env_file=${env_file:-$project_dir/.env}
 case $env_file in /*) ;; *) env_file=$(pwd)/$env_file ;; esac
 export TMA_ENV_FILE="$env_file"   # the containers' env_file (docker-compose.yml)
-# docker-compose with this stack's file, folder, settings and name, whatever the current folder
+# docker-compose with this stack's file(s), folder, settings and name, whatever the current folder
+# (joined: docker-compose.tma.yml too, once `join` below has decided)
+compose_files="-f $REPO/docker-compose.yml"
 dc() {
-  docker-compose -f "$REPO/docker-compose.yml" --project-directory "$project_dir" --env-file "$env_file" \
+  # shellcheck disable=SC2086  # the repository's path has no spaces (checked below)
+  docker-compose $compose_files --project-directory "$project_dir" --env-file "$env_file" \
     ${project_name:+-p "$project_name"} "$@"
 }
+case $REPO in *[[:space:]]*) die "the repository's path ($REPO) must not contain spaces" ;; esac
 
 # The env file: created from .env.example with random passwords when missing (never overwritten); one
 # without REDIS_PASSWORD or BACKUP_REPOSITORY_PASSWORD(_FILE) gets a random one appended. Random values
@@ -114,6 +128,53 @@ prepare_env_file() {
     change-me) log "WARNING: REDIS_PASSWORD in $env_file is still .env.example's 'change-me': set a random one" ;;
   esac
 }
+# A setting's value in the env file (the last one wins, as for docker-compose), or empty.
+env_value() { sed -n "s/^$1=//p" "$env_file" | tail -n1; }
+
+# Joining TMA Cloud's own stack (docker-compose.tma.yml): TMA_DIR from --join or the env file. Checks what
+# the override needs, finds TMA_NETWORK and DOCKER_GID when they are not set, exports them for
+# docker-compose and writes the missing ones into the env file (with COMPOSE_FILE), saying so.
+join() {
+  [ -n "$join_dir" ] || join_dir=$(env_value TMA_DIR)
+  [ -n "$join_dir" ] || return 0
+  join_dir=$(cd "$join_dir" 2>/dev/null && pwd) || die "--join/TMA_DIR: no folder $join_dir (TMA Cloud's folder: its docker-compose.yml, .env and uploads/)"
+  case $join_dir in *[[:space:]:]*) die "TMA_DIR ($join_dir) must not contain spaces or ':' (it goes into volume specs)" ;; esac
+  [ -f "$join_dir/.env" ] || die "TMA_DIR: $join_dir/.env is missing: TMA Cloud's settings file (its DB_PASSWORD, FILE_ENCRYPTION_KEY, …)"
+  [ -d "$join_dir/uploads" ] || die "TMA_DIR: $join_dir/uploads is missing: TMA Cloud's uploads folder (STORAGE_DRIVER=local; create it empty for s3)"
+  status=$(docker inspect -f '{{.State.Status}}' tma-cloud-postgres 2>/dev/null) ||
+    die "no container tma-cloud-postgres: start TMA Cloud's stack first (docker compose up -d in $join_dir)"
+  [ "$status" = running ] || die "tma-cloud-postgres is $status: start TMA Cloud's stack first (docker compose up -d in $join_dir)"
+  networks=$(docker inspect -f '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}' tma-cloud-postgres)
+  network=${TMA_NETWORK:-$(env_value TMA_NETWORK)}
+  if [ -z "$network" ]; then
+    for candidate in $networks; do
+      case $candidate in *tma-cloud-network) network=${network:+$network }$candidate ;; esac
+    done
+    [ -n "$network" ] || { set -- $networks; [ $# = 1 ] && network=$1; }
+    case $network in
+      "") die "tma-cloud-postgres is on networks '$networks', none of them TMA Cloud's …_tma-cloud-network: set TMA_NETWORK in $env_file" ;;
+      *" "*) die "tma-cloud-postgres is on several TMA Cloud networks ($network): set TMA_NETWORK in $env_file" ;;
+    esac
+  fi
+  case " $networks " in *" $network "*) ;; *) die "TMA_NETWORK=$network: tma-cloud-postgres is not on it (it is on: $networks)" ;; esac
+  gid=${DOCKER_GID:-$(env_value DOCKER_GID)}
+  if [ -z "$gid" ]; then
+    [ -S /var/run/docker.sock ] || die "no Docker socket at /var/run/docker.sock: the worker runs pg_dump inside tma-cloud-postgres through it (docker-compose.tma.yml)"
+    gid=$(stat -c %g /var/run/docker.sock)
+  fi
+  export TMA_DIR="$join_dir" TMA_NETWORK="$network" DOCKER_GID="$gid"
+  for pair in "TMA_DIR=$join_dir" "TMA_NETWORK=$network" "DOCKER_GID=$gid" \
+              "COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml"; do
+    key=${pair%%=*}
+    if ! grep -q "^$key=" "$env_file"; then
+      log "$env_file has no $key: appending $pair"
+      append_setting "$key" "${pair#*=}"
+    fi
+  done
+  compose_files="$compose_files -f $REPO/docker-compose.tma.yml"
+  log "joining TMA Cloud's stack: database tma-cloud-postgres (docker mode), network $network, settings $join_dir/.env, uploads $join_dir/uploads (${TMA_UPLOADS_MODE:-ro})"
+}
+
 if [ $env_only = 1 ]; then
   prepare_env_file
   log "$env_file ready (--env-only: nothing built or started)"
@@ -123,7 +184,11 @@ fi
 t0=$(date +%s)
 need_pkgs "debootstrap" debootstrap
 ensure_engine
-for step in "postgres/build.sh 15" "redis/build.sh" "worker/build.sh"; do
+# joined, this stack's postgres never runs: its image is not needed
+steps="redis/build.sh worker/build.sh"
+[ -n "$join_dir" ] || [ -n "$(sed -n 's/^TMA_DIR=//p' "$env_file" 2>/dev/null | tail -n1)" ] || steps="postgres/build.sh:15 $steps"
+for step in $steps; do
+  step=$(printf '%s' "$step" | tr ':' ' ')
   set -- $step
   s=$(date +%s)
   log "images: $step"
@@ -138,15 +203,24 @@ fi
 need_pkgs "docker-compose" docker-compose
 cd "$project_dir"
 prepare_env_file
+join
+services="postgres redis worker beat flower"
+fixed_names="tma-cloud-postgres tma-backup-beat"
+if [ -n "$join_dir" ]; then
+  services="redis worker beat flower"   # TMA Cloud's tma-cloud-postgres is the database
+  fixed_names="tma-backup-beat"
+fi
 
 log "docker-compose config"
 dc config -q || die "docker-compose.yml does not validate (see above)"
 # fixed container names (tma-cloud-postgres, tma-backup-beat) may belong to something else: say so clearly
 ours=$(dc ps -q 2>/dev/null || true)
-for name in tma-cloud-postgres tma-backup-beat; do
+for name in $fixed_names; do
   id=$(docker inspect -f '{{.Id}}' "$name" 2>/dev/null) || continue
   if ! printf '%s\n' "$ours" | grep -q "^$id"; then
-    die "a container named $name exists outside this stack ($(docker inspect -f '{{.Config.Image}}, {{.State.Status}}' "$name")): remove it or stop its stack first"
+    hint=
+    [ "$name" != tma-cloud-postgres ] || hint=" (if it is TMA Cloud's own stack, join it instead of starting a database: --join TMA_DIR)"
+    die "a container named $name exists outside this stack ($(docker inspect -f '{{.Config.Image}}, {{.State.Status}}' "$name")): remove it or stop its stack first$hint"
   fi
 done
 log "docker-compose up -d"
@@ -154,7 +228,7 @@ dc up -d --no-build >&2 || die "docker-compose up failed"
 
 # wait for health (postgres, redis) and for the others to be running
 deadline=$(( $(date +%s) + ${UP_TIMEOUT:-120} ))
-for svc in postgres redis worker beat flower; do
+for svc in $services; do
   while :; do
     id=$(dc ps -q "$svc")
     state=$( [ -n "$id" ] && docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$id" || echo missing)
@@ -177,6 +251,12 @@ for svc in worker beat flower; do
     die "$svc is $1 after $2 restarts"
   fi
 done
+# the worker answers the broker (a command sent now would otherwise find no worker yet)
+until dc exec -T worker celery -A worker inspect ping >/dev/null 2>&1; do
+  [ "$(date +%s)" -lt "$deadline" ] || { dc logs --tail=30 worker >&2; die "the worker does not answer the broker after ${UP_TIMEOUT:-120} s"; }
+  sleep 1
+done
+log "worker: answers the broker"
 
 # 5. The repository. Only the stack's own default (/repository, the empty `repository` volume) is created
 # here: another address is created once by the operator, deliberately, because a typo in it or a wrong

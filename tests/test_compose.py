@@ -2,7 +2,14 @@
 locally built images (docker/up.sh) and runs one backup end to end, then goes away (`down -v`). Its
 Redis requires REDIS_PASSWORD, and no password shows in any process's argv, in Flower or in the logs.
 The backup lands a set in the stack's default repository (/repository, its own volume, which up.sh
-creates once with a generated BACKUP_REPOSITORY_PASSWORD), and `tma-backup status` reports it.
+creates once with a generated BACKUP_REPOSITORY_PASSWORD), with the uploads folder and the settings
+file, and `tma-backup status` reports it.
+
+Joined to "TMA Cloud's own stack" (docker-compose.tma.yml, `docker/up.sh --join`): TMA's stack is
+played by hand with `docker run`, as its docker-compose.yml lays it out (tma-local/postgres:18 as
+tma-cloud-postgres, a Redis answering to `redis`, on `<project>_tma-cloud-network`; a folder with its
+.env and uploads/ owned by TMA's uid 1001); our stack backs up its database, uploads and .env, then
+restores database and uploads together into the bind-mounted folder.
 
 Every run uses a throwaway settings file and project folder under tmp_path (never a `.env` in the
 repository: the settings read `.env` from the working directory), its own project name, and random
@@ -15,6 +22,7 @@ Needs: docker.io, docker-compose and the images `docker/ci-setup.sh` builds.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -36,8 +44,12 @@ from tests.conftest import _unavailable
 
 REPO = services.REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
+JOIN_FILE = REPO / "docker-compose.tma.yml"
 FIXED_NAMES = ("tma-cloud-postgres", "tma-backup-beat")
 BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/python-base:bookworm")
+# TMA Cloud's files table (the columns the cross-check reads: UPLOADS_REFERENCES_QUERY's default)
+TMA_FILES = ("CREATE TABLE files (id text PRIMARY KEY, name text, type text NOT NULL, size bigint, path text, "
+             "deleted_at timestamptz)")
 CHAIN = ("tma_backup.dump", "tma_backup.verify", "tma_backup.checksum", "tma_backup.meta", "tma_backup.offsite",
          "tma_backup.prune")
 
@@ -63,19 +75,22 @@ def _write_env_file(path: Path, project: str, omit: tuple[str, ...] = ()) -> dic
 
 
 class Compose:
-    """docker-compose with the repository's file, a throwaway folder and settings file, and its own name."""
+    """docker-compose with the repository's file (and, joined, docker-compose.tma.yml), a throwaway folder
+    and settings file, and its own name."""
 
-    def __init__(self, folder: Path, env_file: Path, project: str) -> None:
-        self.folder, self.env_file, self.project = folder, env_file, project
+    def __init__(self, folder: Path, env_file: Path, project: str, files: tuple[Path, ...] = (COMPOSE_FILE,),
+                 **environ: str) -> None:
+        self.folder, self.env_file, self.project, self.files = folder, env_file, project, files
         self.environ = {**_clean_environ(), "TMA_ENV_FILE": str(env_file), "REDIS_HOST_PORT": "0",
-                        "FLOWER_HOST_PORT": "0"}
+                        "FLOWER_HOST_PORT": "0", **environ}
 
     def args(self, *args: str) -> list[str]:
-        return ["docker-compose", "-f", str(COMPOSE_FILE), "--project-directory", str(self.folder),
+        files = [item for path in self.files for item in ("-f", str(path))]
+        return ["docker-compose", *files, "--project-directory", str(self.folder),
                 "--env-file", str(self.env_file), "-p", self.project, *args]
 
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return _run(self.args(*args), timeout=timeout, env=self.environ, cwd=self.folder)
+    def __call__(self, *args: str, timeout: float = 120, **environ: str) -> subprocess.CompletedProcess[str]:
+        return _run(self.args(*args), timeout=timeout, env={**self.environ, **environ}, cwd=self.folder)
 
     def exec(self, service: str, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self("exec", "-T", service, *command, timeout=timeout)
@@ -119,7 +134,7 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     settings = _write_env_file(tmp_path / "settings.env", project)
     config = _config(Compose(tmp_path, tmp_path / "settings.env", project))
     services_ = config["services"]
-    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "repository-volume", "worker"]
+    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "repository-volume", "tma-config", "worker"]
 
     postgres = services_["postgres"]
     assert postgres["container_name"] == "tma-cloud-postgres" and "healthcheck" in postgres
@@ -180,11 +195,102 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
         assert other["worker"]["environment"]["BACKUP_REPOSITORY"] == address
         assert other["beat"]["environment"]["BACKUP_REPOSITORY"] == address
 
+    # TMA Cloud's uploads at its own /app/uploads, read-only; the configuration for the sets copied by a
+    # one-shot root service (the settings file may be root's and 0600) into a volume, uid 1000's and 0400;
+    # at least two worker processes; no wait on this file's postgres (the join file leaves it out).
+    assert worker["command"].split()[-1] == "--concurrency=2"
+    assert f"{tmp_path}/uploads:/app/uploads:ro" in worker["volumes"], worker["volumes"]
+    assert "tma-config:/run/tma-config:ro" in worker["volumes"] and "tma-config" in config["volumes"]
+    assert worker["environment"]["UPLOAD_DIR"] == "/app/uploads"
+    assert worker["environment"]["TMA_ENV_FILE"] == "/run/tma-config/.env"
+    assert worker["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                    "repository-volume": {"condition": "service_completed_successfully"},
+                                    "tma-config": {"condition": "service_completed_successfully"}}
+    copier = services_["tma-config"]
+    assert copier["user"] == "0:0" and copier["network_mode"] == "none" and copier["restart"] == "no"
+    assert copier["volumes"] == [f"{tmp_path / 'settings.env'}:/source/.env:ro", "tma-config:/config:rw"]
+    assert "install -o 1000 -g 1000 -m 0400 /source/.env" in copier["entrypoint"][-1]
+    for name in ("beat", "flower"):
+        assert not [volume for volume in services_[name].get("volumes", []) if "uploads" in volume or "tma-config" in volume]
+        assert "UPLOAD_DIR" not in services_[name]["environment"], name
+    # The documented switches: the uploads writable for a restore, another folder, more processes.
+    switched = _config(Compose(tmp_path, tmp_path / "settings.env", project, TMA_UPLOADS_MODE="rw",
+                               TMA_UPLOADS_DIR="/srv/tma/uploads", WORKER_CONCURRENCY="4"))["services"]["worker"]
+    assert "/srv/tma/uploads:/app/uploads:rw" in switched["volumes"]
+    assert switched["command"].split()[-1] == "--concurrency=4"
+
     # Without a password the file refuses to resolve, naming the variable.
     for variable in ("DB_PASSWORD", "REDIS_PASSWORD"):
         _write_env_file(tmp_path / "nopw.env", project, omit=(variable,))
         refused = Compose(tmp_path, tmp_path / "nopw.env", project)("config", "-q")
         assert refused.returncode != 0 and variable in refused.stderr, variable
+
+
+TMA_NETWORK_SUFFIX = "_tma-cloud-network"  # TMA Cloud's docker-compose.yml names its network tma-cloud-network
+
+
+def _tma_env(path: Path, key: str, password: str) -> dict[str, str]:
+    """TMA Cloud's own .env, as its .env.example lays it out (mode 600, root's: what the worker cannot read)."""
+    settings = {"NODE_ENV": "production", "BPORT": "3000", "DB_HOST": "localhost", "DB_PORT": "5432",
+                "DB_USER": "postgres", "DB_PASSWORD": password, "DB_NAME": "tma_cloud_storage", "DB_SSLMODE": "disable",
+                "JWT_SECRET": f"jwt-{secrets.token_hex(8)}", "STORAGE_DRIVER": "local", "UPLOAD_DIR": "/app/uploads",
+                "FILE_ENCRYPTION_KEY": key, "REDIS_HOST": "localhost", "REDIS_PORT": "6379",
+                "REDIS_PASSWORD": f"tmaredis-{secrets.token_hex(8)}"}
+    path.write_text("".join(f"{name}={value}\n" for name, value in settings.items()))
+    path.chmod(0o600)
+    return settings
+
+
+def test_the_join_file_leaves_our_database_out_and_reads_tma_clouds_env_network_and_uploads(docker_compose, tmp_path):
+    project = f"tmajcfg{secrets.token_hex(4)}"
+    ours = _write_env_file(tmp_path / "settings.env", project)
+    tma_dir = tmp_path / "tma"
+    (tma_dir / "uploads").mkdir(parents=True)
+    tma = _tma_env(tma_dir / ".env", f"key-{secrets.token_hex(16)}", f"tmapw-{secrets.token_hex(8)}")
+    network = f"tmacloud{TMA_NETWORK_SUFFIX}"
+    joined = dict(TMA_DIR=str(tma_dir), TMA_NETWORK=network, DOCKER_GID="4242")
+    config = _config(Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE), **joined))
+    services_ = config["services"]
+
+    # Our postgres (container name tma-cloud-postgres, TMA's own) is in a profile nothing activates.
+    assert services_["postgres"]["profiles"] == ["own-database"]
+    assert not [name for name, service in services_.items() if "postgres" in service.get("depends_on", {})]
+    # The worker: TMA's database in docker mode (TMA runs PostgreSQL 18, the image's pg_dump is 15), TMA's
+    # .env winning over the stack's own settings (its DB_PASSWORD, key), on TMA's network besides ours.
+    worker = services_["worker"]
+    environment = worker["environment"]
+    assert {key: environment[key] for key in ("DB_HOST", "DB_PORT", "DB_MODE", "DB_CONTAINER")} == {
+        "DB_HOST": "tma-cloud-postgres", "DB_PORT": "5432", "DB_MODE": "docker", "DB_CONTAINER": "tma-cloud-postgres"}
+    assert environment["DB_PASSWORD"] == tma["DB_PASSWORD"] != ours["DB_PASSWORD"]
+    assert environment["FILE_ENCRYPTION_KEY"] == tma["FILE_ENCRYPTION_KEY"]
+    assert environment["UPLOAD_DIR"] == "/app/uploads" and environment["TMA_ENV_FILE"] == "/run/tma-config/.env"
+    assert sorted(worker["networks"]) == ["default", "tma"]
+    assert config["networks"]["tma"] == {"external": True, "name": network}
+    assert f"{tma_dir}/uploads:/app/uploads:ro" in worker["volumes"]
+    assert "/var/run/docker.sock:/var/run/docker.sock:rw" in worker["volumes"] and worker["group_add"] == ["4242"]
+    copied = [volume for volume in services_["tma-config"]["volumes"] if ":/source/.env" in volume]
+    assert copied == [f"{tma_dir}/.env:/source/.env:ro"], "TMA Cloud's .env goes into the sets, not ours"
+    # On TMA's network, `redis` is TMA's: the worker reaches ours by an alias only ours has; our redis and
+    # postgres never join TMA's network (TMA's app would find them under its own service names).
+    broker = f"redis://:{ours['REDIS_PASSWORD']}@tma-backup-broker:6379/0"
+    assert environment["CELERY_BROKER_URL"] == environment["CELERY_RESULT_BACKEND"] == broker
+    assert services_["redis"]["networks"] == {"default": {"aliases": ["tma-backup-broker"]}}
+    for name in ("redis", "beat", "flower", "repository-volume", "tma-config", "postgres"):
+        assert "tma" not in (services_[name].get("networks") or {}), name
+    # TMA's .env reaches the worker only: beat and Flower keep the stack's own settings.
+    for name in ("beat", "flower"):
+        assert services_[name]["environment"]["DB_PASSWORD"] == ours["DB_PASSWORD"], name
+        assert "FILE_ENCRYPTION_KEY" not in services_[name]["environment"], name
+    # Writable uploads for a restore, as in the base file.
+    rw = _config(Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE),
+                         TMA_UPLOADS_MODE="rw", **joined))["services"]["worker"]
+    assert f"{tma_dir}/uploads:/app/uploads:rw" in rw["volumes"]
+
+    # Each join setting missing: refused, naming it.
+    for variable in joined:
+        partial = {key: value for key, value in joined.items() if key != variable}
+        refused = Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE), **partial)("config", "-q")
+        assert refused.returncode != 0 and variable in refused.stderr, (variable, refused.stderr)
 
 
 def _up_env_only(env_file: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -323,6 +429,7 @@ def stack(docker_engine, tmp_path) -> Iterator[tuple[Compose, dict[str, str]]]:
     settings = _write_env_file(tmp_path / "settings.env", project,
                                omit=("REDIS_PASSWORD", "BACKUP_REPOSITORY_PASSWORD"))
     compose = Compose(tmp_path, tmp_path / "settings.env", project)
+    (tmp_path / "uploads").mkdir()  # TMA_UPLOADS_DIR's default, ./uploads
     _wait_for_fixed_names_to_be_free()
     try:
         up = _run([str(REPO / "docker" / "up.sh"), "--project-directory", str(tmp_path), "--env-file",
@@ -349,10 +456,17 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     secrets_ = (settings["DB_PASSWORD"], settings["FLOWER_PASSWORD"], settings["REDIS_PASSWORD"],
                 settings["BACKUP_REPOSITORY_PASSWORD"])
 
-    # TMA Cloud's database gets a table with rows (pg_dump of an empty database holds no TOC entries).
+    # TMA Cloud's database gets its files table: 1000 rows, three of them uploads in ./uploads (each 32 bytes
+    # longer than the size its row records, as TMA's AES-256-GCM writes them), the rest folders.
+    blobs = {f"{secrets.token_hex(8)}.bin": os.urandom(1000 + number) for number in range(3)}
+    for name, data in blobs.items():
+        (compose.folder / "uploads" / name).write_bytes(data)
+    rows = ", ".join(f"('u{number}', 'f{number}', 'file', {len(data) - 32}, '{name}')"
+                     for number, (name, data) in enumerate(blobs.items()))
     created = compose.exec("postgres", "psql", "-v", "ON_ERROR_STOP=1", "-q", "-U", "postgres", "-d",
-                           "tma_cloud_storage", "-c", "CREATE TABLE files (id bigserial PRIMARY KEY, name text); "
-                           "INSERT INTO files (name) SELECT 'file-' || g FROM generate_series(1, 1000) g;")
+                           "tma_cloud_storage", "-c", f"{TMA_FILES}; INSERT INTO files (id, name, type, size, path) "
+                           f"VALUES {rows}; INSERT INTO files (id, name, type) SELECT 'd' || g, 'folder-' || g, "
+                           "'folder' FROM generate_series(4, 1000) g;")
     assert created.returncode == 0, created.stderr
 
     backup = compose.exec("worker", "tma-backup", "backup", timeout=300)
@@ -360,7 +474,7 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     assert "redis://:**@redis:6379/0" in backup.stderr and "[OK]" in backup.stderr, "went through the broker"
     assert "[WARN] CELERY_BROKER_URL" not in compose("logs", "--no-color", "worker").stdout, "it has a password"
 
-    listing = compose.exec("worker", "ls", "/backups")
+    listing = compose.exec("worker", "ls", "/backups")  # (the uploads are in the repository only)
     files = sorted(listing.stdout.split())
     dumps = [name for name in files if name.endswith(".dump")]
     assert len(dumps) == 1 and files == [dumps[0], dumps[0] + ".meta"], files
@@ -379,7 +493,15 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     assert listed.returncode == 0, listed.stderr
     sets = [json.loads(line) for line in listed.stdout.splitlines()]
     assert len(sets) == 1 and sets[0]["database"] == "tma_cloud_storage", sets
-    assert sets[0]["files"] == [dumps[0], dumps[0] + ".meta"] and sets[0]["bytes_added"] > 0, sets
+    stem = dumps[0].removesuffix(".dump")
+    assert sets[0]["files"] == sorted([dumps[0], dumps[0] + ".meta", stem + ".env"]), sets
+    assert sets[0]["bytes_added"] > 0 and sets[0]["uploads"], sets
+    # The set holds the uploads (all referenced ones: none missing) and the settings file the worker got
+    # from the one-shot copy (uid 1000's, 0400, though the file on the host is root's and 0600).
+    assert "uploads_missing=0" in meta and "uploads_referenced=3" in meta, meta
+    assert compose.exec("worker", "stat", "-c", "%u %a", "/run/tma-config/.env").stdout.split() == ["1000", "400"]
+    readonly = compose.exec("worker", "touch", "/app/uploads/written-by-the-worker")
+    assert readonly.returncode != 0 and "Read-only file system" in readonly.stderr, readonly
     assert f"Off site   : set {sets[0]['id']} in /repository" in backup.stderr, backup.stderr
     status = compose.exec("worker", "tma-backup", "status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -393,6 +515,8 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     flower = "http://" + compose("port", "flower", "5555").stdout.strip()
     assert _http(flower + "/api/tasks", None)[0] == 401
     assert _http(flower + "/api/tasks", (settings["FLOWER_USER"], "wrong"))[0] == 401
+    # As the README warns: Flower serves /metrics without its basic auth (hence 127.0.0.1 only).
+    assert _http(flower + "/metrics", None)[0] == 200
     flower_auth = (settings["FLOWER_USER"], settings["FLOWER_PASSWORD"])
     status, body = _http(flower + "/api/tasks", flower_auth)
     assert status == 200
@@ -438,3 +562,158 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     assert not [secret for secret in secrets_ if secret in body or secret in meta]
     logs = compose("logs", "--no-color").stdout
     assert not [secret for secret in secrets_ if secret in logs]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Joined to TMA Cloud's own stack (docker-compose.tma.yml)
+
+TMA_UID = 1001  # TMA Cloud's image runs as nodejs (1001); its init-permissions service chowns ./uploads to it
+
+
+def _docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return _run(["docker", *args], timeout=timeout)
+
+
+@pytest.fixture
+def tma_cloud(docker_engine, tmp_path) -> Iterator[dict[str, Any]]:
+    """TMA Cloud's stack as its docker-compose.yml lays it out, started by hand with `docker run`: the
+    network `<project>_tma-cloud-network`; tma-local/postgres:18 (TMA runs postgres:18) as container
+    tma-cloud-postgres, answering to `postgres` there; a Redis without a password answering to `redis`
+    there (TMA's own: the worker must never mistake it for our broker); TMA's folder with its .env (0600,
+    root's) and uploads/ (uid 1001's, mode 0755, files 0644, as TMA's app writes them)."""
+    _wait_for_fixed_names_to_be_free()
+    tma_project = f"tmacloud{secrets.token_hex(3)}"
+    network = tma_project + TMA_NETWORK_SUFFIX
+    folder = tmp_path / "tma-cloud"
+    (folder / "uploads").mkdir(parents=True)
+    env = _tma_env(folder / ".env", f"key-{secrets.token_hex(16)}", f"tmapw-{secrets.token_hex(8)}")
+    redis_name = f"{tma_project}-redis"
+    try:
+        assert _docker("network", "create", network).returncode == 0
+        started = _docker("run", "-d", "--name", "tma-cloud-postgres", "--network", network, "--network-alias",
+                          "postgres", "--stop-signal", "SIGINT", "-e", f"POSTGRES_PASSWORD={env['DB_PASSWORD']}",
+                          "-e", "POSTGRES_DB=tma_cloud_storage", "tma-local/postgres:18")
+        assert started.returncode == 0, started.stderr
+        started = _docker("run", "-d", "--name", redis_name, "--network", network, "--network-alias", "redis",
+                          "tma-local/redis:7")
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 60
+        while _docker("exec", "tma-cloud-postgres", "pg_isready", "-q", "-h", "127.0.0.1").returncode != 0:
+            assert time.monotonic() < deadline, _docker("logs", "tma-cloud-postgres").stderr
+            time.sleep(0.5)
+        yield {"folder": folder, "env": env, "network": network}
+    finally:
+        _docker("rm", "-f", "-v", "tma-cloud-postgres", redis_name)
+        _docker("network", "rm", network)
+
+
+def _tma_psql(sql: str) -> subprocess.CompletedProcess[str]:
+    return _docker("exec", "tma-cloud-postgres", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres",
+                   "-d", "tma_cloud_storage", "-At", "-c", sql)
+
+
+def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_cloud, tmp_path):
+    folder, uploads = tma_cloud["folder"], tma_cloud["folder"] / "uploads"
+    # TMA's uploads: four referenced files (one of them in the trash: still a reference), one no row
+    # references (an upload in flight); a folder row has no file.
+    blobs = {f"{secrets.token_hex(8)}{suffix}": os.urandom(2000 + number)
+             for number, suffix in enumerate((".pdf", ".png", "", ".txt", ".orphan"))}
+    for name, data in blobs.items():
+        (uploads / name).write_bytes(data)
+        os.chown(uploads / name, TMA_UID, TMA_UID)
+        (uploads / name).chmod(0o644)
+    os.chown(uploads, TMA_UID, TMA_UID)
+    referenced = [name for name in blobs if not name.endswith(".orphan")]
+    rows = ", ".join(f"('f{number}', 'n{number}', 'file', {len(blobs[name]) - 32}, '{name}', "
+                     f"{'now()' if number == 3 else 'NULL'})" for number, name in enumerate(referenced))
+    created = _tma_psql(f"{TMA_FILES}; INSERT INTO files VALUES {rows}, ('d1', 'docs', 'folder', NULL, NULL, NULL);")
+    assert created.returncode == 0, created.stderr
+
+    project = f"tmajoin{secrets.token_hex(4)}"
+    ours = _write_env_file(tmp_path / "settings.env", project)
+    compose = Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE))
+    started = time.monotonic()
+    try:
+        up = _run([str(REPO / "docker" / "up.sh"), "--project-directory", str(tmp_path), "--env-file",
+                   str(compose.env_file), "-p", project, "--join", str(folder)], timeout=900,
+                  env={**compose.environ, "UP_SETTLE": "3"}, cwd=tmp_path)
+        assert up.returncode == 0, f"docker/up.sh --join failed:\n{up.stderr[-5000:]}"
+        up_seconds = time.monotonic() - started
+        assert f"joining TMA Cloud's stack: database tma-cloud-postgres (docker mode), network {tma_cloud['network']}" in up.stderr
+        written = _env_values(compose.env_file)
+        assert written["TMA_DIR"] == str(folder) and written["TMA_NETWORK"] == tma_cloud["network"]
+        assert written["DOCKER_GID"] == str(os.stat("/var/run/docker.sock").st_gid)
+        assert written["COMPOSE_FILE"] == f"{COMPOSE_FILE}:{JOIN_FILE}"
+        # Our postgres never started; tma-cloud-postgres is still TMA's container, untouched.
+        assert compose("ps", "-q", "postgres").stdout.strip() == ""
+        labels = _docker("inspect", "-f", "{{index .Config.Labels \"com.docker.compose.project\"}}", "tma-cloud-postgres")
+        assert labels.stdout.strip() != project
+
+        backup = compose.exec("worker", "tma-backup", "backup", timeout=300)
+        assert backup.returncode == 0, backup.stdout + backup.stderr
+        assert "redis://:**@tma-backup-broker:6379/0" in backup.stderr, "through our broker, not TMA's `redis`"
+        listed = compose.exec("worker", "tma-backup", "repository", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (found,) = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert found["database"] == "tma_cloud_storage" and found["uploads"], found
+        dump = next(name for name in found["files"] if name.endswith(".dump"))
+        assert dump.removesuffix(".dump") + ".env" in found["files"], "TMA Cloud's .env is in the set"
+        meta = compose.exec("worker", "cat", f"/backups/{dump}.meta").stdout
+        fields = dict(line.split("=", 1) for line in meta.splitlines() if "=" in line and not line.startswith("#"))
+        assert fields["mode"] == "docker" and fields["container"] == "tma-cloud-postgres", fields
+        assert fields["uploads_missing"] == "0" and fields["uploads_referenced"] == "4", fields
+        assert fields["uploads_unreferenced"] == "1" and fields["uploads_files"] == "5", fields
+        key = tma_cloud["env"]["FILE_ENCRYPTION_KEY"].encode()
+        assert fields["file_encryption_key_sha256"] == hashlib.sha256(key).hexdigest()
+        # The set's .env is TMA Cloud's, byte for byte (its DB_PASSWORD won over ours, which is unused).
+        env_copy = compose.exec("worker", "sh", "-c", 'RESTIC_PASSWORD="$BACKUP_REPOSITORY_PASSWORD" exec restic -r '
+                                f"/repository dump {found['id']} /{dump.removesuffix('.dump')}.env", timeout=60)
+        assert env_copy.returncode == 0 and env_copy.stdout == (folder / ".env").read_text(), env_copy.stderr
+        assert ours["DB_PASSWORD"] not in env_copy.stdout
+        status = compose.exec("worker", "tma-backup", "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        readonly = compose.exec("worker", "touch", "/app/uploads/x")
+        assert readonly.returncode != 0 and "Read-only file system" in readonly.stderr
+
+        # The night the uploads and rows were damaged: a file gone, a file overwritten, a row deleted.
+        lost, changed = referenced[0], referenced[1]
+        (uploads / lost).unlink()
+        (uploads / changed).write_bytes(b"damaged")
+        assert _tma_psql(f"DELETE FROM files WHERE path = '{referenced[2]}'").returncode == 0
+        # The documented restore: TMA Cloud stopped (here: nothing writes), the worker's uid may write the
+        # folder, the worker recreated with the uploads writable, then restore --with-uploads.
+        os.chown(uploads, 1000, TMA_UID)
+        # plain docker-compose (no -f): COMPOSE_FILE, which up.sh wrote into the settings file, names both files
+        plain = Compose(tmp_path, tmp_path / "settings.env", project, files=())
+        recreated = plain("up", "-d", "worker", timeout=300, TMA_UPLOADS_MODE="rw")
+        assert recreated.returncode == 0, recreated.stderr
+        deadline = time.monotonic() + 60  # the README's wait: until the new worker answers the broker
+        while compose.exec("worker", "celery", "-A", "worker", "inspect", "ping").returncode != 0:
+            assert time.monotonic() < deadline, compose("logs", "--tail=30", "worker").stdout
+            time.sleep(1)
+        restored = compose.exec("worker", "tma-backup", "restore", "--from-repository", "latest", "--with-uploads",
+                                "--confirm", "tma_cloud_storage", timeout=300)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        for name in referenced + [next(name for name in blobs if name.endswith(".orphan"))]:
+            assert (uploads / name).read_bytes() == blobs[name], name
+        assert _tma_psql("SELECT count(*) FROM files").stdout.strip() == "5"
+        # The files that were live are kept inside the bind-mounted folder (the mount point was never
+        # renamed), paired with the database copy the same swap kept.
+        (previous,) = [entry for entry in uploads.iterdir() if entry.name.startswith(".tma-previous-")]
+        assert (previous / changed).read_bytes() == b"damaged" and not (previous / lost).exists()
+        kept = previous.name.removeprefix(".tma-previous-")
+        assert _tma_psql(f"SELECT 1 FROM pg_database WHERE datname = '{kept}'").stdout.strip() == "1"
+        assert not [entry for entry in uploads.iterdir() if entry.name.startswith((".tma-restore-", ".tma-uploads"))]
+        assert f"the files that were live are kept in {previous.name}" in restored.stderr, restored.stderr
+        # Read-only again, as the README's last step has it.
+        assert plain("up", "-d", "worker", timeout=300).returncode == 0
+        readonly = compose.exec("worker", "touch", "/app/uploads/x")
+        assert readonly.returncode != 0 and "Read-only file system" in readonly.stderr
+        print(f"joined stack: up.sh {up_seconds:.0f} s, whole test {time.monotonic() - started:.0f} s")
+    finally:
+        down = compose("down", "-v", "--remove-orphans", "--timeout", "20", timeout=180)
+        assert down.returncode == 0, down.stderr
+        left = _run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"])
+        assert left.stdout.strip() == "", "no container of the test stack is left"
+    assert _docker("inspect", "-f", "{{.State.Status}}", "tma-cloud-postgres").stdout.strip() == "running", \
+        "down -v of our stack leaves TMA Cloud's database alone"

@@ -387,6 +387,9 @@ def get_settings() -> Settings:
     env_file = os.environ.get("TMA_ENV_FILE", "").strip() or ".env"
     try:
         return Settings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings' init keyword
+    except OSError as error:  # the settings file exists but cannot be read (permissions, a folder)
+        which = "TMA_ENV_FILE" if os.environ.get("TMA_ENV_FILE", "").strip() else ".env"
+        raise SettingsError(f"{which}: {Path(env_file).absolute()} cannot be read ({error.strerror})") from None
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
 

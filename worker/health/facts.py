@@ -231,20 +231,37 @@ def _names(raw: str) -> list[str]:
     return [str(name) for name in parsed] if isinstance(parsed, list) else [str(parsed)]
 
 
+def _uploads_swap_pending(settings: Settings, database: str) -> bool:
+    from worker.uploads import swap as uploads_swap
+
+    if settings.UPLOAD_DIR is None:
+        return False
+    try:
+        journal = uploads_swap.read_journal(settings.UPLOAD_DIR)
+    except (BackupError, OSError):
+        return True  # a journal that cannot be read is pending all the same
+    return journal is not None and journal.database == database
+
+
 def _connections(settings: Settings, database: str) -> dict[str, Any]:
     """Whether an interrupted swap left `database` refusing connections. A server that cannot be asked is
     a warning: status is about backups, and reads them without it."""
     from worker.pg.executors import choose_executor
     from worker.restore.repair import left_refusing
 
-    section: dict[str, Any] = {"checked": False, "refusing": None, "error": None, "problem": None, "warning": None}
+    section: dict[str, Any] = {"checked": False, "refusing": None, "error": None, "problem": None, "warning": None,
+                               "uploads_swap_pending": _uploads_swap_pending(settings, database)}
+    if section["uploads_swap_pending"]:
+        section["problem"] = (
+            f"a restore of {database!r} with uploads was interrupted during its swap (UPLOAD_DIR holds its journal): "
+            f"the database and the files may not match; run `tma-backup repair --database {database}`")
     try:
         refusing = left_refusing(settings, choose_executor(settings), database)
     except BackupError as error:
         section.update(error=str(error), warning=f"whether {database!r} accepts connections was not checked ({error})")
         return section
     section.update(checked=True, refusing=refusing)
-    if refusing:
+    if refusing and not section["problem"]:
         section["problem"] = (
             f"database {database!r} is refusing connections: a restore was interrupted during its swap and left it "
             f"so; run `tma-backup repair --database {database}`")
