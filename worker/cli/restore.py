@@ -18,7 +18,10 @@ from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import RESTORE_PHASES, database_option, duration, guarded, phase_printer
 
-UPLOADS_PHASES = {"fetching uploads": "Fetching the set's uploads beside the live ones (inside UPLOAD_DIR) …"}
+UPLOADS_PHASES = {
+    "fetching uploads": "Fetching the set's uploads beside the live ones (inside UPLOAD_DIR) …",
+    "checking uploads": "Checking the restored uploads against the restored database's references …",
+}
 from worker.cli.follow import call_task
 from worker.errors import BackupError
 from worker.restore.tokens import LocalTokenStore, RedisTokenStore, TokenStore, new_token, token_hash

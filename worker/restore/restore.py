@@ -7,6 +7,7 @@ Any failure before the swap drops the scratch database and leaves the live one e
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,27 +111,41 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
                     plan: uploads_restore.UploadsPlan | None = None) -> dict[str, Any]:
     """Every destructive step (drop, rename) is preceded by `lock.confirm()`: a restore whose lock
     expired or was taken meanwhile stops before it, and a failure before the swap drops only its own
-    scratch copy (and the staged uploads). With `plan`, the set's uploads are staged first, checked
-    against the restored copy's references, and swapped together with it."""
-    staged = uploads_restore.stage(settings, plan, run, progress) if plan is not None else None
-    uploads_result: dict[str, Any] | None = None
-    try:
-        result = _restore_database(settings, executor, prepared, live, run, mode, progress, lock, plan, staged)
-    except BaseException:
-        if plan is not None and not (plan.folder / uploads_swap.JOURNAL).exists():
-            uploads_swap.drop_staged(plan.folder, plan.staged)
-        raise
-    if plan is not None:
-        uploads_result = {**plan.describe(settings), **result.pop("uploads_checked"), "files": len(staged or {}),
-                          "previous": result.pop("uploads_previous"),
-                          "previous_folders": uploads_swap.previous_folders(plan.folder)}
-        result["uploads"] = uploads_result
+    scratch copy (and the staged uploads). With `plan`, the set's uploads are fetched beside the live
+    ones while pg_restore fills the scratch copy (one is mostly network and disk, the other the
+    database server), then checked against the restored copy's references and swapped together with it."""
+    if plan is None:
+        return _restore_database(settings, executor, prepared, live, run, mode, progress, lock, None, None)
+    uploads_swap.check_room(plan.folder, plan.bytes)  # before anything starts: a full disk touches nothing
+    progress("fetching uploads", {"bytes": plan.bytes})
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-uploads") as pool:
+        staging = pool.submit(_timed_stage, settings, plan, run)
+        try:
+            result = _restore_database(settings, executor, prepared, live, run, mode, progress, lock, plan, staging)
+        except BaseException:
+            try:
+                staging.result()  # restic finishes (or fails) before its folder is removed
+            except BaseException:
+                pass
+            if not (plan.folder / uploads_swap.JOURNAL).exists():
+                uploads_swap.drop_staged(plan.folder, plan.staged)
+            raise
+    staged, seconds = staging.result()
+    result["uploads"] = {**plan.describe(settings), **result.pop("uploads_checked"), "files": len(staged),
+                         "fetch_seconds": seconds, "previous": result.pop("uploads_previous"),
+                         "previous_folders": uploads_swap.previous_folders(plan.folder)}
     return result
+
+
+def _timed_stage(settings: Settings, plan: uploads_restore.UploadsPlan, run: str) -> tuple[dict[str, int], float]:
+    started = time.monotonic()
+    staged = uploads_restore.stage(settings, plan, run)
+    return staged, round(time.monotonic() - started, 3)
 
 
 def _restore_database(settings: Settings, executor: Executor, prepared: PreparedRestore, live: str, run: str,
                       mode: str, progress: Progress, lock: DatabaseLock, plan: uploads_restore.UploadsPlan | None,
-                      staged: dict[str, int] | None) -> dict[str, Any]:
+                      staging: Future[tuple[dict[str, int], float]] | None) -> dict[str, Any]:
     uploads_checked: dict[str, Any] = {}
     previous: str | None = None
     with swap.admin_connection(executor.connect_kwargs(), live) as admin:
@@ -146,9 +161,11 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
             scratch, counts = restore_into_scratch(
                 settings, executor, admin, prepared, shape or default_shape(admin), swap.SCRATCH, run, progress)
             try:
-                if plan is not None:
+                if plan is not None and staging is not None:
+                    progress("checking uploads", {})
+                    staged, _ = staging.result()  # the fetch ran beside pg_restore; its failure fails the restore
                     uploads_checked = uploads_restore.check_staged(settings, executor.connect_kwargs(), scratch, plan,
-                                                                   staged or {})
+                                                                   staged)
                 progress("swapping", {})
                 lock.confirm()
             except BaseException:
