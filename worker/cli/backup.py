@@ -30,6 +30,16 @@ PHASE_MESSAGES = {
 }
 
 
+# Warnings already shown while the run went (the start's): the summary repeats only the others.
+_shown_warnings: set[str] = set()
+
+
+def _warn_once(warning: str) -> None:
+    if warning not in _shown_warnings:
+        _shown_warnings.add(warning)
+        output.warn(warning)
+
+
 def _print_summary(summary: Summary) -> None:
     output.ok(f"Backup contains {summary['toc_entries']} TOC entries.")
     if summary["tables"] == 0:
@@ -46,7 +56,7 @@ def _print_summary(summary: Summary) -> None:
         _print_uploads(uploads)
     for warning in summary.get("warnings", []):
         if "upload" not in warning:  # the uploads' own lines above say it
-            output.warn(warning)
+            _warn_once(warning)
     offsite = summary.get("offsite")
     if offsite:
         added = human_size(int(offsite["bytes_added"]))
@@ -110,7 +120,7 @@ def _backup_in_process(settings: Settings, database: str) -> Summary:
     output.info("No broker configured (CELERY_BROKER_URL unset): running the backup in this process.")
     warning = folder_warning(ensure_backup_dir(settings))
     if warning:
-        output.warn(warning)
+        _warn_once(warning)
     executor = choose_executor(settings)
     output.info(f"Tools      : {executor.describe()}")
     output.info(f"Database   : {database}")
@@ -135,7 +145,7 @@ def _backup_through_workers(settings: Settings, database: str) -> Summary:
             output.info(f"Run        : {info['run_id']} on worker host {info['host']}")
             output.info(f"Target     : {info['backup']}")
             for warning in info.get("warnings", []):
-                output.warn(warning)
+                _warn_once(warning)
         elif state == "RETRY":
             output.warn(f"{step}: {info}; trying again (BACKUP_RETRIES={settings.BACKUP_RETRIES}, with backoff)")
         elif state == "PROGRESS" and isinstance(info, dict):
