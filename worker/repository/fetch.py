@@ -1,16 +1,16 @@
 """Fetch a set from the repository into BACKUP_DIR, as the backup it was: `<db>_<timestamp>.dump` and
-its `.meta`, the dump's SHA-256 checked against the `.meta` while it is written. From there the restore
-(or drill) is the same locked, token-guarded one as for a backup made here.
+its `.meta`, the dump's SHA-256 checked against the `.meta`. From there the restore (or drill) is the
+same locked, token-guarded one as for a backup made here.
 
 Works on a fresh machine: an empty BACKUP_DIR and nothing but the repository's address and password.
-The download goes to a `.partial` name (a crash leaves nothing that looks complete; the next prune
-removes it) and is published like a backup: `.meta` first, then the dump's final name.
+restic restores the two files into a private staging folder in BACKUP_DIR; the dump then takes a
+`.partial` name (a crash leaves nothing that looks complete; the next prune removes it), is checked,
+and is published like a backup: `.meta` first, then the dump's final name.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import json
 import os
 import shutil
 import time
@@ -19,6 +19,7 @@ from typing import Any
 
 from worker.archive import catalogue
 from worker.archive.meta import MetaError, fsync_dir, human_size, parse_meta, write_atomically
+from worker.archive.verification import sha256_of
 from worker.errors import BackupError, VerificationFailed
 from worker.faults import crash_point
 from worker.progress import Progress, no_progress
@@ -28,28 +29,7 @@ from worker.repository.sets import RepositorySet, find_set
 from worker.settings import Settings, SettingsError, ensure_backup_dir
 
 ROOM_MARGIN = 64 * 1024 * 1024
-
-
-class _HashingWriter:
-    def __init__(self, handle: Any, progress: Progress, name: str, total: int) -> None:
-        self._handle = handle
-        self._progress = progress
-        self._name = name
-        self._total = total
-        self.digest = hashlib.sha256()
-        self.written = 0
-        self._reported = 0.0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self._handle.write(data)
-        self.written += len(data)
-        now = time.monotonic()
-        if now - self._reported >= 0.5:
-            self._progress("fetching from the repository", {"file": self._name, "bytes_done": self.written,
-                                                            "total_bytes": self._total})
-            self._reported = now
-        return len(data)
+STAGING_PREFIX = ".fetch-"  # inside BACKUP_DIR: the same file system, so the dump is renamed, not copied
 
 
 def fetch(settings: Settings, reference: str, database: str | None, owner: str,
@@ -68,36 +48,43 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
         found = find_set(restic, reference, database)
         dump_name = _dump_name(found)
         meta_name = dump_name + catalogue.META_SUFFIX
-        meta_text = _read_small(restic, found, meta_name)
-        try:
-            meta = parse_meta(meta_text)
-        except MetaError as error:
-            raise VerificationFailed(f"set {found.short_id}: its .meta is unreadable ({error})") from None
-        if meta.database != found.database or meta.timestamp != found.timestamp:
-            raise VerificationFailed(f"set {found.short_id}: its .meta names another backup")
         target = directory / dump_name
+        needed = _sizes(restic, found).get(dump_name, 0)
         free = shutil.disk_usage(directory).free
-        if free < meta.file_size_bytes + ROOM_MARGIN:
+        if free < needed + ROOM_MARGIN:
             raise BackupError(
-                f"not enough free space in {directory} to fetch {dump_name}: it needs {human_size(meta.file_size_bytes)}B "
+                f"not enough free space in {directory} to fetch {dump_name}: it needs {human_size(needed)}B "
                 f"(+{human_size(ROOM_MARGIN)}B margin), {human_size(free)}B are free; nothing was written")
         partial = catalogue.partial_path(target)
+        staging = directory / f"{STAGING_PREFIX}{found.short_id}"
         try:
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                writer = _HashingWriter(handle, progress, dump_name, meta.file_size_bytes)
-                restic.run(["dump", found.id, "/" + dump_name], stdout=writer)  # type: ignore[arg-type]
-                handle.flush()
-                os.fsync(handle.fileno())
-            sha256 = writer.digest.hexdigest()
-            if sha256 != meta.sha256 or writer.written != meta.file_size_bytes:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=0o700)
+            progress("fetching from the repository", {"file": dump_name, "total_bytes": needed})
+            # One `restic restore` of the two files: restic fetches in parallel, where `restic dump` streams
+            # one file through one pipe (about 1.5 s slower on 500 MB from S3).
+            restic.run(["restore", found.id, "--target", str(staging), "--include", "/" + dump_name,
+                        "--include", "/" + meta_name])
+            meta_text = _read_meta_text(staging / meta_name, found)
+            try:
+                meta = parse_meta(meta_text)
+            except MetaError as error:
+                raise VerificationFailed(f"set {found.short_id}: its .meta is unreadable ({error})") from None
+            if meta.database != found.database or meta.timestamp != found.timestamp:
+                raise VerificationFailed(f"set {found.short_id}: its .meta names another backup")
+            os.replace(staging / dump_name, partial)
+            os.chmod(partial, 0o600)
+            shutil.rmtree(staging, ignore_errors=True)
+            sha256, size = sha256_of(partial, progress), partial.stat().st_size
+            if sha256 != meta.sha256 or size != meta.file_size_bytes:
                 raise VerificationFailed(
-                    f"set {found.short_id}: {dump_name} as fetched ({writer.written} bytes, SHA-256 {sha256[:16]}…) "
+                    f"set {found.short_id}: {dump_name} as fetched ({size} bytes, SHA-256 {sha256[:16]}…) "
                     f"is not what its .meta records ({meta.file_size_bytes} bytes, {meta.sha256[:16]}…); not used")
             crash_point("fetch:publish")
             kept_local = _publish(target, partial, meta_text, meta.sha256)
         except BaseException as error:
             partial.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError):
                 raise BackupError(f"cannot write {partial.name} in {directory}: {error.strerror}") from None
             raise
@@ -123,12 +110,23 @@ def _dump_name(found: RepositorySet) -> str:
     return name
 
 
-def _read_small(restic: Restic, found: RepositorySet, name: str) -> str:
-    buffer = io.BytesIO()
-    restic.run(["dump", found.id, "/" + name], stdout=buffer)
-    if buffer.tell() > 64 * 1024 * 1024:
-        raise VerificationFailed(f"set {found.short_id}: {name} is far too large for a .meta")
-    return buffer.getvalue().decode("utf-8", "replace")
+def _sizes(restic: Restic, found: RepositorySet) -> dict[str, int]:
+    """The set's top-level files and their sizes, as restic lists them."""
+    sizes: dict[str, int] = {}
+    for line in restic.run(["ls", "--json", found.id]).stdout.splitlines():
+        try:
+            node = json.loads(line)
+        except ValueError:
+            continue
+        if node.get("struct_type") == "node" and node.get("type") == "file":
+            sizes[str(node.get("path", "")).lstrip("/")] = int(node.get("size", 0))
+    return sizes
+
+
+def _read_meta_text(path: Path, found: RepositorySet) -> str:
+    if path.stat().st_size > 64 * 1024 * 1024:
+        raise VerificationFailed(f"set {found.short_id}: {path.name} is far too large for a .meta")
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _publish(target: Path, partial: Path, meta_text: str, sha256: str) -> bool:
