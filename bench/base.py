@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ BENCH = Path(__file__).resolve().parent
 REDIS_MARKER = "tma_bench:owner"
 RESTORE_TARGET = "tma_bench_restore"
 FLEET_PREFIX = "tma_bench_fleet_"
+NIGHT_TARGET = "tma_bench_night"  # g.: the copy of the reference that lives two nights
 FLEET_SIZE = 8
 KILLED = re.compile(r"exited -9\b|exited 137\b|killed by signal 9\b")
 KILLED_RETRIES = 2
@@ -156,8 +158,9 @@ class BenchBase:
         self.workers.append(worker)
         return worker
 
-    def start_workers(self, workers: list[Worker]) -> dict[str, str]:
-        """Start them together; returns {key: why} for those that refused to start."""
+    def start_workers(self, workers: list[Worker], warm: bool = True) -> dict[str, str]:
+        """Start them together; returns {key: why} for those that refused to start. `warm`: each makes
+        one untimed backup first (see warm_up)."""
         for worker in workers:
             worker.start()
         refused = {}
@@ -168,7 +171,7 @@ class BenchBase:
                 worker.stop()
                 refused[worker.key] = str(error)
         for worker in workers:
-            if worker.key not in refused:
+            if worker.key not in refused and warm:
                 self.warm_up(worker)
         return refused
 
@@ -186,6 +189,11 @@ class BenchBase:
         worker.stop()
         if worker in self.workers:
             self.workers.remove(worker)
+
+    def stop_workers(self, workers: list[Worker]) -> None:
+        """Stop them side by side (each may take seconds to shut down warm)."""
+        with ThreadPoolExecutor(max(len(workers), 1)) as pool:
+            list(pool.map(self.stop_worker, workers))
 
     # ── the code under test ──────────────────────────────────────────────────────────────────────────
     def snapshot_code(self) -> dict[str, Any]:
@@ -227,12 +235,20 @@ class BenchBase:
         return generated.name, generated.size_bytes
 
     def drop_leftovers(self) -> None:
-        """Databases this benchmark names for itself (restore target, its kept copies, fleet copies)."""
+        """Databases this benchmark names for itself (restore targets, their kept copies, fleet copies)."""
         with self.server.connect(autocommit=True) as admin:
             names = [row[0] for row in admin.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s OR datname LIKE %s",
-                (RESTORE_TARGET.replace("_", r"\_") + "%", FLEET_PREFIX.replace("_", r"\_") + "%"))]
+                "SELECT datname FROM pg_database WHERE datname LIKE %s OR datname LIKE %s OR datname LIKE %s",
+                (RESTORE_TARGET.replace("_", r"\_") + "%", FLEET_PREFIX.replace("_", r"\_") + "%",
+                 NIGHT_TARGET.replace("_", r"\_") + "%"))]
             for name in names:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def drop_kept_copies(self, target: str) -> None:
+        """Untimed: the copies a restore keeps for roll-back (`<db>__pre_restore_<ts>`) and any scratch."""
+        with self.server.connect(autocommit=True) as admin:
+            for (name,) in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                                         (target.replace("_", r"\_") + r"\_\_%",)).fetchall():
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def exact_counts(self, database: str) -> dict[str, int]:

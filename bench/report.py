@@ -20,7 +20,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "docker_stream_vs_exec": (">=", 0.95),
     "docker_worker_rss_growth_mb": ("<", 100.0),
     "fleet_2w_vs_1w": (">=", 1.6),
+    # issue 11: the off-site repository (g.)
+    "offsite_vs_bare_restic": ("<=", 1.05),
+    "second_night_bytes_ratio": ("<=", 0.10),
+    "second_night_bytes_ratio_zstd": ("<=", 0.10),
+    "restore_from_repository_vs_local": ("<=", 1.3),
 }
+# Reported beside them, without a target of their own.
+INFORMATIVE = ("offsite_vs_bare_restic_local", "second_night_stored_ratio", "second_night_stored_ratio_zstd",
+               "db_size_bytes")
 RATIO_MEANING = {
     "chain_vs_bare": "b / a wall: the tma-backup chain (Celery, exact counts, checks) vs the seed's bare tools, same compression",
     "fast_vs_seed": "a / c wall: how many times faster tma-backup's fastest safe mode is than the seed's sequence",
@@ -31,6 +39,17 @@ RATIO_MEANING = {
     "docker_worker_rss_growth_mb": "peak growth of the docker-mode worker's RSS during a backup, MiB",
     "fleet_2w_vs_1w": "throughput of 8 backups with two worker processes / with one",
     "db_size_bytes": "pg_database_size of the reference database",
+    "offsite_vs_bare_restic": "g. the offsite link (result backend) / a bare `restic backup DUMP META` of the same files, "
+                              "both first-night uploads into a fresh repository on a SeaweedFS S3 server",
+    "second_night_bytes_ratio": "g. bytes the second night's set adds to the repository (restic's data_added) / the "
+                                "first night's, BACKUP_COMPRESSION=6",
+    "second_night_bytes_ratio_zstd": "g. the same with BACKUP_COMPRESSION=zstd-stream",
+    "restore_from_repository_vs_local": "g. `restore --from-repository latest` into an empty BACKUP_DIR (S3) / "
+                                        "`restore FILE` of the same backup",
+    "offsite_vs_bare_restic_local": "g. offsite_vs_bare_restic with a repository on a local path",
+    "second_night_stored_ratio": "g. second_night_bytes_ratio in bytes stored on the S3 server (after restic's "
+                                 "compression), BACKUP_COMPRESSION=6",
+    "second_night_stored_ratio_zstd": "g. the same, BACKUP_COMPRESSION=zstd-stream",
 }
 
 
@@ -58,9 +77,17 @@ class Measurement:
         names = [name for name in (self.steps[0] if self.steps else {})]
         return {name: round(statistics.median(s[name] for s in self.steps if name in s), 3) for name in names}
 
+    @classmethod
+    def from_json(cls, key: str, data: dict[str, Any]) -> Measurement:
+        """A measurement of an earlier run, as `as_json` wrote it (its steps as their medians)."""
+        return cls(key, data.get("label", key), data.get("short", ""), list(data.get("walls_s", [])),
+                   list(data.get("bytes", [])), [data["step_medians_s"]] if data.get("step_medians_s") else [],
+                   list(data.get("extra", [])), list(data.get("errors", [])), data.get("na"))
+
     def as_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
+            "short": self.short,
             "median_wall_s": None if self.wall is None else round(self.wall, 3),
             "median_bytes": self.size,
             "walls_s": [round(value, 3) for value in self.walls],
@@ -112,7 +139,7 @@ def markdown(results: dict[str, Any], measurements: list[Measurement]) -> str:
         "| figure | value | target | meets | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for key in [*TARGETS, "db_size_bytes"]:
+    for key in [key for key in (*TARGETS, *INFORMATIVE) if key in results]:
         value = results[key]
         target = " ".join((TARGETS[key][0], str(TARGETS[key][1]))) if key in TARGETS else ""
         note = RATIO_MEANING[key]
@@ -142,9 +169,61 @@ def markdown(results: dict[str, Any], measurements: list[Measurement]) -> str:
     if results.get("restore_vs_seed_without_its_checks") is not None:
         lines += ["", "`restore_vs_seed` without the seed's own check of the file (sha256sum, pg_restore --list), while "
                   f"tma-backup keeps all of its own: {results['restore_vs_seed_without_its_checks']:.3f}."]
+    lines += repository_lines(results)
     if results.get("notes"):
         lines += ["", *[f"- {note}" for note in results["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def repository_lines(results: dict[str, Any]) -> list[str]:
+    """g.: what the night changed, and where and when g. was measured when that was another run."""
+    info = results.get("repository") or {}
+    lines: list[str] = []
+    night = info.get("night")
+    if night:
+        done = {"insert": "inserted", "update": "updated", "delete": "deleted"}
+        tables = "; ".join(f"{table.split('.')[-1]} " + ", ".join(f"{count} {done.get(kind, kind)}"
+                                                               for kind, count in kinds.items())
+                           for table, kinds in night["tables"].items())
+        lines += ["", f"g. The night before the second backup (`{night['scenario']}`, bench/churn.py): "
+                  f"{night['rows_changed']} of {night['rows_before']} rows changed ({night['share']:.2%}): {tables}."]
+    measured = info.get("measured")
+    if measured and measured.get("finished_at") != results.get("finished_at"):
+        load = f"{measured['machine'].get('loadavg_start', '?')} → {measured['machine'].get('loadavg_end', '?')}"
+        lines += ["", f"g. was measured on its own (`--only repository`) at {measured['finished_at']} on "
+                  f"`{measured['database']}` ({_size(measured['db_size_bytes'])}), medians of {measured['runs']}, "
+                  f"code {measured['machine'].get('code', {}).get('commit', '?')[:12]}, load average {load}."]
+    if info.get("restic"):
+        lines += ["", f"g. {info['restic']}; S3: {info.get('s3', '?')}."]
+    return lines
+
+
+def merged(folder: Path, results: dict[str, Any], measurements: list[Measurement],
+           keys: list[str]) -> tuple[dict[str, Any], list[Measurement]]:
+    """`--only repository`: the results already in `folder` with this run's section put in place of
+    theirs (its figures, measurements, medians, paired ratios, notes and failures); the rest kept."""
+    try:
+        previous = json.loads((folder / "latest.json").read_text())
+    except (OSError, ValueError):
+        return results, measurements
+    ours = set(keys)
+    labels = tuple(item.label for item in measurements if item.key in ours)
+    mine = {key for key in (*TARGETS, *INFORMATIVE, "repository") if key in results and key != "db_size_bytes"}
+    combined = {**previous, **{key: results[key] for key in mine}}
+    combined["medians"] = {**{key: value for key, value in previous.get("medians", {}).items() if key not in ours},
+                           **{key: value for key, value in results["medians"].items() if key in ours}}
+    pair_names = set(results.get("paired", {})) | mine  # g.'s pairs are named as its figures
+    combined["paired"] = {**{name: value for name, value in previous.get("paired", {}).items()
+                             if name not in pair_names}, **results.get("paired", {})}
+    combined["notes"] = [note for note in previous.get("notes", []) if not note.startswith(("g. ", *labels))] + \
+        results.get("notes", [])
+    combined["failures"] = [failure for failure in previous.get("failures", []) if not failure.startswith("g. ")] + \
+        results.get("failures", [])
+    current = {item.key: item for item in measurements}
+    kept = [Measurement.from_json(key, data) for key, data in previous.get("measurements", {}).items() if key not in ours]
+    for item in kept:
+        item.short = item.short or (current[item.key].short if item.key in current else "")
+    return combined, kept + [item for item in measurements if item.key in ours]
 
 
 def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) -> bool:
@@ -157,7 +236,7 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
         print("[WARN]  matplotlib is not installed (pip install -r bench/requirements.txt): no chart", file=sys.stderr)
         return False
     timed = [item for item in measurements if item.wall is not None]
-    sized = [item for item in timed if item.size is not None and not item.key.startswith(("restore", "fleet"))]
+    sized = [item for item in timed if item.size is not None and not item.key.startswith(("restore", "fleet", "repo_restore", "repo_offsite"))]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * max(len(timed), 4) + 1.8),
                                          gridspec_kw={"width_ratios": [3, 2]})
     labels = [item.short or item.key for item in timed]
@@ -179,8 +258,13 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
     return True
 
 
-def write(folder: Path, results: dict[str, Any], measurements: list[Measurement]) -> str:
+def write(folder: Path, results: dict[str, Any], measurements: list[Measurement],
+          merge: list[str] | None = None) -> str:
+    """Write latest.json, latest.md and latest.png. With `merge` (the keys of the measurements this run
+    made, `--only`), the results already in `folder` keep everything else."""
     folder.mkdir(parents=True, exist_ok=True)
+    if merge is not None:
+        results, measurements = merged(folder, results, measurements, merge)
     results = {**results, "measurements": {item.key: item.as_json() for item in measurements}}
     (folder / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, measurements)

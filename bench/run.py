@@ -4,7 +4,8 @@
 
 a. the seed's backup with bare tools; b. the tma-backup chain through a real worker and Redis, same
 compression; c. tma-backup's fastest safe settings; d. restore; e. docker mode; f. eight databases with one
-worker process vs two. Medians of --runs runs, interleaved round by round so that load from elsewhere on
+worker process vs two; g. the off-site restic repository (`--only repository` runs g. alone and merges its
+figures into the existing results). Medians of --runs runs, interleaved round by round so that load from elsewhere on
 the machine falls on every variant alike. Writes latest.json / latest.md / latest.png (bench/results/, or
 bench/work/quick/ with --quick) and prints the table. Everything it creates (databases, files, worker
 processes, its Redis database) is removed at the end, also when interrupted. See bench/README.md.
@@ -31,8 +32,10 @@ from psycopg import sql
 
 from bench import report
 from bench.base import BENCH, FAST_MODES, SEED_MODE, _first_line, say, warn
+from bench.churn import SCENARIOS
 from bench.generate import Server, default_name
 from bench.proc import run
+from bench.repository import RepositorySection
 from bench.sections import DockerSection, FleetSection, RestoreSection
 
 
@@ -68,15 +71,16 @@ def machine_info(server: Server) -> dict[str, Any]:
     }
 
 
-class Bench(RestoreSection, DockerSection, FleetSection):
-    """The whole run: a, b and c (BenchBase), d, e and f (bench.sections), then the results."""
+class Bench(RestoreSection, DockerSection, FleetSection, RepositorySection):
+    """The whole run: a, b and c (BenchBase), d, e and f (bench.sections), g (bench.repository), then the
+    results. With `--only repository`, g alone."""
 
     def measure(self) -> dict[str, Any]:
         args = self.args
         machine = machine_info(self.server)
         say(f"machine: {machine['nproc']} cores ({machine['cpu']}), {machine['mem_gib']} GiB, {machine['pg_dump']}, "
             f"server {machine['server_version']}, load {machine['loadavg_start']}")
-        self.register()
+        self.register()  # with --only too: the other sections' labels, for the merged table and chart
         self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
         machine["code"] = self.snapshot_code()
         say(f"code under test: {machine['code']['source']} ({machine['code']['commit'][:12]})")
@@ -85,7 +89,14 @@ class Bench(RestoreSection, DockerSection, FleetSection):
         reference, db_size = self.reference(args.name or default_name(args.size_mb), args.size_mb)
         say(f"warming the cache: pg_dump -Fc -Z0 of {reference} to /dev/null")
         run(["pg_dump", "-Fc", "--compress=0", "--no-sync", "-f", "/dev/null", reference], self.server.tool_env())
+        if not args.only:
+            self.sections_a_to_f(reference)
+        self.repository_section(reference)
+        machine["loadavg_end"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
+        return self.results(machine, reference, db_size)
 
+    def sections_a_to_f(self, reference: str) -> None:
+        args = self.args
         modes = [SEED_MODE, *FAST_MODES]
         workers = {mode.key: self.worker(mode.key, mode.settings) for mode in modes}
         refused = self.start_workers(list(workers.values()))
@@ -116,8 +127,6 @@ class Bench(RestoreSection, DockerSection, FleetSection):
             self.stop_worker(workers.pop(SEED_MODE.key))
         self.docker_section(args.size_mb)
         self.fleet_section(reference, args.size_mb)
-        machine["loadavg_end"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
-        return self.results(machine, reference, db_size)
 
     def paired(self) -> dict[str, Any]:
         """The same ratios round by round (each round's variants ran minutes apart, under the same load
@@ -135,6 +144,28 @@ class Bench(RestoreSection, DockerSection, FleetSection):
         return found
 
     def results(self, machine: dict[str, Any], reference: str, db_size: int) -> dict[str, Any]:
+        common = {
+            "database": reference,
+            "quick": self.args.quick,
+            "runs": self.args.runs,
+            "machine": machine,
+            "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "failures": self.failures,
+            "notes": self.notes,
+            "medians": {key: {"wall_s": None if item.wall is None else round(item.wall, 3), "bytes": item.size}
+                        for key, item in self.measurements.items()},
+        }
+        repository = self.repository_results()
+        if repository:  # where and when g. was measured (kept apart when merged into another run's results)
+            repository["repository"]["measured"] = {"database": reference, "db_size_bytes": db_size,
+                                                    **{key: common[key] for key in ("runs", "finished_at", "quick")},
+                                                    "machine": machine}
+        if self.args.only:
+            return {**repository, "paired": self.repository_paired(), "db_size_bytes": db_size, **common}
+        return {**self.results_a_to_f(db_size), **repository, **common,
+                "paired": {**self.paired(), **self.repository_paired()}}
+
+    def results_a_to_f(self, db_size: int) -> dict[str, Any]:
         m = self.measurements
         fast = [m[f"chain_{mode.key}"] for mode in FAST_MODES if m[f"chain_{mode.key}"].wall is not None]
         seed_size = m["bare_seed"].size
@@ -156,21 +187,11 @@ class Bench(RestoreSection, DockerSection, FleetSection):
             "db_size_bytes": db_size,
             "fleet_bare_2_vs_1": report.ratio(m["fleet_bare_1"].wall, m["fleet_bare_2"].wall),
             "restore_vs_seed_without_its_checks": report.ratio(m["restore_tma"].wall, seed_restore_unchecked(m["restore_seed"])),
-            "paired": self.paired(),
             "fast_mode": pick.key.removeprefix("chain_") if pick else None,
             "fast_modes": {item.key.removeprefix("chain_"): {
                 "vs_seed_wall": report.ratio(m["bare_seed"].wall, item.wall),
                 "vs_seed_size": report.ratio(item.size, seed_size)} for item in fast},
             "host_worker_rss_growth_mb": round(statistics.median(host_rss), 1) if host_rss else None,
-            "medians": {key: {"wall_s": None if item.wall is None else round(item.wall, 3), "bytes": item.size}
-                        for key, item in m.items()},
-            "database": reference,
-            "quick": self.args.quick,
-            "runs": self.args.runs,
-            "machine": machine,
-            "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "failures": self.failures,
-            "notes": self.notes,
         }
 
     def keep_logs(self) -> None:
@@ -186,6 +207,7 @@ class Bench(RestoreSection, DockerSection, FleetSection):
             warn(f"worker logs kept in {folder}")
 
     def cleanup(self) -> None:
+        self.stop_s3()
         for worker in list(self.workers):
             try:
                 worker.stop()
@@ -239,6 +261,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docker-container", help="e.: or use this running PostgreSQL container "
                         "(or BENCH_DOCKER_CONTAINER; password in BENCH_DOCKER_PASSWORD)")
     parser.add_argument("--docker-port", type=int, default=55432, help="that container's port on 127.0.0.1")
+    parser.add_argument("--only", choices=["repository"],
+                        help="run only this section (g.) and merge its figures into the results already in --out")
+    parser.add_argument("--churn", choices=sorted(SCENARIOS), default="nightly",
+                        help="g.: what a night changes before the second night's backup (bench/churn.py; default nightly)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mb, args.runs = 12, 1
@@ -275,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.cleanup()
     results["bench_seconds"] = round(time.monotonic() - started, 1)
-    table = report.write(args.out, results, list(bench.measurements.values()))
+    table = report.write(args.out, results, list(bench.measurements.values()),
+                         merge=bench.repository_keys if args.only else None)
     machine = results["machine"]
     print(f"machine: nproc {machine['nproc']}, {machine['cpu']}, {machine['pg_dump']}, server {machine['server_version']}")
     print(table)

@@ -60,13 +60,6 @@ class RestoreSection(BenchBase):
                     cwd=self.work, timeout=self.timeout).stderr.decode(errors="replace")  # the CLI reports on stderr
         return time.perf_counter() - started, restore_phases(shown)
 
-    def drop_kept_copies(self, target: str) -> None:
-        """Untimed: the copies a restore keeps for roll-back (`<db>__pre_restore_<ts>`) and any scratch."""
-        with self.server.connect(autocommit=True) as admin:
-            for (name,) in admin.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
-                                         (target.replace("_", r"\_") + r"\_\_%",)).fetchall():
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
     def restore_section(self, reference: str, source: Path | None, z6: Worker | None) -> None:
         seed = self.measurements["restore_seed"]
         tma = self.measurements["restore_tma"]

@@ -21,8 +21,8 @@ from celery.result import AsyncResult
 from bench.proc import StepFailed, kill_group
 
 # Settings a worker must never inherit from the shell that started the benchmark.
-_SETTING_PREFIXES = ("DB_", "BACKUP_", "CELERY_", "RESTORE_", "PG", "WORKER_HOST", "FOLLOW_TIMEOUT")
-STEP_NAMES = ("kickoff", "dump", "verify", "checksum", "meta", "prune")
+_SETTING_PREFIXES = ("DB_", "BACKUP_", "CELERY_", "RESTORE_", "REPOSITORY_", "PG", "WORKER_HOST", "FOLLOW_TIMEOUT")
+STEP_NAMES = ("kickoff", "dump", "verify", "checksum", "meta", "prune")  # without a repository
 
 
 def clean_environment(settings: dict[str, str]) -> dict[str, str]:
@@ -150,6 +150,7 @@ def follow_chain(app: Celery, started: float, kickoff: AsyncResult, timeout: flo
     if "skipped" in info:
         raise StepFailed(f"kickoff skipped: {info['skipped']}")
     links = [AsyncResult(step, app=app) for step in info["steps"]]
+    names = ["kickoff", *info.get("step_names", STEP_NAMES[1:])]  # with BACKUP_REPOSITORY, offsite before prune
     pending = list(links)
     while pending:
         if time.monotonic() > deadline:
@@ -159,7 +160,7 @@ def follow_chain(app: Celery, started: float, kickoff: AsyncResult, timeout: flo
             if state == "SUCCESS":
                 pending.remove(link)
             elif state in ("FAILURE", "REVOKED"):
-                raise _failed(link, f"link {STEP_NAMES[links.index(link) + 1]}")
+                raise _failed(link, f"link {names[links.index(link) + 1]}")
             else:
                 break  # links finish in order: wait for this one
         if pending:
@@ -169,7 +170,7 @@ def follow_chain(app: Celery, started: float, kickoff: AsyncResult, timeout: flo
     steps: dict[str, float] = {}
     if all(value is not None for value in done):
         previous = started
-        for name, value in zip(STEP_NAMES, done, strict=False):
+        for name, value in zip(names, done, strict=False):
             steps[name] = round(value - previous, 4)  # type: ignore[operator]
             previous = value  # type: ignore[assignment]
     final = done[-1]

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -33,7 +34,6 @@ from tests.helpers import (
     only_backup,
     settings_for,
     sha256_file,
-    wait_for,
 )
 from tests.s3_server import S3Server
 from tests.test_restore import change_live, digests, managed_databases
@@ -392,27 +392,31 @@ def test_a_run_that_could_not_send_is_sent_by_the_next_one(env, repo, restic_bin
 
 def test_catching_up_does_not_depend_on_the_listing_finishing_before_this_runs_upload(
         pg, env, repo, restic_bin, tma_db, tmp_path, monkeypatch):
-    """The offsite link lists the repository beside the upload of this run's backup. When the listing
-    is the slower of the two (a loaded machine, a slow server), it already shows this run's set: the
-    backups that earlier runs could not send must be sent all the same."""
+    """The offsite link lists the repository before any upload starts, so the listing can never already
+    show this run's set (when it did, beside the upload, the backups that earlier runs could not send
+    were skipped): they are sent all the same, oldest first."""
     local_dir = tmp_path / "local"
     made = run_cli(["backup"], base_env(pg, local_dir, DB_NAME=tma_db), tmp_path)  # local only
     assert made.returncode == 0, made.output
     current, _ = only_backup(local_dir, tma_db)
     unsent = craft(current, tma_db, local_dir, moment(days_ago=1))  # yesterday's run could not send
     real_listing = offsite_module.list_sets
+    uploads_during_listing: list[tuple[str, ...]] = []
 
-    def late_listing(restic_runner: Restic, database: str) -> Any:
-        wait_for(lambda: snapshots(restic_bin, repo), timeout=120, what="this run's set to be written")
+    def watched_listing(restic_runner: Restic, database: str) -> Any:
+        time.sleep(1)  # a slow listing: an upload started beside it would show now
+        uploads_during_listing.extend(argv for argv in restic_children() if "backup" in argv)
         return real_listing(restic_runner, database)
 
-    monkeypatch.setattr(offsite_module, "list_sets", late_listing)
+    monkeypatch.setattr(offsite_module, "list_sets", watched_listing)
     settings = settings_for({**env, "BACKUP_DIR": str(local_dir)})
     result = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(current))
-    sent = sorted(item["timestamp"] for item in result["sent"])
+    assert uploads_during_listing == [], "no upload runs beside the listing"
+    sent = [item["timestamp"] for item in result["sent"]]
     assert sent == [timestamp_of(unsent, tma_db), timestamp_of(current, tma_db)], \
-        "the backup an earlier run could not send is sent too"
-    assert [tag_value(found, "at:") for found in our_sets(restic_bin, repo, tma_db)] == sent
+        "the backup an earlier run could not send is sent too, oldest first"
+    assert result["set"] == result["sent"][-1]["set"], "the run's own set is its own backup's"
+    assert sorted(tag_value(found, "at:") for found in our_sets(restic_bin, repo, tma_db)) == sorted(sent)
 
 
 def restic_children() -> list[tuple[str, ...]]:
