@@ -213,6 +213,8 @@ def _show_status(facts: dict[str, Any]) -> None:
             output.warn(f"Uploads    : {uploads['problem']}")
         else:
             output.info(f"Uploads    : every upload the database references is in the set of {uploads['file']}")
+        if uploads.get("warning"):
+            output.warn(f"Uploads    : {uploads['warning']}")
     connections = facts["connections"]
     if connections is not None:
         if connections["problem"]:
