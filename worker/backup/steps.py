@@ -119,10 +119,10 @@ def _uploads_fields(run: Run) -> dict[str, str]:
 
 
 def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
-    """Send the repository every complete local backup of this database it lacks (this run's among
-    them), confirmed; then calendar retention there. A failure fails the run and leaves every local
-    backup as it was; the local prune does not run then, so nothing unsent is deleted, and the next run
-    sends what this one could not."""
+    """Send the repository this run's backup and every older complete local backup it lacks since its
+    newest set, each confirmed (the repository's retention follows in the prune link). A failure fails
+    the run and leaves every local backup as it was; the local prune does not run then, so nothing
+    unsent is deleted, and the next run sends what this one could not."""
     from worker.repository.offsite import offsite as send_offsite
 
     lock.confirm()
