@@ -650,7 +650,8 @@ def test_repository_secrets_stay_out_of_argv_logs_outputs_results_and_metas(
             assert restored.returncode == 0, restored.output
         assert any("restic" in line and " backup " in f"{line} " for line in sampler.lines), \
             "the sampler must have seen restic running"
-        assert any("restic" in line and " dump " in line for line in sampler.lines)
+        assert any("restic" in line and " restore " in line for line in sampler.lines), \
+            "the sampler must have seen restic fetching the set"
         assert [line for line in sampler.lines if any(secret in line for secret in secrets)] == []
         secrets_absent(backed_up.output + restored.output, *secrets)
         secrets_absent(worker.log(), *secrets)
