@@ -2,7 +2,7 @@
 #
 # No image registry is reachable here, so the base is imported locally and the build needs BuildKit
 # (for the secret mount). Build with docker/images/worker/build.sh, which first makes the base
-# (debootstrap + docker import: Debian 12, python3 3.11, python3-venv, postgresql-client-15, restic, tini) and
+# (debootstrap + docker import: Debian 12, python3 3.11, python3-venv, postgresql-client-15, restic, zstd, tini) and
 # then runs, from the repository root:
 #   DOCKER_BUILDKIT=1 docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt \
 #     -t tma-local/tma-backup-worker:latest .

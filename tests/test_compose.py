@@ -484,6 +484,7 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     verify = compose.exec("worker", "tma-backup", "verify", f"/backups/{dumps[0]}")
     assert verify.returncode == 0, verify.stderr
     assert "Backup is intact" in verify.stderr
+    assert compose.exec("worker", "zstd", "--version").returncode == 0, "zstd-stream's tool is in the image"
 
     # The backup is a set in the stack's repository (its own volume, uid 1000's, 0700), holding the dump
     # and its .meta; status reports it and exits 0.

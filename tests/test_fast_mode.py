@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +16,7 @@ from tests.conftest import run_cli
 from tests.faults import tmpfs
 from tests.helpers import error_lines, restore_copy, sha256_file, toc_entries
 from tests.test_restore import change_live, digests, managed_databases
+from worker.archive import streams
 from worker.archive.meta import read_meta
 
 
@@ -105,3 +108,54 @@ def test_a_zst_restore_without_room_to_decompress_is_refused_before_anything_is_
         assert digests(pg, tma_db) == changed, "the live database is untouched"
         assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
         assert sorted(p.name for p in small.iterdir()) == sorted([dump.name, meta_file.name])
+
+
+def _common_tail(first: bytes, second: bytes) -> int:
+    """Bytes the two streams share at their ends, before zstd's 4-byte frame checksum (which covers
+    the whole input, so it always differs)."""
+    first, second = first[:-4], second[:-4]
+    shared = 0
+    while shared < min(len(first), len(second)) and first[-1 - shared] == second[-1 - shared]:
+        shared += 1
+    return shared
+
+
+def test_zstd_stream_is_rsyncable_an_unchanged_stretch_compresses_to_the_same_bytes(tmp_path):
+    """`--rsyncable`: after a change, the compressed stream falls back into step with the previous
+    night's, so the off-site repository stores the unchanged rest once. A single zstd stream (as
+    python-zstandard writes it) differs from the change to the very end."""
+    rng = random.Random(11)
+    rows = b"".join(f"{n}\t{rng.randrange(10**9)}\tuser{rng.randrange(5000)}@example.com\t"
+                    f"/home/{rng.randrange(10**6):x}/f.bin\n".encode() for n in range(400_000))
+    cut = len(rows) // 5
+    nights = {"first": rows, "second": rows[:cut] + b"42\tone row added in the middle\n" + rows[cut:]}
+    written = {}
+    for name, data in nights.items():
+        target = streams.open_output(tmp_path / f"{name}.dump.zst", 1)
+        for start in range(0, len(data), streams.CHUNK):
+            target.write(data[start:start + streams.CHUNK])
+        target.close()
+        written[name] = (tmp_path / f"{name}.dump.zst").read_bytes()
+        with streams.open_archive(tmp_path / f"{name}.dump.zst") as archive:
+            assert archive.read() == data
+        assert os.stat(tmp_path / f"{name}.dump.zst").st_mode & 0o777 == 0o600
+    shared = _common_tail(written["first"], written["second"])
+    assert shared > 0.6 * len(written["first"]), f"only {shared} of {len(written['first'])} bytes in step"
+
+
+def test_zstd_stream_without_the_zstd_tool_fails_with_one_error_line(cli_env, backup_dir, tma_db, tmp_path):
+    """A worker image or host without zstd: refused before pg_dump starts, nothing left that looks good."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            if entry.name != "zstd" and not (tools / entry.name).exists():
+                (tools / entry.name).symlink_to(entry.path)
+    env = {**cli_env, "BACKUP_COMPRESSION": "zstd-stream", "PATH": str(tools)}
+    result = run_cli(["backup"], env, tmp_path)
+    assert result.returncode == 1, result.output
+    [line] = error_lines(result.stderr)
+    assert "zstd tool" in line and "apt-get install zstd" in line and "Traceback" not in result.output
+    assert [p for p in backup_dir.iterdir() if not p.name.startswith(".")] == []

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from worker.archive import catalogue
+from worker.archive import catalogue, streams
 from worker.archive.compression import check_supported, parse_compression
 from worker.backup.run import Run, abandon_files, write_counts
 from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
@@ -53,6 +53,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                 check_supported(compression, pg_dump_major)
             except ValueError as error:
                 raise BackupError(str(error)) from None
+            if compression.zstd_level is not None and streams.zstd_tool() is None:
+                raise BackupError(streams.ZSTD_TOOL_MISSING)
             with connect(executor.connect_kwargs(), database, autocommit=True) as connection:
                 server = server_major(connection)
                 if pg_dump_major < server:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from worker.children import die_with_parent
 from worker.errors import BackupError
-from worker.pg.executors.host import die_with_parent
 from worker.settings import Settings
 
 # What restic inherits from this process's environment; everything else (TMA Cloud's own AWS_* for its

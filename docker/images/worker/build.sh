@@ -1,7 +1,7 @@
 #!/bin/sh
 # Build the worker image tma-local/tma-backup-worker:latest from the repository's Dockerfile.
 #   1. tma-local/python-base:bookworm, once: a debootstrapped Debian 12 rootfs with python3 (3.11),
-#      python3-venv, postgresql-client-15, restic (0.14), ca-certificates and tini, `docker import`ed (no
+#      python3-venv, postgresql-client-15, restic (0.14), zstd, ca-certificates and tini, `docker import`ed (no
 #      registry). The package list is kept in the image's label tma.base.packages: a base whose label
 #      differs from BASE_PACKAGES below (an older one, without restic say) is built again, and the worker
 #      image after it.
@@ -25,7 +25,7 @@ PIP_CA_BUNDLE=${PIP_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 ensure_engine
 
 # What the base holds (debootstrap --include, comma-separated, no spaces); changing it rebuilds the base.
-BASE_PACKAGES=python3,python3-venv,postgresql-client-15,restic,ca-certificates,tini
+BASE_PACKAGES=python3,python3-venv,postgresql-client-15,restic,zstd,ca-certificates,tini
 
 build_lock "$BASE_IMAGE"
 base_packages=$(docker image inspect -f '{{ index .Config.Labels "tma.base.packages" }}' "$BASE_IMAGE" 2>/dev/null || true)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from worker.archive import streams
 from worker.errors import BackupError
@@ -158,7 +158,7 @@ class StderrTail:
 class DumpStream:
     """pg_dump running in the container, its stdout streamed into the output file by a thread."""
 
-    def __init__(self, stream: ExecStream, output: Path, handle: BinaryIO,
+    def __init__(self, stream: ExecStream, output: Path, handle: streams.ArchiveWriter,
                  signal_process: Callable[[int], None]) -> None:
         self._signal_process = signal_process
         self._stream = stream

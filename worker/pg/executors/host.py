@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 from worker.archive import streams
+from worker.children import die_with_parent
 from worker.errors import BackupError
 from worker.pg.environment import ssl_parameters
 from worker.pg.executors.base import ToolResult, parse_tool_major
@@ -20,16 +19,6 @@ from worker.settings import Settings
 
 # Variables that would silently redirect the tools to another server or user.
 _SCRUBBED = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGPASSFILE", "PGOPTIONS")
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: if the worker process that started this tool dies (SIGKILL, the OOM
-    killer), the kernel kills the tool too, so no orphaned pg_dump holds table locks or writes on."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def scrubbed_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -74,7 +63,10 @@ class StreamedDump:
         self._problem: str | None = None
         self._stderr = b""
         self._archive_bytes: int | None = None
-        target = streams.open_output(output, zstd_level)
+        try:
+            target = streams.open_output(output, zstd_level)
+        except OSError as error:
+            raise BackupError(f"cannot write {output.name}: {error.strerror}") from None
         try:
             self._process = subprocess.Popen(argv, env=scrubbed_environment(env), stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
