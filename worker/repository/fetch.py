@@ -10,7 +10,6 @@ and is published like a backup: `.meta` first, then the dump's final name.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -25,7 +24,7 @@ from worker.faults import crash_point
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
-from worker.repository.sets import RepositorySet, find_set
+from worker.repository.sets import RepositorySet, find_set, list_files
 from worker.settings import Settings, SettingsError, ensure_backup_dir
 
 ROOM_MARGIN = 64 * 1024 * 1024
@@ -49,7 +48,7 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
         dump_name = _dump_name(found)
         meta_name = dump_name + catalogue.META_SUFFIX
         target = directory / dump_name
-        needed = _sizes(restic, found).get(dump_name, 0)
+        needed = list_files(restic, found.id).files.get(dump_name, 0)
         free = shutil.disk_usage(directory).free
         if free < needed + ROOM_MARGIN:
             raise BackupError(
@@ -108,19 +107,6 @@ def _dump_name(found: RepositorySet) -> str:
     if name is None or name not in expected or f"{name}{catalogue.META_SUFFIX}" not in found.files:
         raise RepositoryError(f"set {found.short_id} does not hold one backup and its .meta (it holds {found.files})")
     return name
-
-
-def _sizes(restic: Restic, found: RepositorySet) -> dict[str, int]:
-    """The set's top-level files and their sizes, as restic lists them."""
-    sizes: dict[str, int] = {}
-    for line in restic.run(["ls", "--json", found.id]).stdout.splitlines():
-        try:
-            node = json.loads(line)
-        except ValueError:
-            continue
-        if node.get("struct_type") == "node" and node.get("type") == "file":
-            sizes[str(node.get("path", "")).lstrip("/")] = int(node.get("size", 0))
-    return sizes
 
 
 def _read_meta_text(path: Path, found: RepositorySet) -> str:

@@ -8,7 +8,6 @@ Nothing here touches the local backups: a failure leaves them exactly as they we
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -23,11 +22,10 @@ from worker.archive.catalogue import BackupEntry
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
-from worker.repository.sets import DATABASE_PART, list_sets, set_tags
+from worker.repository.sets import DATABASE_PART, list_files, list_sets, set_tags, set_time
 from worker.settings import Settings
 from worker.uploads.config import env_file, uploads_enabled
 
-RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 STAGING_PREFIX = ".offsite-staging-"  # `backup --time`, read in the TZ restic runs with (UTC)
 
 
@@ -116,7 +114,7 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
             progress("sending offsite", {"file": dump.name, "bytes_done": int(message.get("bytes_done", 0)),
                                          "total_bytes": int(message.get("total_bytes", 0))})
 
-    moment = catalogue.parse_timestamp(entry.timestamp).strftime(RESTIC_TIME_FORMAT)
+    moment = set_time(entry.timestamp)
     tags = [*set_tags(entry.database, entry.timestamp, run_of_backup), f"part:{DATABASE_PART}"]
     with _staged(dump, meta, configuration) as (folder, expected):
         restic.run(
@@ -133,22 +131,12 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
 def confirm(restic: Restic, snapshot: str, expected: dict[str, int]) -> str:
     """The set must list exactly the files sent, with their sizes; else it is forgotten and the run
     fails. Returns the set's full id."""
-    outcome = restic.run(["ls", "--json", snapshot])
-    listed: dict[str, int] = {}
-    identifier = ""
-    for line in outcome.stdout.splitlines():
-        try:
-            node = json.loads(line)
-        except ValueError:
-            continue
-        if node.get("struct_type") == "snapshot":
-            identifier = str(node.get("id", ""))
-        elif node.get("struct_type") == "node" and node.get("type") == "file":
-            listed[str(node.get("path", "")).lstrip("/")] = int(node.get("size", -1))
-    if listed != expected or not identifier:
+    listing = list_files(restic, snapshot)
+    listed = listing.files
+    if listed != expected or not listing.id:
         restic.run(["forget", snapshot], check=False)
         raise RepositoryError(
             f"set {snapshot[:8]} does not hold what was sent (it lists {sorted(listed.items())}, expected "
             f"{sorted(expected.items())}); it was forgotten, and the backup stays complete locally"
         )
-    return identifier
+    return listing.id

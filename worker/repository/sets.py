@@ -12,6 +12,7 @@ a set carry the same `at:` tag and time.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +24,7 @@ from worker.repository.restic import RepositoryError, Restic
 TOOL_TAG = "tma-backup"
 DATABASE_PART = "database"
 UPLOADS_PART = "uploads"
+RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # restic backup --time: a set's time is its backup's timestamp
 
 
 def database_tag(database: str) -> str:
@@ -158,3 +160,38 @@ def find_set(restic: Restic, reference: str, database: str | None) -> Repository
     if database is not None and found.database != database:
         raise RepositoryError(f"set {found.short_id} is a backup of {found.database!r}, not of {database!r}")
     return found
+
+
+def set_time(timestamp: str) -> str:
+    """The backup's timestamp as `restic backup --time` takes it."""
+    return catalogue.parse_timestamp(timestamp).strftime(RESTIC_TIME_FORMAT)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What `restic ls --json` shows of one snapshot: its full id, its files (path from the snapshot's
+    root: size) and its symbolic links."""
+
+    id: str
+    files: dict[str, int]
+    links: list[str]
+
+
+def list_files(restic: Restic, snapshot: str) -> Listing:
+    identifier = ""
+    files: dict[str, int] = {}
+    links: list[str] = []
+    for line in restic.run(["ls", "--json", snapshot]).stdout.splitlines():
+        try:
+            node = json.loads(line)
+        except ValueError:
+            continue
+        if node.get("struct_type") == "snapshot":
+            identifier = str(node.get("id", ""))
+        elif node.get("struct_type") == "node":
+            path = str(node.get("path", "")).lstrip("/")
+            if node.get("type") == "file":
+                files[path] = int(node.get("size", 0))  # restic leaves the size out of an empty file
+            elif node.get("type") == "symlink":
+                links.append(path)
+    return Listing(identifier, files, links)

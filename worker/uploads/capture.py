@@ -17,17 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.archive import catalogue
 from worker.errors import BackupError
 from worker.progress import Progress, no_progress
 from worker.repository import sets
 from worker.repository.lock import using_repository
 from worker.repository.restic import Restic, explain
-from worker.repository.sets import TOOL_TAG, database_tag, parse_snapshot, set_tags
+from worker.repository.sets import TOOL_TAG, database_tag, list_files, parse_snapshot, set_tags, set_time
 from worker.settings import Settings
 
 UPLOADS_PART = f"part:{sets.UPLOADS_PART}"
-RESTIC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 PARTIAL_SNAPSHOT = 3  # restic's exit code: the snapshot was written, some files could not be read
 
 
@@ -86,7 +84,7 @@ def _capture(settings: Settings, folder: Path, database: str, timestamp: str, ru
             progress("capturing uploads", {"bytes_done": int(message.get("bytes_done", 0)),
                                            "total_bytes": int(message.get("total_bytes", 0))})
 
-    moment = catalogue.parse_timestamp(timestamp).strftime(RESTIC_TIME_FORMAT)
+    moment = set_time(timestamp)
     outcome = restic.run(
         ["backup", "--json", "--compression", "off", "--host", settings.WORKER_HOST, "--time", moment,
          "--tag", ",".join([*set_tags(database, timestamp, run_id), UPLOADS_PART]),
@@ -96,9 +94,9 @@ def _capture(settings: Settings, folder: Path, database: str, timestamp: str, ru
     if outcome.returncode not in (0, PARTIAL_SNAPSHOT) or not summary.get("snapshot_id"):
         raise explain(outcome.stderr, restic.address)
     unreadable = sorted({_relative(item, folder) for item in _error_items(outcome.stdout + outcome.stderr)})
-    files, links = _listing(restic, str(summary["snapshot_id"]))
+    listing = list_files(restic, str(summary["snapshot_id"]))
     return UploadsCapture(
-        id=str(summary["snapshot_id"]), files=files, links=links, unreadable=unreadable,
+        id=str(summary["snapshot_id"]), files=listing.files, links=listing.links, unreadable=unreadable,
         bytes_added=int(summary.get("data_added", 0)), total_bytes=int(summary.get("total_bytes_processed", 0)),
         seconds=time.monotonic() - started,
     )
@@ -124,25 +122,6 @@ def _relative(item: str, folder: Path) -> str:
         return path.relative_to(folder).as_posix() if path.is_absolute() else path.as_posix().removeprefix("./")
     except ValueError:
         return item
-
-
-def _listing(restic: Restic, snapshot: str) -> tuple[dict[str, int], list[str]]:
-    outcome = restic.run(["ls", "--json", snapshot])
-    files: dict[str, int] = {}
-    links: list[str] = []
-    for line in outcome.stdout.splitlines():
-        try:
-            node = json.loads(line)
-        except ValueError:
-            continue
-        if node.get("struct_type") != "node":
-            continue
-        path = str(node.get("path", "")).lstrip("/")
-        if node.get("type") == "file":
-            files[path] = int(node.get("size", 0))
-        elif node.get("type") == "symlink":
-            links.append(path)
-    return files, links
 
 
 def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progress) -> dict[str, Any]:
