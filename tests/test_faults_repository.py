@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,14 @@ import pytest
 from tests import services
 from tests.conftest import _unavailable as unavailable
 from tests.conftest import base_env, run_cli
-from tests.faults import FaultWorker, children_named, finished_within, kill_worker_and_tools, private_stack
+from tests.faults import (
+    FaultWorker,
+    Stack,
+    children_named,
+    finished_within,
+    kill_worker_and_tools,
+    private_stack,
+)
 from tests.helpers import (
     assert_counts_and_checksum,
     backups_in,
@@ -342,6 +350,21 @@ def test_the_next_run_sends_a_missed_backup_even_when_its_listing_ends_after_its
     assert_every_backup_sent(repository, env, tmp_path, backup_dir, tma_db, expected=2)
 
 
+@contextmanager
+def slow_upload_stack(server: S3Server, restic_bin: str, pg: services.PostgresServer, tma_db: str,
+                      tmp_path: Path) -> Iterator[tuple[Repository, SlowRestic, Stack]]:
+    """A private stack (no worker yet) whose restic can be slowed, an initialised repository on
+    `server`, and a database big enough (BIG_MEGABYTES of random blobs, not compressed) that an upload
+    lasts seconds when slowed."""
+    repository = new_repository(server, tmp_path)
+    slow = SlowRestic(tmp_path / "bin", restic_bin)
+    add_random_blobs(pg, tma_db, BIG_MEGABYTES)
+    with private_stack(pg, tma_db, tmp_path, BACKUP_LOCK_TIMEOUT=str(LOCK_TIMEOUT), BACKUP_COMPRESSION="0",
+                       PATH=slow.path, **repository.settings()) as stack:
+        init(repository)
+        yield repository, slow, stack
+
+
 def test_s3_killed_during_the_upload_fails_in_bounded_time_lists_no_set_and_the_next_run_sends_both(
         own_s3, restic_bin, pg, tma_db, tmp_path):
     """Through a real worker: S3 killed (SIGKILL) while `restic backup` uploads (the uplink slowed to
@@ -349,12 +372,7 @@ def test_s3_killed_during_the_upload_fails_in_bounded_time_lists_no_set_and_the_
     REPOSITORY_STALL_TIMEOUT and the follower prints one line. Once S3 is back: no snapshot at all (restic
     writes it last), the local backup complete; the next run sends both, and the killed restic's stale
     lock is gone."""
-    repository = new_repository(own_s3, tmp_path)
-    slow = SlowRestic(tmp_path / "bin", restic_bin)
-    add_random_blobs(pg, tma_db, BIG_MEGABYTES)
-    with private_stack(pg, tma_db, tmp_path, BACKUP_LOCK_TIMEOUT=str(LOCK_TIMEOUT), BACKUP_COMPRESSION="0",
-                       PATH=slow.path, **repository.settings()) as stack:
-        init(repository)
+    with slow_upload_stack(own_s3, restic_bin, pg, tma_db, tmp_path) as (repository, slow, stack):
         worker = stack.start_worker()
         slow.switch("slow-uplink", True)
         follower = stack.start_backup()
@@ -491,12 +509,7 @@ def test_a_worker_killed_during_the_upload_takes_restic_with_it_frees_both_locks
     so no set is listed; the backup is complete locally (offsite runs after meta); the database's and
     the repository's locks are free within BACKUP_LOCK_TIMEOUT; the killed restic's lock stays in the
     repository until the next run, on a new worker, removes it and sends the backup with its own."""
-    repository = new_repository(s3, tmp_path)
-    slow = SlowRestic(tmp_path / "bin", restic_bin)
-    add_random_blobs(pg, tma_db, BIG_MEGABYTES)
-    with private_stack(pg, tma_db, tmp_path, BACKUP_LOCK_TIMEOUT=str(LOCK_TIMEOUT), BACKUP_COMPRESSION="0",
-                       PATH=slow.path, **repository.settings()) as stack:
-        init(repository)
+    with slow_upload_stack(s3, restic_bin, pg, tma_db, tmp_path) as (repository, slow, stack):
         worker = stack.start_worker()
         slow.switch("slow-uplink", True)
         follower = stack.start_backup()
