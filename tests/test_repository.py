@@ -25,6 +25,7 @@ from celery.result import AsyncResult
 
 from tests import services, tma_cloud
 from tests.conftest import TEST_PASSWORD, base_env, run_cli
+from tests.faults import tmpfs
 from tests.helpers import (
     PsSampler,
     assert_counts_and_checksum,
@@ -39,6 +40,7 @@ from tests.s3_server import S3Server
 from tests.test_restore import change_live, digests, managed_databases
 from tests.test_workers import client_app
 from worker.archive import catalogue
+from worker.archive.meta import human_size
 from worker.repository import offsite as offsite_module
 from worker.repository.maintenance import forget
 from worker.repository.offsite import SentSet, send
@@ -316,8 +318,10 @@ def test_a_backup_sends_one_set_that_restic_alone_can_read(env, repo, restic_bin
     assert tag_value(snapshot, "run:") == meta.extra["run_id"]
     added = tag_value(snapshot, "added:")
     assert added is not None and int(added) > 0
+    assert tag_value(snapshot, "size:") == str(dump.stat().st_size)
     assert set(snapshot["tags"]) == {"tma-backup", f"db:{tma_db}", f"at:{meta.timestamp}",
-                                     f"run:{meta.extra['run_id']}", f"added:{added}", "part:database"}
+                                     f"run:{meta.extra['run_id']}", f"added:{added}", "part:database",
+                                     f"size:{dump.stat().st_size}"}
     assert_set_holds(restic_bin, repo, snapshot, dump)
     assert sha256(dumped(restic_bin, repo, snapshot["id"], dump.name)) == meta.sha256
     [offsite_line] = [line for line in result.stderr.splitlines() if "Off site   :" in line]
@@ -554,6 +558,30 @@ def test_a_fresh_machine_restores_the_latest_set_through_a_worker_and_in_process
         assert leftovers(other) == []
     finally:
         drop_kept_copies(admin)
+
+
+@pytest.mark.parametrize("tagged", [True, False], ids=["size tag", "set without a size tag"])
+def test_a_fetch_without_room_is_refused_before_anything_is_written(
+        tagged, pg, env, repo, restic_bin, tma_db, tmp_path):
+    """The fetch checks BACKUP_DIR's free space against the backup's size before it downloads: the size
+    comes from the set's `size:` tag or, for a set written before that tag, from `restic ls`."""
+    _, dump = backup_in_process(env, tmp_path)
+    [snapshot] = snapshots(restic_bin, repo)
+    size = dump.stat().st_size
+    if not tagged:
+        restic(restic_bin, repo, "tag", "--remove", f"size:{size}", snapshot["id"])
+        [snapshot] = snapshots(restic_bin, repo)
+        assert tag_value(snapshot, "size:") is None
+    before = digests(pg, tma_db)
+    with tmpfs(tmp_path / "small", "16m") as small:  # less than the fetch's 64 MiB margin
+        result = run_cli(["restore", "--from-repository", "latest", "--database", tma_db, "--confirm", tma_db],
+                         {**env, "BACKUP_DIR": str(small)}, tmp_path)
+        assert result.returncode == 1, result.output
+        [line] = error_lines(result.stderr)
+        assert "not enough free space" in line and f"it needs {human_size(size)}B" in line, line
+        assert "nothing was written" in line and "Traceback" not in result.output
+        assert list(small.iterdir()) == []
+    assert digests(pg, tma_db) == before
 
 
 def test_a_drill_from_the_repository_proves_the_set_and_a_corrupt_set_fails_it(

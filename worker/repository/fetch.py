@@ -48,7 +48,8 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
         dump_name = _dump_name(found)
         meta_name = dump_name + catalogue.META_SUFFIX
         target = directory / dump_name
-        needed = list_files(restic, found.id).files.get(dump_name, 0)
+        needed = found.dump_bytes if found.dump_bytes is not None else \
+            list_files(restic, found.id).files.get(dump_name, 0)  # a set written before the size: tag
         free = shutil.disk_usage(directory).free
         if free < needed + ROOM_MARGIN:
             raise BackupError(

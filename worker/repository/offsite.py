@@ -115,7 +115,8 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
                                          "total_bytes": int(message.get("total_bytes", 0))})
 
     moment = set_time(entry.timestamp)
-    tags = [*set_tags(entry.database, entry.timestamp, run_of_backup), f"part:{DATABASE_PART}"]
+    tags = [*set_tags(entry.database, entry.timestamp, run_of_backup), f"part:{DATABASE_PART}",
+            f"size:{dump.stat().st_size}"]
     with _staged(dump, meta, configuration) as (folder, expected):
         restic.run(
             ["backup", "--json", "--host", host, "--time", moment, "--tag", ",".join(tags), *sorted(expected)],

@@ -5,8 +5,9 @@ its `.meta` and, with uploads, the configuration file (`<name>.env`), at the roo
 tree, so `restic restore ID --target DIR` gives those files and nothing else. With uploads it has a
 second snapshot, its *uploads part*: UPLOAD_DIR's content at the root of its tree. Their tags say what
 they are: `tma-backup`, `db:<database>` (percent-encoded: restic splits tags at commas), `at:<backup
-timestamp>`, `run:<run id>`, `part:database` or `part:uploads`, and `added:<bytes>` (what it added to
-the repository), so listing and retention never touch snapshots this tool did not make. Both parts of
+timestamp>`, `run:<run id>`, `part:database` or `part:uploads`, `size:<bytes>` (the database part: its
+backup file's size, so a fetch checks its room without listing the set) and `added:<bytes>` (what it
+added to the repository), so listing and retention never touch snapshots this tool did not make. Both parts of
 a set carry the same `at:` tag and time.
 """
 
@@ -47,6 +48,7 @@ class RepositorySet:
     files: list[str] = field(default_factory=list)  # the snapshot's top-level names
     part: str = DATABASE_PART
     uploads: str | None = None  # the uploads part's id, when the set has one
+    dump_bytes: int | None = None  # the backup file's size (tag `size:`), which a fetch needs room for
 
     @property
     def short_id(self) -> str:
@@ -87,7 +89,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         catalogue.parse_timestamp(timestamp)
     except ValueError:
         return None
-    added = _tag_value(tags, "added:")
+    added, size = _tag_value(tags, "added:"), _tag_value(tags, "size:")
     paths = [str(path) for path in snapshot.get("paths") or []]
     return RepositorySet(
         id=str(snapshot["id"]),
@@ -99,6 +101,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         bytes_added=int(added) if added and added.isdigit() else None,
         files=sorted(path.rsplit("/", 1)[-1] for path in paths),
         part=_tag_value(tags, "part:") or DATABASE_PART,
+        dump_bytes=int(size) if size and size.isdigit() else None,
     )
 
 
