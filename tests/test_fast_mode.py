@@ -13,8 +13,8 @@ import zstandard
 
 from tests import tma_cloud
 from tests.conftest import run_cli
-from tests.faults import tmpfs
-from tests.helpers import error_lines, restore_copy, sha256_file, toc_entries
+from tests.faults import free_bytes, tmpfs
+from tests.helpers import error_lines, leftovers, restore_copy, sha256_file, toc_entries
 from tests.test_restore import change_live, digests, managed_databases
 from worker.archive import streams
 from worker.archive.meta import read_meta
@@ -159,3 +159,25 @@ def test_zstd_stream_without_the_zstd_tool_fails_with_one_error_line(cli_env, ba
     [line] = error_lines(result.stderr)
     assert "zstd tool" in line and "apt-get install zstd" in line and "Traceback" not in result.output
     assert [p for p in backup_dir.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_zstd_stream_dump_into_a_full_folder_fails_with_one_line_and_leaves_nothing(
+        pg, cli_env, tma_db, tmp_path):
+    """The zstd tool, not this process, writes the file: its full disk must still come out as one
+    [ERROR] line naming it, with the partial file gone (and its space free) and the earlier backup
+    untouched."""
+    with tmpfs(tmp_path / "small", "2m") as small:
+        env = {**cli_env, "BACKUP_COMPRESSION": "zstd-stream", "BACKUP_DIR": str(small)}
+        assert run_cli(["backup"], env, tmp_path).returncode == 0
+        [good] = zst_backups(small, tma_db)
+        before, free_before = sha256_file(good), free_bytes(small)
+        with pg.connect(tma_db, autocommit=True) as connection:  # 3 MiB that no codec can shrink
+            connection.execute(
+                "INSERT INTO files (owner_id, path, mime, content) SELECT 1, '/big', 'application/octet-stream',"
+                " (SELECT string_agg(gen_random_bytes(1024), ''::bytea) FROM generate_series(1, 3072))")
+        result = run_cli(["backup"], env, tmp_path, timeout=120)
+        assert result.returncode == 1, result.output
+        [line] = error_lines(result.stderr)
+        assert "No space left on device" in line and "Traceback" not in result.output, line
+        assert zst_backups(small, tma_db) == [good] and sha256_file(good) == before
+        assert leftovers(small) == [] and free_bytes(small) == free_before
