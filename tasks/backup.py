@@ -7,6 +7,8 @@ every link routed to the queue of its own host so that the chain runs where its 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from celery import Task, chain
@@ -16,6 +18,7 @@ from tasks.reporting import progress_reporter
 from worker import app, backup, notify
 from worker.backup import Run
 from worker.celery_app import host_queue
+from worker.coordination import parking
 from worker.coordination.locks import database_lock
 from worker.coordination.slots import claim_slot
 from worker.errors import LockHeld
@@ -44,6 +47,19 @@ class DumpTask(Task):
 
 def _lock(run: Run) -> Any:
     return database_lock(get_settings(), run["database"], run["run_id"], run.get("server"))
+
+
+@contextmanager
+def _link(run: Run, hands_over: bool = True) -> Iterator[Any]:
+    """The run's lock for one link: taken back from the host's parking as the link starts, parked again
+    when the link hands over to the next one (`worker.coordination.parking`). A failed link is not
+    parked: the chain's error callback releases its lock."""
+    settings = get_settings()
+    lock = _lock(run)
+    parking.unpark(settings, lock)
+    yield lock
+    if hands_over:
+        parking.park(settings, lock)
 
 
 @app.task(name="tma_backup.backup", bind=True)
@@ -88,6 +104,7 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
     ]
     links = chain(*signatures)
     links.link_error(backup_failed.s().set(queue=queue))
+    parking.park(settings, lock)  # before the first link can start and take it back
     result = links.apply_async()
     steps = []
     node = result
@@ -118,38 +135,43 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
 )
 def dump(self: Task, run: Run) -> Run:
     settings = get_settings()
-    lock = _lock(run)
-    try:
-        return backup.dump(run, settings, choose_executor(settings), lock, progress_reporter(self))
-    except ServerUnavailable:
-        lock.hold(settings.BACKUP_LOCK_TIMEOUT + RETRY_BACKOFF_MAX)  # still ours while it waits to retry
-        raise
+    with _link(run) as lock:
+        try:
+            return backup.dump(run, settings, choose_executor(settings), lock, progress_reporter(self))
+        except ServerUnavailable:
+            lock.hold(settings.BACKUP_LOCK_TIMEOUT + RETRY_BACKOFF_MAX)  # still ours while it waits to retry
+            raise
 
 
 @app.task(name="tma_backup.verify", bind=True)
 def verify(self: Task, run: Run) -> Run:
     settings = get_settings()
-    return backup.verify(run, settings, choose_executor(settings), _lock(run), progress_reporter(self))
+    with _link(run) as lock:
+        return backup.verify(run, settings, choose_executor(settings), lock, progress_reporter(self))
 
 
 @app.task(name="tma_backup.checksum", bind=True)
 def checksum(self: Task, run: Run) -> Run:
-    return backup.checksum(run, get_settings(), _lock(run), progress_reporter(self))
+    with _link(run) as lock:
+        return backup.checksum(run, get_settings(), lock, progress_reporter(self))
 
 
 @app.task(name="tma_backup.meta", bind=True)
 def write_meta(self: Task, run: Run) -> Run:
-    return backup.write_meta(run, get_settings(), _lock(run), task_id=self.request.id)
+    with _link(run) as lock:
+        return backup.write_meta(run, get_settings(), lock, task_id=self.request.id)
 
 
 @app.task(name="tma_backup.offsite", bind=True)
 def offsite(self: Task, run: Run) -> Run:
-    return backup.offsite(run, get_settings(), _lock(run), progress_reporter(self))
+    with _link(run) as lock:
+        return backup.offsite(run, get_settings(), lock, progress_reporter(self))
 
 
 @app.task(name="tma_backup.prune", bind=True)
 def prune(self: Task, run: Run) -> backup.Summary:
-    result = backup.summary(backup.prune(run, get_settings(), _lock(run), progress_reporter(self)))
+    with _link(run, hands_over=False) as lock:
+        result = backup.summary(backup.prune(run, get_settings(), lock, progress_reporter(self)))
     notify.backup_succeeded(get_settings(), result, run["run_id"])
     return result
 
@@ -166,7 +188,8 @@ def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str,
     try:
         removed = backup.abandon_files(run)
     finally:
-        _lock(run).release()
+        with _link(run, hands_over=False) as lock:
+            lock.release()
     logger.error("backup of %r failed: %s (removed %s)", run["database"], exc, removed or "nothing")
     link = str(getattr(request, "task", None) or "").removeprefix("tma_backup.") or None
     notify.backup_failed(get_settings(), run["database"], run["run_id"], exc, link)

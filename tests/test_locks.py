@@ -3,6 +3,7 @@ the broker-less CLI and the workers seeing each other's locks, and a quick hand-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from tests import services
 from tests.conftest import IN_CI, base_env, run_cli
 from tests.helpers import dump_waiting_on_lock, error_lines, leftovers, only_backup, table_locked, wait_for
 from tests.test_workers import _start_cli_backup, client_app
+from worker.coordination import parking
 from worker.coordination.locks import LockLost, RedisDatabaseLock, database_lock, kept_alive
 from worker.pg.executors.host import HostExecutor
 from worker.pg.identity import server_identity
@@ -258,3 +260,29 @@ def test_a_restore_that_loses_its_lock_before_the_swap_stops_and_leaves_the_live
     assert digests(pg, tma_db) == live, "the live database is untouched"
     assert managed_databases(admin, "scratch") == [], "the restore dropped its own scratch copy"
     assert managed_databases(admin, "previous") == [], "nothing was swapped"
+
+
+def test_renewing_parked_locks_keeps_its_owners_and_never_revives_or_steals_one(redis_server):
+    """What a worker's keeper does for chains waiting between links (`worker.coordination.parking`): a
+    parked lock still held by its owner gets a full lease again; one released, taken by another run, or
+    parked longer than the limit is forgotten and left as it is."""
+    client = redis.Redis.from_url(redis_server.url)
+    host = f"host-parking-{os.getpid()}-{time.monotonic_ns()}"
+    keys = {name: f"tma_backup:lock:test-parking:{host}:{name}" for name in ("held", "taken", "released", "stale")}
+    client.set(keys["held"], "run-held", px=2000)
+    client.set(keys["taken"], "another-run", px=2000)
+    client.set(keys["stale"], "run-stale", px=2000)
+    now = time.time()
+    for name, owner, since in (("held", "run-held", now), ("taken", "run-taken", now),
+                               ("released", "run-released", now),
+                               ("stale", "run-stale", now - parking.PARK_LIMIT_SECONDS - 1)):
+        client.hset(parking.parking_key(host), keys[name], json.dumps({"owner": owner, "lease": 9, "since": since}))
+    client.hset(parking.parking_key(host), "tma_backup:lock:test-parking:garbled", "not json")
+
+    assert parking.renew_parked(client, host, now) == 1
+    assert client.get(keys["held"]) == b"run-held" and client.pttl(keys["held"]) > 8000
+    assert client.get(keys["taken"]) == b"another-run" and client.pttl(keys["taken"]) <= 2000
+    assert client.get(keys["released"]) is None, "a released lock is never taken again"
+    assert client.pttl(keys["stale"]) <= 2000, "a run parked past the limit is let go"
+    assert client.hkeys(parking.parking_key(host)) == [keys["held"].encode()]
+    client.delete(*keys.values(), parking.parking_key(host))

@@ -1,6 +1,7 @@
 """The one Celery app. Configuration comes from `worker.celery_config`, named by string.
 
-Worker signals: every worker also consumes its own host's queue; every worker repairs, once it is ready,
+Worker signals: every worker also consumes its own host's queue and, once it is ready, keeps the locks
+of its host's chains waiting between two links (`worker.coordination.parking`); every worker repairs
 what interrupted restores left on its database server (`worker.restore.repair`); and a worker on a
 broker without a password beyond loopback warns at start (`worker.coordination.broker`)."""
 
@@ -30,6 +31,15 @@ def _consume_own_host_queue(sender: str, instance: Any, **kwargs: Any) -> None:
     from worker.settings import get_settings
 
     instance.app.amqp.queues.select_add(host_queue(get_settings().WORKER_HOST))
+
+
+@worker_ready.connect
+def _keep_parked_locks(sender: Any = None, **kwargs: Any) -> None:
+    """Chains of this host waiting between two links keep their locks (`worker.coordination.parking`)."""
+    from worker.coordination.parking import start_keeper
+    from worker.settings import get_settings
+
+    start_keeper(get_settings())
 
 
 @worker_ready.connect
