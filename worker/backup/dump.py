@@ -37,6 +37,19 @@ def _create_private(path: Path) -> None:
         raise BackupError(f"cannot create {path}: {error.strerror}") from None
 
 
+def _sync_to_disk(path: Path) -> None:
+    """pg_dump syncs a file it writes itself (`--file`); one written through a pipe (zstd-stream, docker
+    mode) is synced here, before any link can call the backup complete."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise BackupError(f"cannot write {path.name} to disk: {error.strerror}") from None
+
+
 def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, progress: Progress = no_progress) -> Run:
     """pg_dump inside an exported SERIALIZABLE READ ONLY DEFERRABLE snapshot, with exact row counts
     taken in that same snapshot, into `<name>.dump.partial`."""
@@ -84,6 +97,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                 raise failure(f"pg_dump failed: {result.last_error_line()}")
             if not partial.exists() or partial.stat().st_size == 0:
                 raise BackupError("pg_dump reported success but wrote nothing")
+            _sync_to_disk(partial)
             if lock_lost.is_set():
                 lock.confirm()  # raises with the reason
             write_counts(catalogue.counts_path(backup), counts)
