@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -62,17 +62,35 @@ def complete_backups(directory: Path, database: str) -> list[str]:
 # Several chains on one worker
 
 
-def test_chains_waiting_in_a_busy_queue_keep_their_locks_between_links(stack, pg, tma_db):
-    """Backups of several databases at once on one worker process: each chain's next link waits in the
-    host's queue behind the other chains' links, far longer than the lock's lease (every checksum link
-    takes 5 s here, and LOCK_TIMEOUT is 6 s). The host's worker keeps the waiting chains' locks alive,
-    so every chain finishes; a killed worker still frees them within the lease (the tests below)."""
-    databases = [tma_db] + [tma_cloud.create_populated(pg, f"{tma_db}_{number}") for number in range(1, 6)]
+@contextmanager
+def backups_on_one_worker_process(stack: Stack, pg: services.PostgresServer, tma_db: str,
+                                  count: int) -> Iterator[tuple[FaultWorker, list[str], list[Follower]]]:
+    """`count` databases (the test's and copies of its shape) backed up at once through one worker
+    process whose checksum links take 5 s each: every chain's next link waits in the host's queue
+    behind the others'. Yields the worker, the databases and their following CLIs; drops the copies."""
+    databases = [tma_db] + [tma_cloud.create_populated(pg, f"{tma_db}_{number}") for number in range(1, count)]
     try:
         worker = FaultWorker("f0@host-f", {**stack.env, PAUSE_ENV: "slow-checksum:5"}, stack.root / "worker0.log")
         stack.workers.append(worker.start(["-c", "1"]))
         followers = [Follower([services.TMA_BACKUP, "backup"], {**stack.env, "DB_NAME": name}, stack.root)
                      for name in databases]
+        try:
+            yield worker, databases, followers
+        finally:
+            for follower in followers:
+                follower.kill()
+    finally:
+        with pg.connect(autocommit=True) as admin:
+            for name in databases[1:]:
+                tma_cloud.drop_database(admin, name)
+
+
+def test_chains_waiting_in_a_busy_queue_keep_their_locks_between_links(stack, pg, tma_db):
+    """Backups of several databases at once on one worker process: each chain's next link waits in the
+    host's queue behind the other chains' links, far longer than the lock's lease (every checksum link
+    takes 5 s here, and LOCK_TIMEOUT is 6 s). The host's worker keeps the waiting chains' locks alive,
+    so every chain finishes; a killed worker still frees them within the lease (the next test)."""
+    with backups_on_one_worker_process(stack, pg, tma_db, 6) as (worker, databases, followers):
         for name, follower in zip(databases, followers, strict=True):
             _, stderr = finished_within(follower, 180)
             assert follower.returncode == 0, f"{name}: {stderr[-1500:]}"
@@ -80,21 +98,12 @@ def test_chains_waiting_in_a_busy_queue_keep_their_locks_between_links(stack, pg
             assert len(complete_backups(stack.backups, name)) == 1, name
             assert stack.redis().get(stack.lock_key(name)) is None, f"{name}: the lock is released at the end"
         assert "lost the lock" not in worker.log()
-    finally:
-        with pg.connect(autocommit=True) as admin:
-            for name in databases[1:]:
-                tma_cloud.drop_database(admin, name)
 
 
 def test_a_killed_worker_frees_the_locks_of_chains_waiting_between_links_within_the_lease(stack, pg, tma_db):
     """Parked locks are renewed by the host's live workers only: SIGKILL the worker while chains wait
     in its queue, and every lock is free within LOCK_TIMEOUT, as for a chain killed mid-link."""
-    databases = [tma_db] + [tma_cloud.create_populated(pg, f"{tma_db}_{number}") for number in range(1, 3)]
-    try:
-        worker = FaultWorker("f0@host-f", {**stack.env, PAUSE_ENV: "slow-checksum:5"}, stack.root / "worker0.log")
-        stack.workers.append(worker.start(["-c", "1"]))
-        followers = [Follower([services.TMA_BACKUP, "backup"], {**stack.env, "DB_NAME": name}, stack.root)
-                     for name in databases]
+    with backups_on_one_worker_process(stack, pg, tma_db, 3) as (worker, databases, _):
         parked = f"tma_backup:parked:{stack.env['WORKER_HOST']}"
         wait_for(lambda: stack.redis().hlen(parked) >= 2, timeout=60, interval=0.05,
                  what="two chains to wait between links")
@@ -103,12 +112,6 @@ def test_a_killed_worker_frees_the_locks_of_chains_waiting_between_links_within_
         wait_for(lambda: all(stack.redis().get(stack.lock_key(name)) is None for name in databases),
                  timeout=LOCK_TIMEOUT + 5, interval=0.05, what="the dead worker's locks to expire")
         assert time.monotonic() - killed_at <= LOCK_TIMEOUT + 1
-        for follower in followers:
-            follower.kill()
-    finally:
-        with pg.connect(autocommit=True) as admin:
-            for name in databases[1:]:
-                tma_cloud.drop_database(admin, name)
 
 
 # ---------------------------------------------------------------------------------------------------
