@@ -519,11 +519,18 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     # As the README warns: Flower serves /metrics without its basic auth (hence 127.0.0.1 only).
     assert _http(flower + "/metrics", None)[0] == 200
     flower_auth = (settings["FLOWER_USER"], settings["FLOWER_PASSWORD"])
-    status, body = _http(flower + "/api/tasks", flower_auth)
-    assert status == 200
-    tasks = json.loads(body)
-    states = {task["name"]: task["state"] for task in tasks.values()}
-    assert all(states.get(name) == "SUCCESS" for name in CHAIN), states
+    # (Flower learns of tasks from the workers' events, which it handles in its own time)
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = _http(flower + "/api/tasks", flower_auth)
+        assert status == 200
+        tasks = json.loads(body)
+        states = {name: [task["state"] for task in tasks.values() if task["name"] == name] for name in CHAIN}
+        if all(found == ["SUCCESS"] for found in states.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(found == ["SUCCESS"] for found in states.values()), (
+        states, sorted((str(task["name"]), str(task["state"]), task_id[:8]) for task_id, task in tasks.items()))
 
     # The broker refuses a client without the password: inside the stack and on the published port.
     noauth = compose.exec("redis", "env", "-u", "REDISCLI_AUTH", "redis-cli", "ping")
