@@ -40,6 +40,7 @@ from tests.s3_server import S3Server
 from tests.test_restore import change_live, digests, managed_databases
 from tests.test_workers import client_app
 from worker.archive import catalogue
+from worker.archive.compression import is_compressed
 from worker.archive.meta import human_size
 from worker.repository import offsite as offsite_module
 from worker.repository.maintenance import forget
@@ -334,6 +335,33 @@ def test_a_backup_sends_one_set_that_restic_alone_can_read(env, repo, restic_bin
     assert described["database"] == tma_db and described["timestamp"] == meta.timestamp
     assert described["bytes_added"] == int(added) > 0
     secrets_absent(result.output + listing.output, REPOSITORY_PASSWORD, env["BACKUP_REPOSITORY_SECRET_ACCESS_KEY"])
+
+
+def data_blobs(restic_bin: str, repository: Repository) -> dict[str, dict[str, Any]]:
+    """Every data blob in the repository's index; restic records `uncompressed_length` for compressed ones."""
+    blobs = {}
+    for index in restic(restic_bin, repository, "list", "index").stdout.split():
+        for pack in json.loads(restic(restic_bin, repository, "cat", "index", index).stdout)["packs"]:
+            blobs.update({blob["id"]: blob for blob in pack["blobs"] if blob["type"] == "data"})
+    return blobs
+
+
+@pytest.mark.parametrize("meta_value, compressed", [
+    ("6", True), ("gzip:9", True), ("lz4", True), ("zstd:3", True), ("zstd-stream:1", True),
+    ("0", False), ("none", False), ("", False), ("unheard-of", False)])
+def test_a_meta_tells_whether_its_dump_is_compressed(meta_value: str, compressed: bool) -> None:
+    assert is_compressed(meta_value) is compressed
+
+
+def test_restic_compresses_a_dump_only_when_it_is_not_compressed_already(
+        env, repo, restic_bin, backup_dir, tma_db, tmp_path):
+    backup_in_process(env, tmp_path)  # BACKUP_COMPRESSION's default: pg_dump's -Z6
+    first = data_blobs(restic_bin, repo)
+    assert first and not [blob for blob in first.values() if "uncompressed_length" in blob], first
+    plain = run_cli(["backup"], {**env, "BACKUP_COMPRESSION": "0"}, tmp_path)
+    assert plain.returncode == 0, plain.output
+    added = {id_: blob for id_, blob in data_blobs(restic_bin, repo).items() if id_ not in first}
+    assert added and all(blob["uncompressed_length"] > blob["length"] for blob in added.values()), added
 
 
 # ---------------------------------------------------------------------------------------------------

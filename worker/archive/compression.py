@@ -62,3 +62,15 @@ def check_supported(compression: Compression, pg_dump_major: int) -> None:
             f"BACKUP_COMPRESSION={compression.setting} needs pg_dump 16 or newer; this pg_dump is {pg_dump_major}. "
             f"Use a gzip level (0-9), {STREAM} (works with any pg_dump), or newer client tools."
         )
+
+
+def is_compressed(meta_value: str) -> bool:
+    """Whether a backup whose `.meta` says `compression=<meta_value>` is compressed already (restic's own
+    compression would only spend CPU on it). Unknown spellings count as uncompressed: restic then tries."""
+    if meta_value.startswith(STREAM):
+        return True
+    try:
+        compression = parse_compression(meta_value)
+    except ValueError:
+        return False
+    return compression.pg_dump_value not in {"0", "none", "gzip:0"}
