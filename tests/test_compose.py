@@ -530,7 +530,8 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
             break
         time.sleep(1)
     assert all(found == ["SUCCESS"] for found in states.values()), (
-        states, sorted((str(task["name"]), str(task["state"]), task_id[:8]) for task_id, task in tasks.items()))
+        states, sorted((str(task["name"]), str(task["state"]), task_id[:8]) for task_id, task in tasks.items()),
+        compose("logs", "--no-color", "--tail=40", "flower").stdout)
 
     # The broker refuses a client without the password: inside the stack and on the published port.
     noauth = compose.exec("redis", "env", "-u", "REDISCLI_AUTH", "redis-cli", "ping")
