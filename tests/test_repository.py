@@ -42,6 +42,7 @@ from tests.test_workers import client_app
 from worker.archive import catalogue
 from worker.archive.compression import is_compressed
 from worker.archive.meta import human_size
+from worker.repository import handover
 from worker.repository import offsite as offsite_module
 from worker.repository.maintenance import forget
 from worker.repository.offsite import SentSet, send
@@ -451,6 +452,51 @@ def test_catching_up_does_not_depend_on_the_listing_finishing_before_this_runs_u
     assert sorted(tag_value(found, "at:") for found in our_sets(restic_bin, repo, tma_db)) == sorted(sent)
 
 
+def test_the_prune_link_hands_its_listing_to_the_next_runs_offsite_link_once(
+        env, repo, restic_bin, backup_dir, tma_db, tmp_path, monkeypatch):
+    """The prune link's listing (after retention) is left in BACKUP_DIR for the next run's offsite link,
+    which then sends its own backup without listing the repository again. It is taken once: a retried
+    link, a note that leaves an older backup to send, or one of another repository lists the repository."""
+    first_run = run_cli(["backup"], env, tmp_path)
+    assert first_run.returncode == 0, first_run.output
+    first, _ = only_backup(backup_dir, tma_db)
+    [note] = backup_dir.glob(".offsite-listing-*.json")
+    assert note.stat().st_mode & 0o777 == 0o600
+    assert json.loads(note.read_text())["timestamps"] == [timestamp_of(first, tma_db)]
+    settings = settings_for(env)
+    real_listing = offsite_module.list_sets
+    listings: list[str] = []
+
+    def counted_listing(restic_runner: Restic, database: str) -> Any:
+        listings.append(database)
+        return real_listing(restic_runner, database)
+
+    monkeypatch.setattr(offsite_module, "list_sets", counted_listing)
+    second = craft(first, tma_db, backup_dir, moment(hours=-1))
+    handed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(second))
+    assert (handed["listing"], listings) == ("handed over", [])
+    assert [item["timestamp"] for item in handed["sent"]] == [timestamp_of(second, tma_db)]
+    assert list(backup_dir.glob(".offsite-listing-*")) == [], "taken: it is used once"
+
+    retried = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(second))
+    assert (retried["listing"], listings, retried["sent"]) == ("repository", [tma_db], []), "no set twice"
+
+    # A note that leaves an older backup to send (it says the repository is empty) is not trusted.
+    handover.hand_over(settings, tma_db, set())
+    third = craft(first, tma_db, backup_dir, moment(hours=-2))
+    listed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(third))
+    assert (listed["listing"], len(listings)) == ("repository", 2)
+    assert [item["timestamp"] for item in listed["sent"]] == [timestamp_of(third, tma_db)]
+    # Nor is a note of another repository.
+    handover.hand_over(settings_for({**env, "BACKUP_REPOSITORY": str(tmp_path / "elsewhere")}), tma_db,
+                       {timestamp_of(third, tma_db)})
+    fourth = craft(first, tma_db, backup_dir, moment(hours=-3))
+    other = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(fourth))
+    assert (other["listing"], len(listings)) == ("repository", 3)
+    assert sorted(tag_value(found, "at:") for found in our_sets(restic_bin, repo, tma_db)) == [
+        timestamp_of(path, tma_db) for path in (first, second, third, fourth)]
+
+
 def restic_children() -> list[tuple[str, ...]]:
     """The argv of every restic process this (the test's) process has started and that is running."""
     found = []
@@ -531,7 +577,7 @@ def test_calendar_retention_keeps_the_newest_set_of_each_kept_day_and_nothing_el
     assert len(ours) == 6 and len(foreign) == 4
 
     settings = settings_for(env)
-    forgotten = forget(Restic(settings), settings, tma_db)
+    forgotten = forget(Restic(settings), settings, tma_db).forgotten
     after = {snapshot["id"]: snapshot for snapshot in snapshots(restic_bin, repo)}
     kept = [tag_value(snapshot, "at:") for snapshot in our_sets(restic_bin, repo, tma_db)]
     assert kept == ["20260107T200000Z", "20260108T200000Z"], "the newest set of each of the 2 newest days"
@@ -540,7 +586,7 @@ def test_calendar_retention_keeps_the_newest_set_of_each_kept_day_and_nothing_el
     assert sorted(forgotten) == sorted(key[:8] for key in ours - set(after))
     assert len(forgotten) == 4
     # Again: nothing more to forget, and the newest set stays.
-    assert forget(Restic(settings), settings, tma_db) == []
+    assert forget(Restic(settings), settings, tma_db).forgotten == []
     assert [tag_value(snapshot, "at:") for snapshot in our_sets(restic_bin, repo, tma_db)][-1] == stamps[-1]
     check = restic(restic_bin, repo, "check")
     assert check.returncode == 0

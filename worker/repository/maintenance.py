@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from worker.progress import Progress, no_progress
+from worker.repository import handover
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, RepositoryMissing, Restic
 from worker.repository.sets import (
     DATABASE_PART,
     TOOL_TAG,
     UPLOADS_PART,
+    RepositorySet,
     database_tag,
     list_parts,
     list_sets,
@@ -39,12 +42,19 @@ def keep_arguments(settings: Settings) -> list[str]:
     return [part for flag, count in policy.items() if count for part in (flag, str(count))]
 
 
-def forget(restic: Restic, settings: Settings, database: str) -> list[str]:
+@dataclass(frozen=True)
+class Retention:
+    forgotten: list[str]  # short ids
+    listed: list[RepositorySet]  # the database's sets as listed before forgetting
+    kept: set[str]  # the timestamps of the sets left
+
+
+def forget(restic: Restic, settings: Settings, database: str) -> Retention:
     """Apply the calendar policy to this database's sets (restic's semantics: the newest set of each
     period that has one, in one group per database). The policy runs on the database parts (tag filter:
     this tool, this database, `part:database`); uploads parts then follow their database part, so a set
     is kept or forgotten whole. Uploads parts left by failed runs go too, once a newer set exists. The
-    newest set always stays. Returns the ids forgotten."""
+    newest set always stays."""
     parts = list_parts(restic, database)
     sets = merge_parts(parts)
     removed: list[str] = []
@@ -65,26 +75,25 @@ def forget(restic: Restic, settings: Settings, database: str) -> list[str]:
     if followers:
         restic.run(["forget", *followers])
         removed += followers
-    return [identifier[:8] for identifier in removed]
+    return Retention([identifier[:8] for identifier in removed], sets, {timestamp for _, timestamp in kept})
 
 
 def retain(settings: Settings, database: str, owner: str, sent: list[dict[str, Any]],
            progress: Progress = no_progress) -> dict[str, Any]:
     """The prune link's share in the repository: record what each set this run sent added (a tag:
     restic 0.14 keeps no such figure, and it is known only once the set is written; `restic tag`
-    rewrites the snapshot under a new id), then calendar retention for this database. Returns the
-    sets' final ids and the ids forgotten."""
+    rewrites the snapshot under a new id), then calendar retention for this database, whose listing is
+    handed over to the next run's offsite link. Returns the sets' final ids and the ids forgotten."""
     restic = Restic(settings)
-    renamed: dict[str, str] = {}
     with using_repository(settings, owner, progress):
         for item in sent:
             restic.run(["tag", "--add", f"added:{int(item['bytes_added'])}", str(item["set"])])
-        if sent:
-            by_timestamp = {found.timestamp: found.short_id for found in list_sets(restic, database)}
-            renamed = {str(item["set"]): by_timestamp.get(str(item["timestamp"]), str(item["set"])) for item in sent}
         progress("forgetting old sets", {})
-        forgotten = forget(restic, settings, database)
-    return {"renamed": renamed, "forgotten": forgotten}
+        retention = forget(restic, settings, database)
+        handover.hand_over(settings, database, retention.kept)
+    by_timestamp = {found.timestamp: found.short_id for found in retention.listed}
+    renamed = {str(item["set"]): by_timestamp.get(str(item["timestamp"]), str(item["set"])) for item in sent}
+    return {"renamed": renamed, "forgotten": retention.forgotten}
 
 
 def init(settings: Settings) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from worker.archive import catalogue
 from worker.archive.catalogue import BackupEntry
 from worker.archive.compression import is_compressed
 from worker.progress import Progress, no_progress
+from worker.repository import handover
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
 from worker.repository.sets import DATABASE_PART, list_files, list_sets, set_tags, set_time
@@ -46,18 +47,21 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
     listing it back. Raises RepositoryError; the local backups are never touched.
 
     The listing comes first, then the uploads: on two cores a listing beside the upload slowed it by
-    more (about 1.5 s on 500 MB) than the listing costs on its own (about 0.5 s: restic's key derivation)."""
+    more (about 1.5 s on 500 MB) than the listing costs on its own (about 0.5 s: restic's key derivation).
+    When the previous run's prune link handed its listing over and it leaves only this run's own backup
+    to send, the repository is not listed again (`worker.repository.handover`)."""
     started = time.monotonic()
     restic = Restic(settings)
     local = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     own = next((entry for entry in local if current and entry.path == Path(current)), None)
     configuration = env_file(settings) if uploads_enabled(settings) else None
     sent: list[SentSet] = []
+    handed = handover.take(settings, database)  # before anything is sent: a retried link lists
     with using_repository(settings, run_id, progress):
-        present = {found.timestamp for found in list_sets(restic, database)}
-        newest = max(present, default="")
-        waiting = [entry for entry in local  # oldest first; this run's own last
-                   if entry.timestamp not in present and (entry.timestamp > newest or entry is own)]
+        waiting = _waiting(local, own, handed) if handed is not None else []
+        listed = own is None or waiting != [own]
+        if listed:
+            waiting = _waiting(local, own, {found.timestamp for found in list_sets(restic, database)})
         for number, entry in enumerate(waiting, 1):
             progress("sending offsite", {"file": entry.path.name, "set": number, "sets": len(waiting)})
             sent.append(send(restic, entry, run_id, settings.WORKER_HOST, progress, configuration))
@@ -68,7 +72,15 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
         "sent": [{"set": item.id[:8], "timestamp": item.timestamp, "bytes_added": item.bytes_added,
                   "seconds": round(item.seconds, 3)} for item in sent],
         "seconds": round(time.monotonic() - started, 3),
+        "listing": "repository" if listed else "handed over",
     }
+
+
+def _waiting(local: list[BackupEntry], own: BackupEntry | None, present: set[str]) -> list[BackupEntry]:
+    """What to send, oldest first (this run's own last): the complete local backups the repository lacks
+    that are newer than its newest set, and this run's own."""
+    newest = max(present, default="")
+    return [entry for entry in local if entry.timestamp not in present and (entry.timestamp > newest or entry is own)]
 
 
 @contextmanager
