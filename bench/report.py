@@ -27,7 +27,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "restore_from_repository_vs_local": ("<=", 1.3),
 }
 # Reported beside them, without a target of their own.
-INFORMATIVE = ("offsite_vs_bare_restic_local", "second_night_stored_ratio", "second_night_stored_ratio_zstd",
+INFORMATIVE = ("offsite_vs_bare_restic_local", "offsite_vs_bare_restic_first_night",
+               "offsite_vs_bare_restic_local_first_night", "second_night_stored_ratio", "second_night_stored_ratio_zstd",
                "db_size_bytes")
 RATIO_MEANING = {
     "chain_vs_bare": "b / a wall: the tma-backup chain (Celery, exact counts, checks) vs the seed's bare tools, same compression",
@@ -39,8 +40,12 @@ RATIO_MEANING = {
     "docker_worker_rss_growth_mb": "peak growth of the docker-mode worker's RSS during a backup, MiB",
     "fleet_2w_vs_1w": "throughput of 8 backups with two worker processes / with one",
     "db_size_bytes": "pg_database_size of the reference database",
-    "offsite_vs_bare_restic": "g. the offsite link (result backend) / a bare `restic backup DUMP META` of the same files, "
-                              "both first-night uploads into a fresh repository on a SeaweedFS S3 server",
+    "offsite_vs_bare_restic": "g. the offsite link of a nightly run (result backend; the previous run's listing handed "
+                              "over) / a bare `restic backup DUMP META` of the same files, both uploads into a fresh "
+                              "repository on a SeaweedFS S3 server",
+    "offsite_vs_bare_restic_first_night": "g. the same with the offsite link of a first night (it lists the repository "
+                                          "first: one restic command more)",
+    "offsite_vs_bare_restic_local_first_night": "g. offsite_vs_bare_restic_first_night with a repository on a local path",
     "second_night_bytes_ratio": "g. bytes the second night's set adds to the repository (restic's data_added) / the "
                                 "first night's, BACKUP_COMPRESSION=6",
     "second_night_bytes_ratio_zstd": "g. the same with BACKUP_COMPRESSION=zstd-stream",

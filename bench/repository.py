@@ -21,7 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +119,15 @@ class RepositorySection(BenchBase):
     def register_repository(self) -> None:
         night = f"a night of `{self.args.churn}` churn (bench/churn.py)"
         entries = [
-            ("repo_offsite_s3_tma", "g. offsite link (tma_backup.offsite), fresh S3 repository", "g. offsite link, S3"),
+            ("repo_offsite_s3_tma", "g. offsite link (tma_backup.offsite), a nightly run (the previous run's listing "
+             "handed over), fresh S3 repository", "g. offsite link, S3"),
+            ("repo_offsite_s3_first", "g. offsite link, a first night (it lists the repository), fresh S3 repository",
+             "g. offsite link 1st night, S3"),
             ("repo_offsite_s3_bare", "g. bare: restic backup DUMP META, fresh S3 repository", "g. bare restic, S3"),
-            ("repo_offsite_local_tma", "g. offsite link (tma_backup.offsite), fresh local-path repository",
-             "g. offsite link, path"),
+            ("repo_offsite_local_tma", "g. offsite link (tma_backup.offsite), a nightly run, fresh local-path "
+             "repository", "g. offsite link, path"),
+            ("repo_offsite_local_first", "g. offsite link, a first night, fresh local-path repository",
+             "g. offsite link 1st night, path"),
             ("repo_offsite_local_bare", "g. bare: restic backup DUMP META, fresh local-path repository",
              "g. bare restic, path"),
             ("repo_night1_z6", "g. first night, BACKUP_COMPRESSION=6: the set's bytes added (S3)", "g. night 1, Z6"),
@@ -209,7 +216,7 @@ class RepositorySection(BenchBase):
         --quick leaves the local path out (it reads n/a): the smoke test stays within about a minute."""
         kinds = ("s3",) if self.args.quick else KINDS
         for kind in set(KINDS) - set(kinds):
-            for side in ("tma", "bare"):
+            for side in ("tma", "first", "bare"):
                 self.measurements[f"repo_offsite_{kind}_{side}"].na = "not measured with --quick"
         repos = {"s3": self.repository("s3", "offsite-s3", password),
                  **({"local": self.repository("local", "offsite-local", password)} if "local" in kinds else {}),
@@ -240,29 +247,51 @@ class RepositorySection(BenchBase):
 
     def offsite_rounds(self, reference: str, workers: dict[str, Worker], repos: dict[str, Repository],
                        bare: dict[str, Repository]) -> None:
-        """Per round and per kind of repository: a fresh repository, the chain (Z6) with its offsite link
-        timed, then a fresh repository and a bare `restic backup` of the very same two files."""
+        """Per round and per kind of repository, each into a fresh repository: the chain (Z6) of a first
+        night (no listing handed over: the link lists the repository), then the chain of a nightly run (the
+        listing the previous run's prune link leaves, here the true one of the fresh repository: no set),
+        each with its offsite link timed; then a bare `restic backup` of the very same two files."""
         for number in range(self.args.runs):
             say(f"repository: offsite round {number + 1}/{self.args.runs}")
             for kind, worker in workers.items():
+                first = self.measurements[f"repo_offsite_{kind}_first"]
+                if self.attempt(first, repos[kind].wipe):
+                    self.offsite_chain(first, worker, reference, "repository")
                 tma = self.measurements[f"repo_offsite_{kind}_tma"]
                 if not self.attempt(tma, repos[kind].wipe):
                     continue
-                chained = self.offsite_chain(tma, worker, reference)
+                chained = self.offsite_chain(tma, worker, reference, "handed over",
+                                             partial(self.hand_over_empty_listing, worker, reference))
                 if chained is not None:
                     self.bare_restic(self.measurements[f"repo_offsite_{kind}_bare"], bare[kind],
                                      Path(chained.summary["backup"]))
                 worker.clear_backups()
 
-    def offsite_chain(self, item: Measurement, worker: Worker, database: str) -> ChainRun | None:
-        """One chain with its offsite link timed from the result backend (meta's date_done → offsite's)."""
+    def hand_over_empty_listing(self, worker: Worker, database: str) -> bool:
+        """What the previous run's prune link leaves for the next offsite link (worker.repository.handover),
+        true for a fresh repository: it holds no set of the database."""
+        probe = ("import sys\nfrom worker.settings import get_settings\nfrom worker.repository.handover import hand_over\n"
+                 "hand_over(get_settings(), sys.argv[1], set())")
+        run([sys.executable, "-c", probe, database], clean_environment(worker.settings), cwd=self.work,
+            stdout=subprocess.PIPE)
+        return True
+
+    def offsite_chain(self, item: Measurement, worker: Worker, database: str, listing: str,
+                      before: Callable[[], bool] | None = None) -> ChainRun | None:
+        """One chain with its offsite link timed from the result backend (meta's date_done → offsite's);
+        `listing` is how the link must have learnt what the repository holds."""
         worker.clear_backups()
+        if before is not None and not self.attempt(item, before):
+            return None
         chained: ChainRun | None = self.attempt(item, lambda: run_chain(self.app, worker, database, self.timeout))
         if chained is None:
             return None
         offsite = chained.summary.get("offsite") or {}
         if "offsite" not in chained.steps:
             item.errors.append(f"the chain has no offsite link (steps {sorted(chained.steps)})")
+            return None
+        if offsite.get("listing") != listing:
+            item.errors.append(f"the offsite link's listing was {offsite.get('listing')!r}, not {listing!r}")
             return None
         item.walls.append(chained.steps["offsite"])
         item.sizes.append(int(offsite.get("bytes_added", 0)))
@@ -400,6 +429,8 @@ class RepositorySection(BenchBase):
     def repository_paired(self) -> dict[str, Any]:
         pairs = {"offsite_vs_bare_restic": ("repo_offsite_s3_tma", "repo_offsite_s3_bare"),
                  "offsite_vs_bare_restic_local": ("repo_offsite_local_tma", "repo_offsite_local_bare"),
+                 "offsite_vs_bare_restic_first_night": ("repo_offsite_s3_first", "repo_offsite_s3_bare"),
+                 "offsite_vs_bare_restic_local_first_night": ("repo_offsite_local_first", "repo_offsite_local_bare"),
                  "restore_from_repository_vs_local": ("repo_restore_repository", "repo_restore_local")}
         found = {}
         for name, (top, bottom) in pairs.items():
@@ -431,6 +462,9 @@ class RepositorySection(BenchBase):
             "second_night_bytes_ratio": night("z6"),
             "restore_from_repository_vs_local": ratio(m["repo_restore_repository"].wall, m["repo_restore_local"].wall),
             "offsite_vs_bare_restic_local": ratio(m["repo_offsite_local_tma"].wall, m["repo_offsite_local_bare"].wall),
+            "offsite_vs_bare_restic_first_night": ratio(m["repo_offsite_s3_first"].wall, m["repo_offsite_s3_bare"].wall),
+            "offsite_vs_bare_restic_local_first_night": ratio(m["repo_offsite_local_first"].wall,
+                                                              m["repo_offsite_local_bare"].wall),
             "second_night_bytes_ratio_zstd": night("zstd"),
             "second_night_stored_ratio": stored("z6"),
             "second_night_stored_ratio_zstd": stored("zstd"),
