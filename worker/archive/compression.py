@@ -73,4 +73,4 @@ def is_compressed(meta_value: str) -> bool:
         compression = parse_compression(meta_value)
     except ValueError:
         return False
-    return compression.pg_dump_value not in {"0", "none", "gzip:0"}
+    return compression.pg_dump_value not in {"0", "none"}
