@@ -60,7 +60,7 @@ def _bindable(port: int) -> bool:
 def free_port_pair(taken: set[int] | None = None) -> int:
     """A free port below 55000 whose gRPC companion (port + 10000) is free too, distinct from `taken`
     (ports and their companions already handed out for the same server)."""
-    taken = taken or set()
+    taken = set() if taken is None else taken  # (`taken or set()` would drop the caller's empty set)
     for _ in range(200):
         port = services.free_port()
         pair = {port, port + GRPC_OFFSET}
@@ -213,7 +213,8 @@ class S3Server:
 
 def start_s3(tmp_dir: Path) -> S3Server:
     """A fresh `weed mini` with its data, log and working folder in `tmp_dir` (created if missing).
-    A port taken by someone else between picking and binding is retried on new ports, twice."""
+    A port taken by someone else between picking and binding, or one weed refuses ("Port allocation
+    failed"), is retried on new ports, twice."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     weed_binary()
@@ -225,7 +226,8 @@ def start_s3(tmp_dir: Path) -> S3Server:
             server.start()
             return server
         except services.ServiceUnavailable:
-            if attempt == 2 or "address already in use" not in server.log():
+            if attempt == 2 or not any(sign in server.log() for sign in ("address already in use",
+                                                                         "Port allocation failed")):
                 raise
             server.log_path.rename(server.log_path.with_suffix(f".{attempt}.log"))
             shutil.rmtree(server.data_dir, ignore_errors=True)  # its mini.options names the old ports
