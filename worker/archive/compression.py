@@ -67,10 +67,8 @@ def check_supported(compression: Compression, pg_dump_major: int) -> None:
 def is_compressed(meta_value: str) -> bool:
     """Whether a backup whose `.meta` says `compression=<meta_value>` is compressed already (restic's own
     compression would only spend CPU on it). Unknown spellings count as uncompressed: restic then tries."""
-    if meta_value.startswith(STREAM):
-        return True
     try:
         compression = parse_compression(meta_value)
     except ValueError:
         return False
-    return compression.pg_dump_value not in {"0", "none"}
+    return compression.zstd_level is not None or compression.pg_dump_value not in {"0", "none"}

@@ -132,8 +132,7 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
             f"size:{dump.stat().st_size}"]
     # A compressed dump is incompressible: restic's compression would cost CPU (a sixth of the upload on
     # two cores) and save nothing. An uncompressed one (BACKUP_COMPRESSION=0) is left to restic to compress.
-    compressed = entry.path.name.endswith(catalogue.ZST_DUMP_SUFFIX) or (
-        entry.meta is not None and is_compressed(entry.meta.compression))
+    compressed = entry.meta is not None and is_compressed(entry.meta.compression)
     with _staged(dump, meta, configuration) as (folder, expected):
         restic.run(
             ["backup", "--json", *(["--compression", "off"] if compressed else []), "--host", host,
