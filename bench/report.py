@@ -28,6 +28,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 # Reported beside them, without a target of their own.
 INFORMATIVE = ("offsite_vs_bare_restic_local", "offsite_vs_bare_restic_first_night",
+               "offsite_without_read_back_vs_bare_restic", "offsite_without_read_back_vs_bare_restic_local",
                "offsite_vs_bare_restic_local_first_night", "second_night_stored_ratio", "second_night_stored_ratio_zstd",
                "db_size_bytes")
 RATIO_MEANING = {
@@ -52,6 +53,10 @@ RATIO_MEANING = {
     "restore_from_repository_vs_local": "g. `restore --from-repository latest` into an empty BACKUP_DIR (S3) / "
                                         "`restore FILE` of the same backup",
     "offsite_vs_bare_restic_local": "g. offsite_vs_bare_restic with a repository on a local path",
+    "offsite_without_read_back_vs_bare_restic": "g. offsite_vs_bare_restic less the link's read-back (`restic ls` of "
+                                                "the set, timed in the link), round by round: the link's upload and "
+                                                "its own overhead against bare restic's upload",
+    "offsite_without_read_back_vs_bare_restic_local": "g. the same with a repository on a local path",
     "second_night_stored_ratio": "g. second_night_bytes_ratio in bytes stored on the S3 server (after restic's "
                                  "compression), BACKUP_COMPRESSION=6",
     "second_night_stored_ratio_zstd": "g. the same, BACKUP_COMPRESSION=zstd-stream",

@@ -296,6 +296,7 @@ class RepositorySection(BenchBase):
         item.walls.append(chained.steps["offsite"])
         item.sizes.append(int(offsite.get("bytes_added", 0)))
         item.steps.append({"link (in-function)": float(offsite.get("seconds", 0.0)),
+                           "read-back (restic ls)": float(offsite.get("confirm_seconds", 0.0)),
                            "chain wall": round(chained.wall, 3)})
         item.extra.append({"file_bytes": int(chained.summary["size_bytes"]), "set": offsite.get("set")})
         return chained
@@ -451,6 +452,14 @@ class RepositorySection(BenchBase):
         def night(key: str) -> float | None:
             return ratio(m[f"repo_night2_{key}"].size, m[f"repo_night1_{key}"].size)
 
+        def without_read_back(key: str) -> float | None:
+            """The link's wall less its read-back, round by round: what it costs beside bare restic's upload."""
+            item = m[key]
+            if not item.walls or len(item.walls) != len(item.steps):
+                return None
+            return statistics.median(wall - steps.get("read-back (restic ls)", 0.0)
+                                     for wall, steps in zip(item.walls, item.steps, strict=True))
+
         def stored(key: str) -> float | None:
             first, second = m[f"repo_night1_{key}"].extra, m[f"repo_night2_{key}"].extra
             if not first or not second:
@@ -465,6 +474,10 @@ class RepositorySection(BenchBase):
             "offsite_vs_bare_restic_first_night": ratio(m["repo_offsite_s3_first"].wall, m["repo_offsite_s3_bare"].wall),
             "offsite_vs_bare_restic_local_first_night": ratio(m["repo_offsite_local_first"].wall,
                                                               m["repo_offsite_local_bare"].wall),
+            "offsite_without_read_back_vs_bare_restic": ratio(without_read_back("repo_offsite_s3_tma"),
+                                                              m["repo_offsite_s3_bare"].wall),
+            "offsite_without_read_back_vs_bare_restic_local": ratio(without_read_back("repo_offsite_local_tma"),
+                                                                    m["repo_offsite_local_bare"].wall),
             "second_night_bytes_ratio_zstd": night("zstd"),
             "second_night_stored_ratio": stored("z6"),
             "second_night_stored_ratio_zstd": stored("zstd"),

@@ -39,7 +39,8 @@ def test_bench_quick_measures_every_section_it_can(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((out / "latest.json").read_text())
     for key in ("chain_vs_bare", "fast_vs_seed", "fast_size_vs_seed", "restore_vs_seed", "fleet_2w_vs_1w",
-                "offsite_vs_bare_restic", "offsite_vs_bare_restic_first_night", "restore_from_repository_vs_local"):
+                "offsite_vs_bare_restic", "offsite_vs_bare_restic_first_night", "offsite_without_read_back_vs_bare_restic",
+                "restore_from_repository_vs_local"):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, key
     assert figures["db_size_bytes"] > 0
     assert (out / "latest.md").read_text().startswith("# tma-backup benchmark")

@@ -377,8 +377,9 @@ def test_the_chain_through_a_worker_sends_between_meta_and_prune(start_worker, r
     assert run["step_names"] == ["dump", "verify", "checksum", "meta", "offsite", "prune"]
     summary = AsyncResult(run["steps"][-1], app=app).get(timeout=180)
     offsite = summary["offsite"]
-    assert {"set", "bytes_added", "seconds"} <= set(offsite)
-    assert offsite["bytes_added"] > 0 and offsite["seconds"] > 0
+    assert {"set", "bytes_added", "seconds", "confirm_seconds"} <= set(offsite)
+    assert offsite["bytes_added"] > 0 and 0 < offsite["confirm_seconds"] < offsite["seconds"]
+    assert offsite["sent"][0]["confirm_seconds"] == offsite["confirm_seconds"], "one set sent: its read-back is the link's"
     [snapshot] = snapshots(restic_bin, repo)
     assert offsite["set"] == snapshot["short_id"]
     assert [item["set"] for item in offsite["sent"]] == [snapshot["short_id"]]

@@ -37,6 +37,7 @@ class SentSet:
     timestamp: str
     bytes_added: int
     seconds: float
+    confirm_seconds: float  # of `seconds`: listing the set back (one restic command, mostly its key derivation)
 
 
 def offsite(settings: Settings, database: str, run_id: str, current: str | None = None,
@@ -70,8 +71,10 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
         "set": next((item.id[:8] for item in sent if own is not None and item.timestamp == own.timestamp), None),
         "bytes_added": sum(item.bytes_added for item in sent),
         "sent": [{"set": item.id[:8], "timestamp": item.timestamp, "bytes_added": item.bytes_added,
-                  "seconds": round(item.seconds, 3)} for item in sent],
+                  "seconds": round(item.seconds, 3), "confirm_seconds": round(item.confirm_seconds, 3)}
+                 for item in sent],
         "seconds": round(time.monotonic() - started, 3),
+        "confirm_seconds": round(sum(item.confirm_seconds for item in sent), 3),
         "listing": "repository" if listed else "handed over",
     }
 
@@ -142,8 +145,10 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
     snapshot = str(summary.get("snapshot_id") or "")
     if not snapshot:
         raise RepositoryError(f"restic reported no set for {dump.name}; nothing was recorded as sent")
+    confirming = time.monotonic()
     listed = confirm(restic, snapshot, expected)
-    return SentSet(listed, entry.timestamp, int(summary.get("data_added", 0)), time.monotonic() - started)
+    done = time.monotonic()
+    return SentSet(listed, entry.timestamp, int(summary.get("data_added", 0)), done - started, done - confirming)
 
 
 def confirm(restic: Restic, snapshot: str, expected: dict[str, int]) -> str:
