@@ -37,6 +37,7 @@ from bench.workers import ChainRun, Worker, clean_environment, run_chain
 
 BUCKET = "tma-bench"
 KINDS = ("s3", "local")
+READ_BACK = "read-back (restic ls)"  # the offsite link's step that lists its set back (confirm_seconds)
 
 
 def restic_available() -> str | None:
@@ -296,7 +297,7 @@ class RepositorySection(BenchBase):
         item.walls.append(chained.steps["offsite"])
         item.sizes.append(int(offsite.get("bytes_added", 0)))
         item.steps.append({"link (in-function)": float(offsite.get("seconds", 0.0)),
-                           "read-back (restic ls)": float(offsite.get("confirm_seconds", 0.0)),
+                           READ_BACK: float(offsite.get("confirm_seconds", 0.0)),
                            "chain wall": round(chained.wall, 3)})
         item.extra.append({"file_bytes": int(chained.summary["size_bytes"]), "set": offsite.get("set")})
         return chained
@@ -457,7 +458,7 @@ class RepositorySection(BenchBase):
             item = m[key]
             if not item.walls or len(item.walls) != len(item.steps):
                 return None
-            return statistics.median(wall - steps.get("read-back (restic ls)", 0.0)
+            return statistics.median(wall - steps.get(READ_BACK, 0.0)
                                      for wall, steps in zip(item.walls, item.steps, strict=True))
 
         def stored(key: str) -> float | None:
