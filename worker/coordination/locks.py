@@ -14,6 +14,7 @@ whenever that Redis answers: a CLI without a broker and the workers then see eac
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import threading
 import time
@@ -201,37 +202,55 @@ def renewal_interval(settings: Settings) -> float:
 
 @contextmanager
 def kept_alive(lock: DatabaseLock, interval: float) -> Iterator[threading.Event]:
-    """Renew the lock every `interval` seconds while the block runs. Redis errors are retried every
-    half second until the lease would have run out since the last renewal; the yielded event is set
-    only then, or at once when the lock is gone or taken. The caller confirms the lock before each
-    destructive step and at the end of its work, so a lost lock stops it cleanly."""
+    """Renew the lock every `interval` seconds while the block runs (the caller took or confirmed it right
+    before). Redis errors are retried every half second; the yielded event is set the moment the lease
+    has run out since the start of the last renewal that succeeded, or at once when the lock is gone or
+    taken. The caller confirms the lock before each destructive step and at the end of its work, so a
+    lost lock stops it cleanly.
+
+    The lease is watched by its own thread, not by the renewing one: a renewal against a Redis that does
+    not answer can block for seconds (redis-py retries a failed command ten times with back-off, each try
+    bounded by the client's timeouts), and the holder must not learn that its lease ran out only once that
+    call returns, while another run may already have taken the lock. A renewal's lease is counted from
+    when it was sent, the earliest it can have started on the server."""
     lost = threading.Event()
     stop = threading.Event()
+    lease_ends = time.monotonic() + lock.lease  # from the caller's acquire or confirm, just before
 
     def renew() -> None:
-        renewed = time.monotonic()
+        nonlocal lease_ends
         wait = interval
-        while not stop.wait(wait):
+        while not stop.wait(wait) and not lost.is_set():
+            sent = time.monotonic()
             try:
                 lock.confirm()
             except LockUnreachable:
-                if time.monotonic() - renewed >= lock.lease:
-                    lost.set()
-                    return
                 wait = min(interval, UNREACHABLE_RETRY_SECONDS)
                 continue
             except BackupError:
                 lost.set()
                 return
-            renewed, wait = time.monotonic(), interval
+            lease_ends, wait = max(lease_ends, sent + lock.lease), interval
 
-    thread = threading.Thread(target=renew, name="lock-renewal", daemon=True)
-    thread.start()
+    def watch() -> None:
+        while not lost.is_set():
+            remaining = lease_ends - time.monotonic()
+            if remaining <= 0:
+                lost.set()
+                return
+            if stop.wait(None if math.isinf(remaining) else remaining):
+                return
+
+    threads = [threading.Thread(target=renew, name="lock-renewal", daemon=True),
+               threading.Thread(target=watch, name="lock-lease-watch", daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
         yield lost
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
 
 
 @contextmanager
