@@ -9,13 +9,27 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import stat
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The checks of paths and names, and the backup folder's, live in `worker.setting_checks`; re-exported here
+# (`from worker.settings import check_database_name, ensure_backup_dir, …` is how every caller imports them).
+from worker.setting_checks import (
+    SettingsError,
+    absolute_path,
+    check_database_name,
+    ensure_backup_dir,
+    folder_warning,
+    readable_cert_store,
+    readable_file,
+    repository_address,
+)
+
+__all__ = ["DEFAULT_BROKER_URL", "SECRET_SETTINGS", "SIGNING_SETTINGS", "Settings", "SettingsError", "SslMode",
+           "check_database_name", "ensure_backup_dir", "folder_warning", "get_settings"]
 
 # libpq's six `sslmode` values; unset means libpq's own default, `prefer`.
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -34,10 +48,6 @@ SECRET_SETTINGS = frozenset({
     "RUSTFS_ACCESS_KEY", "RUSTFS_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NOTIFY_URLS",
     "HEALTHCHECK_URL",
 })
-
-
-class SettingsError(Exception):
-    """A setting is missing or wrong; the message names the variable and says what is expected."""
 
 
 class Settings(BaseSettings):
@@ -80,7 +90,8 @@ class Settings(BaseSettings):
     TASK_SIGNING_KEY: Path | None = None
     TASK_SIGNING_CERT: Path | None = None
     TASK_SIGNING_CERT_STORE: Path | None = None
-    # The off-site restic repository (`worker.repository`): any address restic accepts. Unset: local only.
+    # The off-site restic repository (`worker.repository`): any address restic accepts, a local folder made
+    # absolute against the working folder when the settings are read. Unset: local only.
     BACKUP_REPOSITORY: str | None = None
     BACKUP_REPOSITORY_PASSWORD: SecretStr | None = None
     BACKUP_REPOSITORY_PASSWORD_FILE: Path | None = None
@@ -166,7 +177,7 @@ class Settings(BaseSettings):
     @field_validator("DB_SSLROOTCERT")
     @classmethod
     def _readable_ca_file(cls, value: Path | None) -> Path | None:
-        return None if value is None else _readable_file(value, "a readable CA certificate file")
+        return None if value is None else readable_file(value, "a readable CA certificate file")
 
     @field_validator("DB_CONTAINER", "DB_SSLROOTCERT", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
                      "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", "BACKUP_REPOSITORY",
@@ -184,27 +195,18 @@ class Settings(BaseSettings):
     @field_validator("TASK_SIGNING_KEY", "TASK_SIGNING_CERT")
     @classmethod
     def _readable_signing_file(cls, value: Path | None) -> Path | None:
-        return None if value is None else _readable_file(value, "a readable PEM file")
+        return None if value is None else readable_file(value, "a readable PEM file")
 
     @field_validator("BACKUP_REPOSITORY_PASSWORD_FILE")
     @classmethod
     def _readable_password_file(cls, value: Path | None) -> Path | None:
-        return None if value is None else _readable_file(value, "a readable file holding the repository's password")
+        return None if value is None else readable_file(value, "a readable file holding the repository's password")
 
     @field_validator("BACKUP_REPOSITORY")
     @classmethod
     def _repository_address(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = value.strip()
-        if not value.isprintable() or "\n" in value:
-            raise ValueError("must be a restic repository address without control characters")
-        if value.startswith("s3:"):
-            rest = value.removeprefix("s3:").split("://", 1)[-1]
-            bucket = rest.split("/")[1] if "/" in rest else ""
-            if not bucket:
-                raise ValueError("must name a bucket: s3:https://host[:port]/bucket[/prefix]")
-        return value
+        # a local folder made absolute once, here: restic also runs in other folders (inside UPLOAD_DIR)
+        return None if value is None else repository_address(value)
 
     @model_validator(mode="after")
     def _repository_complete(self) -> Settings:
@@ -251,22 +253,12 @@ class Settings(BaseSettings):
     @field_validator("UPLOAD_DIR", "TMA_ENV_FILE")
     @classmethod
     def _absolute_path(cls, value: Path | None) -> Path | None:
-        return None if value is None else _absolute(value)
+        return None if value is None else absolute_path(value)
 
     @field_validator("TASK_SIGNING_CERT_STORE")
     @classmethod
     def _readable_cert_store(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        path = _absolute(value)
-        try:
-            if not stat.S_ISDIR(path.stat().st_mode):
-                raise ValueError("must be a folder of PEM certificates")
-            if not any(not entry.name.startswith(".") for entry in os.scandir(path)):
-                raise ValueError("must be a folder holding at least one PEM certificate (it is empty)")
-        except OSError as error:
-            raise ValueError(f"must be a readable folder of PEM certificates ({error.strerror})") from None
-        return path
+        return None if value is None else readable_cert_store(value)
 
     @model_validator(mode="after")
     def _signing_all_or_none(self) -> Settings:
@@ -324,7 +316,8 @@ class Settings(BaseSettings):
 
     @property
     def repository(self) -> str | None:
-        """The restic repository's address (BACKUP_REPOSITORY), or None: backups stay local."""
+        """The restic repository's address (BACKUP_REPOSITORY; a local folder absolute, whatever folder
+        restic runs in), or None: backups stay local."""
         return self.BACKUP_REPOSITORY
 
     @property
@@ -336,39 +329,6 @@ class Settings(BaseSettings):
     def signing(self) -> bool:
         """Task messages are signed and only signed ones accepted (the three TASK_SIGNING_* are set)."""
         return self.TASK_SIGNING_KEY is not None
-
-
-def _readable_file(value: Path, what: str) -> Path:
-    """`value` made absolute, which must be a regular file this process can read; else ValueError
-    saying it must be `what`."""
-    path = _absolute(value)
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):  # stat first: opening a FIFO would block
-            raise ValueError(f"must be {what}, not a folder or a special file")
-        with open(path, "rb"):  # readable by this process, as libpq and Celery will need it to be
-            pass
-    except OSError as error:
-        raise ValueError(f"must be {what} ({error.strerror})") from None
-    return path
-
-
-def _absolute(value: Path) -> Path:
-    if "\0" in str(value):
-        raise ValueError("must not contain a NUL character")
-    try:
-        return value.expanduser().absolute()
-    except RuntimeError:  # `~user/...` for a user this machine does not know
-        raise ValueError("names the home folder of an unknown user") from None
-
-
-def check_database_name(name: str) -> str:
-    """A database name also names files in BACKUP_DIR (`<name>_<timestamp>.dump`): it must not be empty,
-    contain `/` or NUL, be `.` or `..`, or be longer than PostgreSQL's 63 bytes. Raises ValueError saying so."""
-    if not name or "/" in name or "\0" in name or name in {".", ".."}:
-        raise ValueError("must be a non-empty database name without '/' (it names the backup files)")
-    if len(name.encode("utf-8", "surrogateescape")) > 63:
-        raise ValueError("must be at most 63 bytes long (PostgreSQL's limit for a name)")
-    return name
 
 
 def _one_line(error: ValidationError) -> str:
@@ -392,33 +352,3 @@ def get_settings() -> Settings:
         raise SettingsError(f"{which}: {Path(env_file).absolute()} cannot be read ({error.strerror})") from None
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from None
-
-
-def folder_warning(directory: Path) -> str | None:
-    """A warning when BACKUP_DIR lets other users in (group or other permission bits).
-
-    An existing folder's mode is the operator's decision and is left as it is (another tool, such as an
-    off-site copy running under a group, may rely on it); every file tma-backup writes is 0600 anyway,
-    from its creation on, so the folder's mode exposes names and sizes, never contents."""
-    try:
-        mode = directory.stat().st_mode & 0o777
-    except OSError:
-        return None
-    if mode & 0o077:
-        return (
-            f"BACKUP_DIR {directory} is mode {mode:04o}: other users can list it; backups are created "
-            f"0600 regardless, but `chmod 700 {directory}` keeps even their names private"
-        )
-    return None
-
-
-def ensure_backup_dir(settings: Settings) -> Path:
-    """Create BACKUP_DIR (mode 0700) if its parent exists, and prove it is writable by writing to it."""
-    directory = settings.backup_dir
-    try:
-        directory.mkdir(mode=0o700, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise SettingsError(f"BACKUP_DIR: {directory} is not a writable folder ({error.strerror})") from None
-    return directory
