@@ -139,28 +139,38 @@ def status_command(database: str | None, as_json: bool, local: bool, host: str |
     the last drill failed, or none passed within two drill periods (BACKUP_DRILL_SCHEDULE); the
     repository cannot be read or its newest set is too old; the newest set lacks referenced uploads; an
     interrupted restore left the database refusing connections (`tma-backup repair` fixes it). Exit 2
-    for bad settings. `--json`: the same facts for scripts (keys: see `worker.health.facts`)."""
+    for bad settings. `--json`: the same facts for scripts (keys: see `worker.health.facts`), also when no
+    worker answered or the broker is out of reach (every section null, the reason in `problems`)."""
     from worker.archive.catalogue import utc_timestamp
-    from worker.health.combine import combine
+    from worker.health.combine import combine, unanswered
     from worker.health.facts import status_facts
 
     settings = get_settings()
     given = None if database is None else database_option(database, settings)
-    if not _via_workers(settings, local, host):
-        facts = status_facts(settings, given or settings.DB_NAME)
-        combined = combine({settings.WORKER_HOST: facts}, facts["database"], "local", facts["checked_at"])
-    else:
-        from worker.cli.hosts import ask_hosts, worker_hosts
+    via_workers = _via_workers(settings, local, host)
+    try:
+        if not via_workers:
+            facts = status_facts(settings, given or settings.DB_NAME)
+            combined = combine({settings.WORKER_HOST: facts}, facts["database"], "local", facts["checked_at"])
+        else:
+            from worker.cli.hosts import ask_hosts, worker_hosts
 
-        answers = ask_hosts(settings, worker_hosts(settings, "status", host), "tma_backup.status",
-                            {"database": given}, STATUS_ANSWER_SECONDS)
-        names = sorted({answer.result["database"] for answer in answers if answer.answered})
-        if len(names) > 1:
-            raise BackupError(f"the worker hosts report on different databases (their DB_NAME: {', '.join(names)}): "
-                              "give --database")
-        combined = combine({answer.host: answer.result if answer.answered else str(answer.error or answer.silent)
-                            for answer in answers}, names[0] if names else given or settings.DB_NAME, "workers",
-                           utc_timestamp())
+            answers = ask_hosts(settings, worker_hosts(settings, "status", host), "tma_backup.status",
+                                {"database": given}, STATUS_ANSWER_SECONDS)
+            names = sorted({answer.result["database"] for answer in answers if answer.answered})
+            if len(names) > 1:
+                raise BackupError(f"the worker hosts report on different databases (their DB_NAME: "
+                                  f"{', '.join(names)}): give --database")
+            combined = combine({answer.host: answer.result if answer.answered else str(answer.error or answer.silent)
+                                for answer in answers}, names[0] if names else given or settings.DB_NAME, "workers",
+                               utc_timestamp())
+    except (BackupError, OSError) as error:
+        if as_json:  # monitoring that parses stdout gets an answer too: nobody could be asked, and why
+            reason = str(error) if isinstance(error, BackupError) else (  # as `guarded` words the [ERROR] line
+                (f"{error.filename}: " if error.filename else "") + str(error.strerror or error))
+            click.echo(json.dumps(unanswered(given or settings.DB_NAME, "workers" if via_workers else "local",
+                                             utc_timestamp(), reason), indent=2))
+        raise
     if as_json:
         click.echo(json.dumps(combined, indent=2))  # ASCII: any file name survives any terminal
     else:

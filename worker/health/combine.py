@@ -11,7 +11,9 @@ a host that merely has an older backup, or none, is not a problem by itself. Sec
 
 A host that did not answer is a problem of its own. The result has the keys of `status_facts`, with
 `host` replaced by `source` (`local` or `workers`) and `hosts`: each host's `answered`, and its own `ok`,
-`problems` and `warnings` (or, unanswered, the reason as its one problem).
+`problems` and `warnings` (or, unanswered, the reason as its one problem). When nobody could be asked at
+all (no worker answered on the broker, the broker out of reach), `unanswered` gives the same keys, every
+section null, and the reason as the one problem.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def combine(answers: dict[str, Answer], database: str, source: str, checked_at: 
                   for host, reason in silent.items()})
     return {"database": database, "source": source, "checked_at": checked_at, **verdict,
             "hosts": dict(sorted(hosts.items())), **sections}
+
+
+def unanswered(database: str, source: str, checked_at: str, reason: str) -> dict[str, Any]:
+    """The answer when no host could be asked: the keys of `combine`'s answer, no host, every section
+    null, `ok` false and `reason` (the CLI's `[ERROR]` line) as the one problem."""
+    answer = combine({}, database, source, checked_at)
+    answer.update(ok=False, problems=[reason])
+    return answer
 
 
 def _best(answers: list[dict[str, Any]], name: str, key: Callable[[dict[str, Any]], tuple[Any, ...]]) -> dict[str, Any]:
