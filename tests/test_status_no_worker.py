@@ -11,7 +11,7 @@ from tests import services
 from tests.conftest import base_env, run_cli
 from tests.helpers import error_lines
 
-NO_WORKER_DB = 15  # no test starts a worker on this Redis database
+NO_WORKER_DB = 2  # no test starts a worker on this Redis database (tests/test_repository.py: 0, 3-15 are used)
 KEYS = {"database", "source", "checked_at", "ok", "problems", "warnings", "hosts", "backup", "drill", "repository",
         "uploads", "connections"}
 
