@@ -156,20 +156,26 @@ class Restic:
     def run(self, args: list[str], *, cwd: Path | None = None, on_json: JsonLine | None = None,
             stdout: IO[bytes] | None = None, check: bool = True) -> Outcome:
         """Run `restic ARGS`. `on_json` gets each JSON line of stdout as it comes (progress); `stdout`
-        (a binary file) takes stdout raw instead (`restic dump`). Raises RepositoryError on failure.
+        (a binary file) takes stdout raw instead (`restic dump`). With `check`, raises RepositoryError
+        when restic fails; without, returns its outcome (the caller reads its exit code). A command
+        that stalls raises RepositoryError either way.
 
         A restic lock in the way is a killed run's (every user of the repository holds its lock, see
-        `worker.repository.lock`): `restic unlock` removes it if it is stale, and the command runs once more."""
-        try:
-            return self._run_once(args, cwd, on_json, stdout, check)
-        except RepositoryLocked:
-            if args[:1] == ["unlock"]:
-                raise
-            self._run_once(["unlock"], None, None, None, True)
-            return self._run_once(args, cwd, on_json, stdout, check)
+        `worker.repository.lock`): `restic unlock` removes it if it is stale, and the command runs once
+        more, with or without `check`."""
+        outcome = self._run_once(args, cwd, on_json, stdout)
+        if outcome.returncode != 0 and args[:1] != ["unlock"] and self._locked(outcome):
+            self.run(["unlock"])
+            outcome = self._run_once(args, cwd, on_json, stdout)
+        if check and outcome.returncode != 0:
+            raise explain(outcome.stderr, self.address)
+        return outcome
 
-    def _run_once(self, args: list[str], cwd: Path | None, on_json: JsonLine | None, stdout: IO[bytes] | None,
-                  check: bool) -> Outcome:
+    def _locked(self, outcome: Outcome) -> bool:
+        return isinstance(explain(outcome.stderr, self.address), RepositoryLocked)
+
+    def _run_once(self, args: list[str], cwd: Path | None, on_json: JsonLine | None,
+                  stdout: IO[bytes] | None) -> Outcome:
         # Readers take no restic lock: our own repository lock already keeps them from a prune, and two
         # locking restic processes at once can stall each other for a minute (restic 0.14 retries loading
         # a lock file the other one has just removed).
@@ -194,8 +200,6 @@ class Restic:
             raise RepositoryError(f"cannot reach the repository at {self.shown}: it stopped answering for "
                                   f"{self.stall_timeout} s (REPOSITORY_STALL_TIMEOUT); last error: "
                                   f"{_detail(outcome.stderr)}")
-        if check and returncode != 0:
-            raise explain(outcome.stderr, self.address)
         return outcome
 
     def json(self, args: list[str]) -> Any:
