@@ -2,21 +2,20 @@
 turned into one line an operator can act on, and a watchdog for a server that stopped answering.
 
 restic retries a vanished server for a quarter of an hour or more (seen: still retrying after five
-minutes of connection refused). A backup must fail in bounded time instead, so while restic runs, its
-stderr is watched: after REPOSITORY_STALL_TIMEOUT seconds of nothing but retries it is killed and the
-last error reported.
+minutes of connection refused), and waits forever for a server that accepts and never answers. A run
+must fail in bounded time instead: every restic command is watched (`worker.repository.watchdog`), and
+after REPOSITORY_STALL_TIMEOUT seconds without progress (no byte moved, no CPU used, or nothing but
+retries) it is killed and reported.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,13 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from worker.children import die_with_parent
 from worker.errors import BackupError
+from worker.repository.watchdog import Watchdog, kill_group
 from worker.settings import Settings
 
 # What restic inherits from this process's environment; everything else (TMA Cloud's own AWS_* for its
 # bucket, RESTIC_* of whoever started the worker) is left out, so nothing redirects it.
 _INHERITED = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
               "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
-_RETRYING = re.compile(r"returned error, retrying after|retrying after")
 JsonLine = Callable[[dict[str, Any]], None]
 READ_ONLY = frozenset({"snapshots", "ls", "dump", "cat", "restore", "stats"})
 
@@ -180,13 +179,17 @@ class Restic:
         # locking restic processes at once can stall each other for a minute (restic 0.14 retries loading
         # a lock file the other one has just removed).
         argv = [self.binary, *args, *(["--no-lock"] if args[:1] and args[0] in READ_ONLY else [])]
-        with self._process(argv, cwd) as (process, errors, stalled):
+        with self._process(argv, cwd) as (process, errors, watchdog):
             collected: list[str] = []
             assert process.stdout is not None
             if stdout is not None:
-                shutil.copyfileobj(process.stdout, stdout, 1024 * 1024)
+                assert isinstance(process.stdout, io.BufferedReader)
+                while block := process.stdout.read1(1024 * 1024):
+                    watchdog.piped(len(block))
+                    stdout.write(block)
             else:
                 for raw in process.stdout:
+                    watchdog.piped(len(raw))
                     line = raw.decode("utf-8", "replace")
                     collected.append(line)
                     if on_json is not None and line.startswith("{"):
@@ -196,10 +199,11 @@ class Restic:
                             pass
             returncode = process.wait()
         outcome = Outcome(returncode, "".join(collected), "".join(errors))
-        if stalled.is_set():
+        if watchdog.stalled:
+            detail = _detail(outcome.stderr)
             raise RepositoryError(f"cannot reach the repository at {self.shown}: it stopped answering for "
-                                  f"{self.stall_timeout} s (REPOSITORY_STALL_TIMEOUT); last error: "
-                                  f"{_detail(outcome.stderr)}")
+                                  f"{self.stall_timeout} s (REPOSITORY_STALL_TIMEOUT); "
+                                  + (f"last error: {detail}" if detail else "restic waited without a word and was stopped"))
         return outcome
 
     def json(self, args: list[str]) -> Any:
@@ -210,57 +214,34 @@ class Restic:
             raise RepositoryError(f"restic printed something other than JSON for `{args[0]}`") from None
 
     @contextmanager
-    def _process(self, argv: list[str], cwd: Path | None) -> Iterator[tuple[subprocess.Popen[bytes], list[str], threading.Event]]:
+    def _process(self, argv: list[str], cwd: Path | None) -> Iterator[tuple[subprocess.Popen[bytes], list[str], Watchdog]]:
         process = subprocess.Popen(
             argv, cwd=cwd, env=self.environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, preexec_fn=die_with_parent, start_new_session=True,
         )
         errors: list[str] = []
-        stalled = threading.Event()
-        retrying_since: list[float | None] = [None]
+        watchdog = Watchdog(process, self.stall_timeout)
 
         def read_errors() -> None:
             assert process.stderr is not None
             for raw_line in process.stderr:
+                watchdog.piped(len(raw_line))
                 line = raw_line.decode("utf-8", "replace")
                 errors.append(line)
-                if _RETRYING.search(line):
-                    if retrying_since[0] is None:
-                        retrying_since[0] = time.monotonic()
-                else:
-                    retrying_since[0] = None
-
-        finished = threading.Event()
-
-        def watch() -> None:
-            while not finished.wait(0.5):
-                since = retrying_since[0]
-                if since is not None and time.monotonic() - since > self.stall_timeout:
-                    stalled.set()
-                    _kill(process)
-                    return
+                watchdog.error_line(line)
 
         reader = threading.Thread(target=read_errors, name="restic-stderr", daemon=True)
-        watchdog = threading.Thread(target=watch, name="restic-watchdog", daemon=True)
         reader.start()
-        watchdog.start()
         try:
-            yield process, errors, stalled
-        except BaseException:
-            _kill(process)
-            raise
+            with watchdog:
+                try:
+                    yield process, errors, watchdog
+                except BaseException:
+                    kill_group(process)
+                    raise
+                finally:
+                    process.wait()
         finally:
-            process.wait()
-            finished.set()
             reader.join(timeout=5)
-            watchdog.join(timeout=5)
             if process.stdout is not None:
                 process.stdout.close()
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
