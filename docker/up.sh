@@ -10,7 +10,12 @@
 #      FLOWER_PASSWORD, REDIS_PASSWORD, BACKUP_REPOSITORY_PASSWORD) when there is none (never overwrites);
 #      an existing one without REDIS_PASSWORD or BACKUP_REPOSITORY_PASSWORD(_FILE) gets a random one
 #      appended, and says so (keep a copy of the repository's password off this host: without it no set
-#      can be read);
+#      can be read). Signed task messages, likewise: the task-signing key (0600), its certificate and a
+#      cert store, as `tma-backup keys init` makes them, in task-signing/ beside the env file (made once,
+#      never overwritten; kept and reused when they are there), and the three TASK_SIGNING_* settings
+#      naming them, written into a new env file or appended to one without them (saying so). Made with
+#      the worker image when Docker has it, else this machine's tma-backup (the repository's .venv or
+#      PATH), else openssl (UP_SIGNING_TOOL=worker-image|tma-backup|openssl chooses);
 #   4. `docker-compose up -d` and waits until postgres and redis are healthy, the others run, and the worker
 #      answers the broker (a command sent right after up.sh then finds it);
 #   5. the off-site repository: creates the default one (/repository, the stack's own volume) once, when
@@ -24,7 +29,7 @@
 # are missing, so that plain `docker-compose …` in the project folder uses both files from then on.
 # Never reads stdin (fine with CI=true). Logs to stderr. Options:
 #   --build-only             steps 1-2 only
-#   --env-only               step 3 only (no Docker needed)
+#   --env-only               step 3 only (no Docker needed: the key is made without it when need be)
 #   --project-directory DIR  where the env file and relative paths live (default: the repository)
 #   --env-file FILE          the settings (default: DIR/.env)
 #   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
@@ -92,12 +97,17 @@ keep_elsewhere() {
 prepare_env_file() {
   if [ ! -e "$env_file" ]; then
     [ -r "$REPO/.env.example" ] || die "$env_file and $REPO/.env.example are both missing"
-    log "no $env_file: creating it from .env.example with random DB_PASSWORD, FLOWER_PASSWORD, REDIS_PASSWORD and BACKUP_REPOSITORY_PASSWORD (mode 600)"
+    signing_files   # made (or found) first: the new file names them
+    log "no $env_file: creating it from .env.example with random DB_PASSWORD, FLOWER_PASSWORD, REDIS_PASSWORD and BACKUP_REPOSITORY_PASSWORD and TASK_SIGNING_* naming the key in $signing_dir (mode 600)"
     (
       umask 077
       sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$(rand)/" -e "s/^FLOWER_PASSWORD=.*/FLOWER_PASSWORD=$(rand)/" \
         -e "s/^REDIS_PASSWORD=.*/REDIS_PASSWORD=$(rand)/" \
-        -e "s/^BACKUP_REPOSITORY_PASSWORD=.*/BACKUP_REPOSITORY_PASSWORD=$(rand)/" "$REPO/.env.example" >"$env_file.tmp" &&
+        -e "s/^BACKUP_REPOSITORY_PASSWORD=.*/BACKUP_REPOSITORY_PASSWORD=$(rand)/" \
+        -e "s|^#\{0,1\}TASK_SIGNING_KEY=.*|TASK_SIGNING_KEY=$(sed_escape "$signing_dir/$SIGNING_KEY")|" \
+        -e "s|^#\{0,1\}TASK_SIGNING_CERT=.*|TASK_SIGNING_CERT=$(sed_escape "$signing_dir/$SIGNING_CERT")|" \
+        -e "s|^#\{0,1\}TASK_SIGNING_CERT_STORE=.*|TASK_SIGNING_CERT_STORE=$(sed_escape "$signing_dir/$SIGNING_STORE")|" \
+        "$REPO/.env.example" >"$env_file.tmp" &&
         mv "$env_file.tmp" "$env_file"
     ) || die "cannot create $env_file"
     grep -q '^BACKUP_REPOSITORY_PASSWORD=' "$env_file" && keep_elsewhere
@@ -127,6 +137,134 @@ prepare_env_file() {
     *[!A-Za-z0-9._~-]*) die "REDIS_PASSWORD in $env_file: use letters, digits and - . _ ~ only (it goes into a URL and Redis's configuration)" ;;
     change-me) log "WARNING: REDIS_PASSWORD in $env_file is still .env.example's 'change-me': set a random one" ;;
   esac
+  prepare_signing
+}
+
+# Signed task messages (README, "Signed task messages"): every worker, beat and Flower of the stack signs
+# what it sends and accepts only what a certificate in its store signed, so that whoever can write to
+# Redis cannot send a task. The key, its certificate and a cert store holding it are made once, as
+# `tma-backup keys init` makes them, in task-signing/ beside the env file; the env file's TASK_SIGNING_*
+# name them with host paths (a CLI on this host signs with them too), and the stack's one-shot
+# task-signing service copies them for its containers' uid 1000 (docker-compose.yml). Never overwritten.
+SIGNING_KEY=task-signing.key
+SIGNING_CERT=task-signing.crt
+SIGNING_STORE=cert-store
+WORKER_IMAGE=tma-local/tma-backup-worker:latest
+sed_escape() { printf '%s' "$1" | sed 's/[|&\\]/\\&/g'; }
+# a path that goes into the env file and into the compose file's volume specs as it is
+check_signing_path() {
+  case $2 in
+    /*) ;;
+    *) die "$1=$2 in $env_file: must be an absolute path (the stack mounts it)" ;;
+  esac
+  case $2 in
+    *[[:space:][:cntrl:]:#\$\\\"\']*) die "$1: $2 holds a space, ':', '#', '\$', a quote or a backslash, which the env file or a volume spec would misread: move the env file (task-signing/ is made beside it) or set the three TASK_SIGNING_* yourself" ;;
+  esac
+}
+# $signing_dir holding the key, the certificate and the store: found there, or made now; never one of them
+# alone, never over an existing one.
+signing_files() {
+  signing_dir=$(cd "$(dirname "$env_file")" 2>/dev/null && pwd)/task-signing || die "no folder for $env_file"
+  check_signing_path "task-signing/ beside $env_file" "$signing_dir"
+  found=
+  for name in $SIGNING_KEY $SIGNING_CERT $SIGNING_STORE; do
+    [ ! -e "$signing_dir/$name" ] && [ ! -L "$signing_dir/$name" ] || found="$found $name"
+  done
+  case $found in
+    " $SIGNING_KEY $SIGNING_CERT $SIGNING_STORE")
+      [ -f "$signing_dir/$SIGNING_KEY" ] && [ -f "$signing_dir/$SIGNING_CERT" ] && [ -d "$signing_dir/$SIGNING_STORE" ] ||
+        die "$signing_dir: $SIGNING_KEY, $SIGNING_CERT and $SIGNING_STORE/ are there but not two files and a folder: refusing to use or overwrite them; move them away"
+      signing_made="the key already in $signing_dir, kept as it is"
+      return ;;
+    "") ;;
+    *) die "$signing_dir holds${found} but not all of $SIGNING_KEY, $SIGNING_CERT and $SIGNING_STORE/: refusing to overwrite or complete them; move them away (or set the three TASK_SIGNING_* in $env_file yourself)" ;;
+  esac
+  (umask 077; mkdir -p "$signing_dir") || die "cannot create $signing_dir"
+  tool=${UP_SIGNING_TOOL:-}
+  if [ -z "$tool" ]; then
+    if docker image inspect "$WORKER_IMAGE" >/dev/null 2>&1; then tool=worker-image
+    elif [ -x "$REPO/.venv/bin/tma-backup" ] || command -v tma-backup >/dev/null 2>&1; then tool=tma-backup
+    elif command -v openssl >/dev/null 2>&1; then tool=openssl
+    else die "cannot make the task-signing key: no Docker with the worker image (docker/up.sh --build-only builds it), no tma-backup and no openssl on this machine"
+    fi
+  fi
+  case $tool in
+    worker-image|tma-backup|openssl) ;;
+    *) die "UP_SIGNING_TOOL=$tool: use worker-image, tma-backup or openssl" ;;
+  esac
+  made=$(make_signing_keys_with_$(printf '%s' "$tool" | tr - _) 2>&1 </dev/null) || {
+    printf '%s\n' "$made" >&2
+    # none of the three was there before: nothing half made stays (a later run would refuse it)
+    rm -rf "$signing_dir/$SIGNING_KEY" "$signing_dir/$SIGNING_CERT" "$signing_dir/$SIGNING_STORE"
+    die "could not make the task-signing key in $signing_dir with $tool (above)"
+  }
+  [ -f "$signing_dir/$SIGNING_KEY" ] && [ -f "$signing_dir/$SIGNING_CERT" ] && [ -d "$signing_dir/$SIGNING_STORE" ] ||
+    die "$tool made no key, certificate and cert store in $signing_dir"
+  signing_made="a new key made in $signing_dir with $tool (mode 0600: whoever reads it can send any task)"
+  log "task-signing: $signing_made; its certificate is valid for 10 years"
+}
+# `tma-backup keys init` in the worker image, as this user (the files are this user's, as if made here)
+make_signing_keys_with_worker_image() {
+  docker run --rm --network none --user "$(id -u):$(id -g)" --hostname "$(uname -n | cut -c1-63)" \
+    -v "$signing_dir:/task-signing" "$WORKER_IMAGE" tma-backup keys init --dir /task-signing
+}
+make_signing_keys_with_tma_backup() {
+  cli=$REPO/.venv/bin/tma-backup
+  [ -x "$cli" ] || cli=$(command -v tma-backup) || { echo "no tma-backup on this machine"; return 1; }
+  (cd "$signing_dir" && "$cli" keys init --dir "$signing_dir")
+}
+# What `keys init` makes, with openssl alone: an RSA 3072 key (PKCS#8, 0600), a self-signed certificate
+# (SHA-256, a random serial, not a CA, digital signature only, 3650 days), a cert store holding it under
+# its fingerprint's name. Each file is made under a temporary name and renamed last, the key last of all.
+make_signing_keys_with_openssl() {
+  command -v openssl >/dev/null 2>&1 || { echo "no openssl on this machine"; return 1; }
+  config=$signing_dir/.openssl.cnf
+  printf '%s\n' "[req]" "distinguished_name = dn" "x509_extensions = ext" "prompt = no" "[dn]" \
+    "CN = tma-backup task signing $(uname -n | cut -c1-20) $(date -u +%Y-%m-%d)" "[ext]" \
+    "basicConstraints = critical,CA:FALSE" "keyUsage = critical,digitalSignature" >"$config" || return 1
+  (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out "$signing_dir/.key.new") &&
+    openssl req -new -x509 -config "$config" -key "$signing_dir/.key.new" -sha256 -days 3650 \
+      -out "$signing_dir/.crt.new" &&
+    fingerprint=$(openssl x509 -in "$signing_dir/.crt.new" -noout -fingerprint -sha256 |
+      sed 's/^.*=//; s/://g' | tr 'A-F' 'a-f' | cut -c1-16) &&
+    [ ${#fingerprint} = 16 ] &&
+    chmod 644 "$signing_dir/.crt.new" &&
+    mkdir -m 755 "$signing_dir/.store.new" &&
+    cp "$signing_dir/.crt.new" "$signing_dir/.store.new/tma-backup-$fingerprint.crt" &&
+    mv "$signing_dir/.store.new" "$signing_dir/$SIGNING_STORE" &&
+    mv "$signing_dir/.crt.new" "$signing_dir/$SIGNING_CERT" &&
+    chmod 600 "$signing_dir/.key.new" &&
+    mv "$signing_dir/.key.new" "$signing_dir/$SIGNING_KEY"
+  status=$?
+  rm -rf "$config" "$signing_dir/.key.new" "$signing_dir/.crt.new" "$signing_dir/.store.new"
+  return $status
+}
+# The env file's TASK_SIGNING_*: all three (each naming what it must), or none (then made or found in
+# task-signing/ beside it, and appended, saying so); never some of them.
+prepare_signing() {
+  given=
+  for key in TASK_SIGNING_KEY TASK_SIGNING_CERT TASK_SIGNING_CERT_STORE; do
+    [ -z "$(env_value $key)" ] || given="$given $key"
+  done
+  case $given in
+    " TASK_SIGNING_KEY TASK_SIGNING_CERT TASK_SIGNING_CERT_STORE") ;;
+    "")
+      signing_files
+      log "$env_file has no TASK_SIGNING_KEY, TASK_SIGNING_CERT and TASK_SIGNING_CERT_STORE: appending the three for $signing_made (signed task messages: the stack's workers now accept only tasks signed with it; a CLI outside the stack needs the same three settings)"
+      append_setting TASK_SIGNING_KEY "$signing_dir/$SIGNING_KEY"
+      append_setting TASK_SIGNING_CERT "$signing_dir/$SIGNING_CERT"
+      append_setting TASK_SIGNING_CERT_STORE "$signing_dir/$SIGNING_STORE" ;;
+    *) die "$env_file sets${given} but not all three of TASK_SIGNING_KEY, TASK_SIGNING_CERT and TASK_SIGNING_CERT_STORE: set all three, or delete them to have a key made in task-signing/ beside it" ;;
+  esac
+  for key in TASK_SIGNING_KEY TASK_SIGNING_CERT TASK_SIGNING_CERT_STORE; do
+    value=$(env_value $key)
+    check_signing_path "$key" "$value"
+    case $key in
+      *_STORE) [ -d "$value" ] || die "$key in $env_file names $value, which is not a folder: the cert store (delete the three TASK_SIGNING_* lines to have a new key made)"
+        [ -n "$(ls "$value")" ] || die "$key in $env_file names $value, which holds no certificate: copy TASK_SIGNING_CERT into it" ;;
+      *) [ -f "$value" ] || die "$key in $env_file names $value, which is not a file (delete the three TASK_SIGNING_* lines to have a new key made)" ;;
+    esac
+  done
 }
 # A setting's value in the env file (the last one wins, as for docker-compose), or empty.
 env_value() { sed -n "s/^$1=//p" "$env_file" | tail -n1; }

@@ -134,7 +134,8 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     settings = _write_env_file(tmp_path / "settings.env", project)
     config = _config(Compose(tmp_path, tmp_path / "settings.env", project))
     services_ = config["services"]
-    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "repository-volume", "tma-config", "worker"]
+    assert sorted(services_) == ["beat", "flower", "postgres", "redis", "repository-volume", "task-signing",
+                                 "tma-config", "worker"]
 
     postgres = services_["postgres"]
     assert postgres["container_name"] == "tma-cloud-postgres" and "healthcheck" in postgres
@@ -205,7 +206,8 @@ def test_the_compose_file_validates_and_has_the_documented_shape(docker_compose,
     assert worker["environment"]["TMA_ENV_FILE"] == "/run/tma-config/.env"
     assert worker["depends_on"] == {"redis": {"condition": "service_healthy"},
                                     "repository-volume": {"condition": "service_completed_successfully"},
-                                    "tma-config": {"condition": "service_completed_successfully"}}
+                                    "tma-config": {"condition": "service_completed_successfully"},
+                                    "task-signing": {"condition": "service_completed_successfully"}}
     copier = services_["tma-config"]
     assert copier["user"] == "0:0" and copier["network_mode"] == "none" and copier["restart"] == "no"
     assert copier["volumes"] == [f"{tmp_path / 'settings.env'}:/source/.env:ro", "tma-config:/config:rw"]
@@ -333,7 +335,8 @@ def test_up_sh_appends_redis_password_to_an_env_file_without_one_and_says_so(tmp
     assert result.returncode == 0, result.stderr
     assert f"{existing} has no REDIS_PASSWORD: appending a random one" in result.stderr
     after = existing.read_text()
-    assert after.startswith(before + "\n") and after.count("\n") == before.count("\n") + 2
+    # (+ 2: the line completed, REDIS_PASSWORD; + 3: the TASK_SIGNING_* settings, tests/test_up_signing.py)
+    assert after.startswith(before + "\n") and after.count("\n") == before.count("\n") + 2 + 3
     values = _env_values(existing)
     assert len(values["REDIS_PASSWORD"]) == 36 and values["DB_PASSWORD"] == settings["DB_PASSWORD"]
     assert values["REDIS_PASSWORD"] not in result.stderr, "the log names the variable, never its value"
@@ -357,14 +360,15 @@ def test_up_sh_appends_a_repository_password_only_when_there_is_none_and_says_to
     assert f"{existing} has no BACKUP_REPOSITORY_PASSWORD: appending a random one" in result.stderr
     assert "KEEP A COPY OF IT AWAY FROM THIS HOST" in result.stderr
     after = existing.read_text()
-    assert after.startswith(before) and after.count("\n") == before.count("\n") + 1
+    assert after.startswith(before) and after.count("\n") == before.count("\n") + 1 + 3  # + TASK_SIGNING_*
     values = _env_values(existing)
     assert len(values["BACKUP_REPOSITORY_PASSWORD"]) == 36 and values["REDIS_PASSWORD"] == settings["REDIS_PASSWORD"]
     assert values["BACKUP_REPOSITORY_PASSWORD"] not in result.stderr
     assert existing.stat().st_mode & 0o777 == 0o600
 
     # A password file instead: nothing appended (both would be refused by every process).
-    existing.write_text(before + "BACKUP_REPOSITORY_PASSWORD_FILE=/run/secrets/restic\n")
+    existing.write_text(after.replace(f"BACKUP_REPOSITORY_PASSWORD={values['BACKUP_REPOSITORY_PASSWORD']}\n",
+                                      "BACKUP_REPOSITORY_PASSWORD_FILE=/run/secrets/restic\n"))
     kept = existing.read_bytes()
     result = _up_env_only(existing, tmp_path)
     assert result.returncode == 0 and existing.read_bytes() == kept, result.stderr
@@ -550,6 +554,9 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     # arguments), in any process's argv inside the stack, in the backup's .meta, or in the logs.
     status, workers = _http(flower + "/api/workers?refresh=1", flower_auth)
     assert status == 200 and json.loads(workers), workers
+    # Signed task messages (docker/up.sh made the key): the worker accepts only signed ones, Flower asks it signed.
+    assert [(w["conf"]["task_serializer"], w["conf"]["accept_content"]) for w in json.loads(workers).values()] == [
+        ("auth", ["auth"])], workers
     paths = ["/api/workers?refresh=1", "/api/workers", "/workers", "/broker", "/tasks", "/api/task/types",
              "/metrics", "/", "/tasks/datatable?draw=1&start=0&length=100&order[0][column]=0&order[0][dir]=asc"
              "&columns[0][data]=name"]
