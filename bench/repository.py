@@ -272,7 +272,9 @@ class RepositorySection(BenchBase):
         """What the previous run's prune link leaves for the next offsite link (worker.repository.handover),
         true for a fresh repository: it holds no set of the database."""
         probe = ("import sys\nfrom worker.settings import get_settings\nfrom worker.repository.handover import hand_over\n"
-                 "hand_over(get_settings(), sys.argv[1], set())")
+                 "from worker.pg.executors import choose_executor\nfrom worker.pg.identity import server_identity\n"
+                 "settings = get_settings()\n"
+                 "hand_over(settings, sys.argv[1], server_identity(settings, choose_executor(settings), sys.argv[1]), set())")
         run([sys.executable, "-c", probe, database], clean_environment(worker.settings), cwd=self.work,
             stdout=subprocess.PIPE)
         return True

@@ -21,7 +21,7 @@ from worker.celery_app import host_queue
 from worker.coordination import parking
 from worker.coordination.locks import database_lock
 from worker.coordination.slots import claim_slot
-from worker.errors import LockHeld
+from worker.errors import BackupError, LockHeld
 from worker.pg.executors import choose_executor
 from worker.pg.identity import server_identity
 from worker.pg.server_errors import ServerUnavailable
@@ -55,6 +55,7 @@ def _link(run: Run, hands_over: bool = True) -> Iterator[Any]:
     when the link hands over to the next one (`worker.coordination.parking`). A failed link is not
     parked: the chain's error callback releases its lock."""
     settings = get_settings()
+    backup.check_run(run, settings)  # before anything: the record came in a message
     lock = _lock(run)
     parking.unpark(settings, lock)
     yield lock
@@ -185,6 +186,16 @@ def backup_failed(request: Any, exc: BaseException, traceback: Any) -> dict[str,
         logger.error("backup link %s failed: %s", request.id, exc)
         return {"error": str(exc)}
     run = cast(Run, given)
+    try:
+        backup.check_run(run, get_settings())
+    except BackupError as refused:
+        logger.error("backup link %s failed: %s; its error callback %s", request.id, exc, refused)
+        return {"error": str(exc), "refused": str(refused)}
+    lock = _lock(run)
+    holder = lock.holder()
+    if holder not in (None, run["run_id"]):  # another run holds the database now: its files are not ours to touch
+        logger.error("backup of %r failed: %s (its lock is another run's now; removed nothing)", run["database"], exc)
+        return {"database": run["database"], "error": str(exc), "removed": []}
     try:
         removed = backup.abandon_files(run)
     finally:

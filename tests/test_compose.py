@@ -481,8 +481,11 @@ def test_the_stack_comes_up_from_local_images_and_runs_one_backup_end_to_end(sta
     listing = compose.exec("worker", "ls", "/backups")  # (the uploads are in the repository only)
     files = sorted(listing.stdout.split())
     dumps = [name for name in files if name.endswith(".dump")]
-    assert len(dumps) == 1 and files == [dumps[0], dumps[0] + ".meta"], files
+    # The dump, its .meta and the copy of TMA Cloud's .env taken with it for its set (0600, the worker's)
+    assert len(dumps) == 1 and files == [dumps[0], dumps[0] + ".env", dumps[0] + ".meta"], files
     assert dumps[0].startswith("tma_cloud_storage_")
+    kept_env = compose.exec("worker", "stat", "-c", "%u %a", f"/backups/{dumps[0]}.env").stdout.split()
+    assert kept_env == ["1000", "600"], kept_env
     meta = compose.exec("worker", "cat", f"/backups/{dumps[0]}.meta").stdout
     assert "public.files=1000" in meta and "mode=host" in meta
     verify = compose.exec("worker", "tma-backup", "verify", f"/backups/{dumps[0]}")

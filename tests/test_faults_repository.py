@@ -554,8 +554,10 @@ def test_killed_between_a_fetch_and_its_publication_leaves_nothing_complete_look
         repository, local_env, pg, admin, tma_db, backup_dir, tmp_path):
     """`tma-backup restore --from-repository latest` on a fresh machine (an empty BACKUP_DIR), SIGKILLed
     after the download was checked and before it was published (TMA_BACKUP_CRASH_AT=fetch:publish): only
-    the `.partial` is left (no `.dump`, no `.meta`: nothing looks like a backup), the live database and
-    the server's databases are unchanged; run again, the fetch and the restore succeed."""
+    the fetch's staging folder is left, holding the download (no `.dump`, no `.meta`, no `.partial` in
+    BACKUP_DIR: nothing looks like a backup, nothing a prune would take for a run's leftover), the live
+    database and the server's databases are unchanged; run again, the fetch and the restore succeed and
+    the staging folder is gone."""
     init(repository)
     assert run_cli(["backup"], local_env, tmp_path, timeout=120).returncode == 0
     original, meta = only_backup(backup_dir, tma_db)
@@ -572,11 +574,10 @@ def test_killed_between_a_fetch_and_its_publication_leaves_nothing_complete_look
     argv = ["restore", "--from-repository", "latest", "--confirm", tma_db]
     crashed = run_cli(argv, {**env, "TMA_BACKUP_CRASH_AT": "fetch:publish"}, tmp_path, timeout=120)
     assert crashed.returncode == -signal.SIGKILL, crashed.output
-    names = sorted(path.name for path in fresh.iterdir())
-    assert original.name + ".partial" in names, names
-    assert not [name for name in names if name.endswith((".dump", ".dump.zst", ".meta"))], names
-    assert [entry for entry in catalogue.list_backups(fresh, tma_db) if entry.complete] == []
-    assert os.path.getsize(fresh / (original.name + ".partial")) == meta.file_size_bytes, "killed after the download"
+    [staging] = sorted(path.name for path in fresh.iterdir())
+    assert staging.startswith(".fetch-"), staging
+    assert [entry for entry in catalogue.list_backups(fresh, tma_db)] == []
+    assert os.path.getsize(fresh / staging / original.name) == meta.file_size_bytes, "killed after the download"
     assert digests(pg, tma_db) == live, "the live database is unchanged"
     assert {row[0] for row in admin.execute("SELECT datname FROM pg_database")} == databases
 
@@ -585,4 +586,5 @@ def test_killed_between_a_fetch_and_its_publication_leaves_nothing_complete_look
     fetched, fetched_meta = only_backup(fresh, tma_db)
     assert fetched.name == original.name and sha256_file(fetched) == sha256_file(original) == fetched_meta.sha256
     assert leftovers(fresh) == []
+    assert not (fresh / staging).exists()
     assert digests(pg, tma_db) == at_backup, "restored: the backup's content"

@@ -41,7 +41,7 @@ from tests.test_restore import change_live, digests, managed_databases
 from tests.test_workers import client_app
 from worker.archive import catalogue
 from worker.archive.compression import is_compressed
-from worker.archive.meta import human_size
+from worker.archive.meta import human_size, read_meta
 from worker.repository import handover
 from worker.repository import offsite as offsite_module
 from worker.repository.maintenance import forget
@@ -173,7 +173,12 @@ def send_crafted(env: dict[str, str], dump: Path, database: str) -> SentSet:
     """Send one local backup as a set, with the offsite link's own `send` and the settings `env` gives."""
     settings = settings_for(env)
     entry = catalogue.inspect_backup(dump, database, timestamp_of(dump, database))
-    return send(Restic(settings), entry, f"test-{uuid.uuid4()}", settings.WORKER_HOST)
+    return send(Restic(settings), entry, f"test-{uuid.uuid4()}", settings.WORKER_HOST, None)  # its .meta's server
+
+
+def made_on(dump: Path) -> str:
+    """The server a backup was taken from, as its .meta records it (`pg-<system_identifier>`)."""
+    return read_meta(catalogue.meta_path(dump)).extra["server_id"]
 
 
 def moment(days_ago: float = 0, hours: float = 0) -> str:
@@ -309,7 +314,7 @@ def test_repository_init_creates_it_once_and_a_second_init_changes_nothing(pg, s
     assert "Repository :" in created.stderr
 
 
-def test_a_backup_sends_one_set_that_restic_alone_can_read(env, repo, restic_bin, backup_dir, tma_db, tmp_path):
+def test_a_backup_sends_one_set_that_restic_alone_can_read(pg, env, repo, restic_bin, backup_dir, tma_db, tmp_path):
     result, dump = backup_in_process(env, tmp_path)
     meta = catalogue.inspect_backup(dump, tma_db, timestamp_of(dump, tma_db)).meta
     assert meta is not None
@@ -321,7 +326,10 @@ def test_a_backup_sends_one_set_that_restic_alone_can_read(env, repo, restic_bin
     added = tag_value(snapshot, "added:")
     assert added is not None and int(added) > 0
     assert tag_value(snapshot, "size:") == str(dump.stat().st_size)
-    assert set(snapshot["tags"]) == {"tma-backup", f"db:{tma_db}", f"at:{meta.timestamp}",
+    with pg.connect() as connection:  # the set names the server it came from
+        server = f"pg-{connection.execute('SELECT system_identifier FROM pg_control_system()').fetchone()[0]}"
+    assert meta.extra["server_id"] == server
+    assert set(snapshot["tags"]) == {"tma-backup", f"db:{tma_db}", f"server:{server}", f"at:{meta.timestamp}",
                                      f"run:{meta.extra['run_id']}", f"added:{added}", "part:database",
                                      f"size:{dump.stat().st_size}"}
     assert_set_holds(restic_bin, repo, snapshot, dump)
@@ -444,7 +452,7 @@ def test_catching_up_does_not_depend_on_the_listing_finishing_before_this_runs_u
 
     monkeypatch.setattr(offsite_module, "list_sets", watched_listing)
     settings = settings_for({**env, "BACKUP_DIR": str(local_dir)})
-    result = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(current))
+    result = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", made_on(current), str(current))
     assert uploads_during_listing == [], "no upload runs beside the listing"
     sent = [item["timestamp"] for item in result["sent"]]
     assert sent == [timestamp_of(unsent, tma_db), timestamp_of(current, tma_db)], \
@@ -474,25 +482,26 @@ def test_the_prune_link_hands_its_listing_to_the_next_runs_offsite_link_once(
 
     monkeypatch.setattr(offsite_module, "list_sets", counted_listing)
     second = craft(first, tma_db, backup_dir, moment(hours=-1))
-    handed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(second))
+    server = made_on(first)
+    handed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", server, str(second))
     assert (handed["listing"], listings) == ("handed over", [])
     assert [item["timestamp"] for item in handed["sent"]] == [timestamp_of(second, tma_db)]
     assert list(backup_dir.glob(".offsite-listing-*")) == [], "taken: it is used once"
 
-    retried = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(second))
+    retried = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", server, str(second))
     assert (retried["listing"], listings, retried["sent"]) == ("repository", [tma_db], []), "no set twice"
 
     # A note that leaves an older backup to send (it says the repository is empty) is not trusted.
-    handover.hand_over(settings, tma_db, set())
+    handover.hand_over(settings, tma_db, server, set())
     third = craft(first, tma_db, backup_dir, moment(hours=-2))
-    listed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(third))
+    listed = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", server, str(third))
     assert (listed["listing"], len(listings)) == ("repository", 2)
     assert [item["timestamp"] for item in listed["sent"]] == [timestamp_of(third, tma_db)]
     # Nor is a note of another repository.
-    handover.hand_over(settings_for({**env, "BACKUP_REPOSITORY": str(tmp_path / "elsewhere")}), tma_db,
+    handover.hand_over(settings_for({**env, "BACKUP_REPOSITORY": str(tmp_path / "elsewhere")}), tma_db, server,
                        {timestamp_of(third, tma_db)})
     fourth = craft(first, tma_db, backup_dir, moment(hours=-3))
-    other = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(fourth))
+    other = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", server, str(fourth))
     assert (other["listing"], len(listings)) == ("repository", 3)
     assert sorted(tag_value(found, "at:") for found in our_sets(restic_bin, repo, tma_db)) == [
         timestamp_of(path, tma_db) for path in (first, second, third, fourth)]
@@ -539,7 +548,7 @@ def test_the_offsite_link_never_runs_two_locking_restic_processes_at_once(
     sampler.start()
     try:
         settings = settings_for({**env, "BACKUP_DIR": str(local_dir)})
-        result = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", str(current))
+        result = offsite_module.offsite(settings, tma_db, f"test-{uuid.uuid4()}", made_on(current), str(current))
     finally:
         stop.set()
         sampler.join()
@@ -578,7 +587,7 @@ def test_calendar_retention_keeps_the_newest_set_of_each_kept_day_and_nothing_el
     assert len(ours) == 6 and len(foreign) == 4
 
     settings = settings_for(env)
-    forgotten = forget(Restic(settings), settings, tma_db).forgotten
+    forgotten = forget(Restic(settings), settings, tma_db, made_on(source)).forgotten
     after = {snapshot["id"]: snapshot for snapshot in snapshots(restic_bin, repo)}
     kept = [tag_value(snapshot, "at:") for snapshot in our_sets(restic_bin, repo, tma_db)]
     assert kept == ["20260107T200000Z", "20260108T200000Z"], "the newest set of each of the 2 newest days"
@@ -587,7 +596,7 @@ def test_calendar_retention_keeps_the_newest_set_of_each_kept_day_and_nothing_el
     assert sorted(forgotten) == sorted(key[:8] for key in ours - set(after))
     assert len(forgotten) == 4
     # Again: nothing more to forget, and the newest set stays.
-    assert forget(Restic(settings), settings, tma_db).forgotten == []
+    assert forget(Restic(settings), settings, tma_db, made_on(source)).forgotten == []
     assert [tag_value(snapshot, "at:") for snapshot in our_sets(restic_bin, repo, tma_db)][-1] == stamps[-1]
     check = restic(restic_bin, repo, "check")
     assert check.returncode == 0

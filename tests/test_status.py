@@ -210,7 +210,7 @@ def restic(repository: Path, *args: str, cwd: Path | None = None) -> str:
 
 def send_set(repository: Path, dump: Path, database: str) -> None:
     """`dump` and its .meta as one of our sets, tagged as the offsite link tags them."""
-    tags = [option for tag in set_tags(database, catalogue.timestamp_of(dump, database), "crafted")
+    tags = [option for tag in set_tags(database, catalogue.timestamp_of(dump, database), "crafted", None)
             for option in ("--tag", tag)]
     restic(repository, "backup", "--host", "crafted", *tags, dump.name, dump.name + ".meta", cwd=dump.parent)
 

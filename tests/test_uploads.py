@@ -267,10 +267,13 @@ def test_a_backup_stores_the_whole_set_byte_for_byte_and_the_key_only_as_its_fin
     assert dumped(restic_bin, site.repository, database_part["id"], env_name) == site.env_file.read_bytes()
     assert dumped(restic_bin, site.repository, database_part["id"], dump.name) == dump.read_bytes()
 
-    # The key itself: in the set's .env (the repository is encrypted), nowhere else.
+    # The key itself: in the set's .env (the repository is encrypted) and in the copy of TMA Cloud's .env
+    # kept beside the backup for its set (mode 0600, as TMA's own), nowhere else.
     secret_absent(result.output, FILE_KEY)
+    kept_env = catalogue.env_path(dump)
+    assert kept_env.read_bytes() == site.env_file.read_bytes() and kept_env.stat().st_mode & 0o777 == 0o600
     for path in site.backup_dir.rglob("*"):
-        if path.is_file():
+        if path.is_file() and path != kept_env:
             secret_absent(path.read_bytes(), FILE_KEY)
     assert [line for line in sampler.lines if FILE_KEY in line] == [], "the key in a process's argv"
     assert any("part:uploads" in line for line in sampler.lines), "the sampler saw the capture"
@@ -696,8 +699,8 @@ def test_a_fresh_machine_restores_database_and_every_upload_from_s3_through_a_wo
         backups.mkdir(parents=True, mode=0o700)
         uploads.mkdir()
         env_file = write_env_file(fresh / "tma-cloud.env", uploads)
-        new = start_worker("host-fresh", base_env(pg, backups, TMA_ENV_FILE=str(env_file), **repository.settings),
-                           fresh)
+        new = start_worker("host-fresh", base_env(pg, backups, DB_NAME=tma_db, TMA_ENV_FILE=str(env_file),
+                                                  **repository.settings), fresh)  # DB_NAME: TMA's, as the old one's
         restored = run_cli(["restore", "--from-repository", "latest", "--with-uploads", "--confirm", tma_db],
                            {**new.env, "DB_NAME": tma_db}, fresh)
         assert restored.returncode == 0, restored.output

@@ -431,7 +431,7 @@ def test_s3_is_used_only_with_the_driver_and_all_four_settings() -> None:
         assert not s3_configured(settings(**partial)), missing
     incomplete = settings(BACKUP_REPOSITORY="/srv/repository", BACKUP_REPOSITORY_PASSWORD="pw",
                           RUSTFS_ENDPOINT="http://rustfs:9000")
-    assert check_set_inputs(incomplete) == [
+    assert check_set_inputs(incomplete, incomplete.DB_NAME) == [
         "STORAGE_DRIVER=s3 but TMA Cloud's bucket settings lack the bucket, access key, secret key (R2_*, RUSTFS_* "
         "or AWS_S3_*/AWS_*, as in TMA's .env): the sets will hold no uploads"]
 

@@ -23,6 +23,7 @@ DUMP_SUFFIX = ".dump"
 ZST_DUMP_SUFFIX = ".dump.zst"  # the zstd-stream fast mode
 _ANY_DUMP = r"\.dump(?:\.zst)?"
 META_SUFFIX = ".meta"
+ENV_SUFFIX = ".env"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -51,6 +52,12 @@ def meta_path(dump: Path) -> Path:
     return dump.with_name(dump.name + META_SUFFIX)
 
 
+def env_path(dump: Path) -> Path:
+    """TMA Cloud's configuration file as it was when the dump was taken, kept beside it (mode 0600) for
+    its set: a set sent later (after an outage) carries the `.env` of its own time, not today's."""
+    return dump.with_name(dump.name + ENV_SUFFIX)
+
+
 def partial_path(dump: Path) -> Path:
     return dump.with_name(dump.name + PARTIAL_SUFFIX)
 
@@ -72,7 +79,7 @@ def new_backup_path(directory: Path, database: str, suffix: str = DUMP_SUFFIX) -
         timestamp = utc_timestamp()
         names = [directory / backup_name(database, timestamp, kind) for kind in (DUMP_SUFFIX, ZST_DUMP_SUFFIX)]
         dump = directory / backup_name(database, timestamp, suffix)
-        taken = [path for name in names for path in (name, meta_path(name), *run_files(name))]
+        taken = [path for name in names for path in (name, meta_path(name), env_path(name), *run_files(name))]
         if not any(os.path.lexists(path) for path in taken):
             return dump
         time.sleep(0.25)
@@ -176,7 +183,7 @@ def plan_prune(directory: Path, database: str, retain: int, keep: Path | None = 
     for entry in complete[: max(len(complete) - retain, 0)]:
         if keep is not None and entry.path == keep:
             continue
-        doomed += [entry.path, meta_path(entry.path)]
+        doomed += [entry.path, meta_path(entry.path), env_path(entry.path)]
     leftovers = [
         _pattern(database, PARTIAL_SUFFIX),
         _pattern(database, PARTIAL_SUFFIX + ".counts"),
@@ -184,14 +191,15 @@ def plan_prune(directory: Path, database: str, retain: int, keep: Path | None = 
     ]
     leftovers.append(re.compile(  # a crashed restore's decompressed copy of a .dump.zst (streams.plain_archive)
         r"\." + re.escape(database) + "_" + _TIMESTAMP + _ANY_DUMP + r"\.restore-[0-9a-f]{8}\.dump\Z", re.DOTALL))
-    orphan_meta = _pattern(database, META_SUFFIX)
+    sidecars = [(_pattern(database, suffix), suffix) for suffix in (META_SUFFIX, ENV_SUFFIX)]
     for name in _names(directory):
         path = directory / name
-        if not _is_regular_file(path):
+        if not _is_regular_file(path) or path in doomed:
             continue
         if any(pattern.match(name) for pattern in leftovers):
             doomed.append(path)
-        elif orphan_meta.match(name) and not os.path.lexists(path.with_name(name.removesuffix(META_SUFFIX))):
+        elif any(pattern.match(name) and not os.path.lexists(path.with_name(name.removesuffix(suffix)))
+                 for pattern, suffix in sidecars):  # a .meta or .env whose dump never got (or lost) its name
             doomed.append(path)
     return doomed
 

@@ -6,8 +6,8 @@ set-ups without a broker. The run record that links hand on is `run.Run`.
 """
 
 from worker.backup.dump import dump
-from worker.backup.run import Run, Summary, abandon_files, start_run, summary
+from worker.backup.run import Run, Summary, abandon_files, check_run, start_run, summary
 from worker.backup.steps import checksum, offsite, prune, verify, write_meta
 
-__all__ = ["Run", "Summary", "abandon_files", "checksum", "dump", "offsite", "prune", "start_run", "summary",
-           "verify", "write_meta"]
+__all__ = ["Run", "Summary", "abandon_files", "check_run", "checksum", "dump", "offsite", "prune", "start_run",
+           "summary", "verify", "write_meta"]

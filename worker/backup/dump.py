@@ -19,11 +19,12 @@ from worker.errors import BackupError, first_line
 from worker.pg.database import connect, exact_row_counts, exported_snapshot, server_major, server_version_text
 from worker.pg.environment import tool_environment
 from worker.pg.executors import Executor, ToolProcess, ToolResult
+from worker.pg.identity import identity_of
 from worker.pg.server_errors import ServerUnavailable, server_gone
 from worker.progress import Progress, no_progress
 from worker.settings import Settings
 from worker.uploads.capture import capture_for_run
-from worker.uploads.config import uploads_enabled
+from worker.uploads.config import keep_configuration, uploads_enabled
 from worker.uploads.references import Reference, read_references, references_path
 from worker.uploads.references import save as save_references
 
@@ -76,6 +77,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                         f"install postgresql-client-{server} on this host or use docker mode (DB_CONTAINER)"
                     )
                 run["server_version"] = server_version_text(connection)
+                run["server_id"] = identity_of(connection)  # the set's `server:` tag, in its .meta too
                 run["pg_dump_version"] = str(pg_dump_major)
                 with exported_snapshot(connection, settings.PG_LOCK_WAIT_TIMEOUT) as snapshot:
                     options = [
@@ -89,7 +91,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                     _create_private(partial)
                     process = executor.start_dump(
                         options, tool_environment(settings, database), partial, compression.zstd_level)
-                    query = settings.UPLOADS_REFERENCES_QUERY if uploads_enabled(settings) else None
+                    query = settings.UPLOADS_REFERENCES_QUERY if uploads_enabled(settings, database) else None
                     result, counted = _dump_and_count(process, connection, partial, lock, lock_lost, progress, query)
             counts, references = counted if counted is not None else (None, None)
             if result.returncode != 0 or counts is None:
@@ -101,6 +103,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             if lock_lost.is_set():
                 lock.confirm()  # raises with the reason
             write_counts(catalogue.counts_path(backup), counts)
+            keep_configuration(settings, database, backup)  # the set's .env is the one of this moment
             if references is not None:
                 save_references(references_path(backup), references)
             if compression.zstd_level is not None and result.output_bytes:
@@ -124,7 +127,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
     run["tables"] = len(counts)
     run["dump_seconds"] = round(time.monotonic() - started, 3)
     progress("dumped", {"bytes": partial.stat().st_size})
-    if uploads_enabled(settings):
+    if uploads_enabled(settings, database):
         with kept_alive(lock, renewal_interval(settings)) as lock_lost:
             run["uploads"] = capture_for_run(run, settings, progress)
             if lock_lost.is_set():

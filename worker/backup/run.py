@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict, cast
 
 from worker.archive import catalogue
 from worker.archive.compression import parse_compression
@@ -38,6 +38,7 @@ class Run(TypedDict):
     warnings: list[str]
     # Set by the dump:
     server_version: NotRequired[str]
+    server_id: NotRequired[str]  # `pg-<system_identifier>`: the server the dump was taken from, named by its set
     pg_dump_version: NotRequired[str]
     archive_bytes: NotRequired[int]  # zstd-stream: the plain archive's size (room a restore needs)
     mode: NotRequired[str]
@@ -95,7 +96,7 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         raise
     warning = folder_warning(directory)
     try:
-        set_warnings = check_set_inputs(settings)
+        set_warnings = check_set_inputs(settings, database)
     except BaseException:
         lock.release()
         raise
@@ -109,6 +110,29 @@ def start_run(settings: Settings, database: str, run_id: str, lock: DatabaseLock
         "started_at": time.time(),
         "warnings": ([warning] if warning else []) + set_warnings,
     }
+
+
+def check_run(run: Any, settings: Settings) -> Run:
+    """A run record that arrived in a message, checked before any link acts on it (docs/threat-model.md):
+    a valid database name, a backup path inside this host's BACKUP_DIR named `<database>_<timestamp>.dump`
+    (or `.dump.zst`) for its own database and timestamp, and this host's name. Raises BackupError."""
+    if not isinstance(run, dict) or not all(isinstance(run.get(key), str) for key in ("run_id", "database", "backup",
+                                                                                     "timestamp", "host")):
+        raise BackupError("refused a chain link whose run record is malformed")
+    try:
+        check_database_name(run["database"])
+        catalogue.parse_timestamp(run["timestamp"])
+    except ValueError as error:
+        raise BackupError(f"refused a chain link for database {run['database']!r}: {error}") from None
+    backup = Path(run["backup"])
+    names = {catalogue.backup_name(run["database"], run["timestamp"], suffix)
+             for suffix in (catalogue.DUMP_SUFFIX, catalogue.ZST_DUMP_SUFFIX)}
+    if not backup.is_absolute() or backup.parent != settings.backup_dir or backup.name not in names:
+        raise BackupError(f"refused a chain link: its backup {run['backup']!r} is not a backup of {run['database']!r} "
+                          f"in this host's BACKUP_DIR ({settings.backup_dir})")
+    if run["host"] != settings.WORKER_HOST:
+        raise BackupError(f"refused a chain link of host {run['host']!r} on host {settings.WORKER_HOST!r}")
+    return cast(Run, run)
 
 
 def write_counts(path: Path, counts: dict[str, int]) -> None:
@@ -126,7 +150,7 @@ def abandon_files(run: Run) -> list[str]:
     backup = Path(run["backup"])
     doomed = catalogue.run_files(backup)
     if not os.path.lexists(backup):
-        doomed.append(catalogue.meta_path(backup))
+        doomed += [catalogue.meta_path(backup), catalogue.env_path(backup)]
     removed = []
     for path in doomed:
         try:

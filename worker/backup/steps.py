@@ -68,6 +68,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
             "file_size_bytes": str(run["size_bytes"]),
             "pg_dump_version": run["pg_dump_version"],
             "server_version": run["server_version"],
+            **({"server_id": run["server_id"]} if run.get("server_id") else {}),
             **run.get("mode_fields", {}),
             **({"archive_bytes": str(run["archive_bytes"])} if run.get("archive_bytes") else {}),
             "worker_host": run["host"],
@@ -128,7 +129,8 @@ def offsite(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress
     lock.confirm()
     crash_point("offsite")
     with kept_alive(lock, renewal_interval(settings)) as lock_lost:
-        run["offsite"] = send_offsite(settings, run["database"], run["run_id"], run["backup"], progress)
+        run["offsite"] = send_offsite(settings, run["database"], run["run_id"], run.get("server_id"), run["backup"],
+                                      progress)
         if lock_lost.is_set():
             lock.confirm()
     progress("sent offsite", {key: run["offsite"][key] for key in ("set", "bytes_added", "seconds")})
@@ -144,7 +146,7 @@ def _retain_in_repository(run: Run, settings: Settings, lock: DatabaseLock, prog
     offsite = run["offsite"]
     try:
         with kept_alive(lock, renewal_interval(settings)):
-            kept = retain(settings, run["database"], run["run_id"], offsite["sent"], progress)
+            kept = retain(settings, run["database"], run.get("server_id"), run["run_id"], offsite["sent"], progress)
     except RepositoryError as error:
         offsite["retention"] = f"not applied this time: {error}"
         run["warnings"].append(f"repository retention {offsite['retention']}")

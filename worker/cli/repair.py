@@ -51,6 +51,8 @@ def _show(report: dict[str, Any], database: str | None) -> None:
         output.warn(f"{printable(name)}: skipped, {why}")
     for name, error in report["failed"].items():
         output.warn(f"{printable(name)}: not repaired: {error}")
+    if report.get("removed_staging"):
+        output.ok(f"BACKUP_DIR: removed what interrupted fetches left: {', '.join(report['removed_staging'])}")
     if report["left_broken"]:
         hint = ("run `tma-backup repair` again once its restore, backup or drill has finished"
                 if not report["failed"] else "see the lines above")

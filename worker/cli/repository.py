@@ -52,7 +52,7 @@ def init_command() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout, for scripts.")
 @guarded
 def list_command(database: str | None, as_json: bool) -> None:
-    """List the sets: id, database, backup time, bytes added, age (oldest first)."""
+    """List the sets: id, database, server, backup time, bytes added, age (oldest first)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -77,11 +77,11 @@ def list_command(database: str | None, as_json: bool) -> None:
         output.info("No sets yet." + (f" (database {database!r})" if database else ""))
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("Set", "Database", "Backup (UTC)", "Added", "Age"):
+    for column in ("Set", "Database", "Server", "Backup (UTC)", "Added", "Age"):
         table.add_column(column)
     for found in sets:
         table.add_row(
-            found.short_id, Text(printable(found.database)),
+            found.short_id, Text(printable(found.database)), Text(printable(found.server or "-")),
             catalogue.parse_timestamp(found.timestamp).strftime("%Y-%m-%d %H:%M:%S"),
             f"{human_size(found.bytes_added)}B" if found.bytes_added is not None else "-",
             _age_text(_age(found.timestamp, now)),

@@ -93,7 +93,9 @@ def _report(result: dict[str, Any]) -> None:
                       + ("(the current key)" if uploads.get("key_matches") else "(not set here: cannot compare)"))
     if uploads and len(uploads.get("previous_folders", [])) > 1:
         output.info(f"Uploads    : UPLOAD_DIR holds {len(uploads['previous_folders'])} folders of files set aside by "
-                    "restores (.tma-previous-*); tma-backup never deletes them: remove the ones you no longer need")
+                    "restores (.tma-previous-*); each goes when its database copy goes (RESTORE_KEEP_PREVIOUS)")
+    if uploads and uploads.get("left_in_place"):
+        output.warn(f"Uploads    : left in place (no rename can move them): {', '.join(uploads['left_in_place'][:5])}")
     if result.get("settled_uploads"):
         output.warn(f"Uploads    : an interrupted swap was settled first: {result['settled_uploads']}")
     if result.get("kept"):

@@ -45,8 +45,9 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
       backups (here or in the repository) go back beyond `due_since`. A fresh install with no drill yet is
       a warning;
     - `repository` (null without BACKUP_REPOSITORY): `address` (without a password), `set` (short id),
-      `timestamp`, `age_hours`, `sets` (how many), `max_age_hours`, `error`. Problem: cannot be read,
-      holds no set of the database, or its newest set is older than BACKUP_MAX_AGE_HOURS;
+      `timestamp`, `age_hours`, `sets` (how many), `max_age_hours`, `error`, `server` (this server's
+      identity: the sets counted are the ones it made, `worker.repository.sets.of_server`). Problem: cannot
+      be read, holds no set of the database made here, or its newest set is older than BACKUP_MAX_AGE_HOURS;
     - `uploads` (null unless the newest backup's .meta records the uploads cross-check): `file`,
       `missing` (count), `missing_names`, `error` (why the capture failed, if it did). Problem: `missing` > 0;
     - `connections`: `checked`, `refusing`, `error` (why it was not checked). Problem: an interrupted restore left the database refusing
@@ -58,7 +59,8 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
     host = settings.WORKER_HOST
     complete = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     newest = complete[-1] if complete else None
-    repository, oldest_set = _repository(settings, database, now) if settings.repository else (None, None)
+    repository, oldest_set = _repository(settings, database, _server(settings, database, newest), now) \
+        if settings.repository else (None, None)
     starts = [moment for moment in (complete[0].created if complete else None, oldest_set) if moment is not None]
     sections: dict[str, dict[str, Any] | None] = {
         "backup": _backup(settings, database, newest, now),
@@ -163,26 +165,41 @@ def _moment(text: Any) -> datetime | None:
         return None
 
 
-def _repository(settings: Settings, database: str, now: datetime) -> tuple[dict[str, Any], datetime | None]:
-    """The newest set of `database` in the repository, and when its oldest set was made."""
+def _server(settings: Settings, database: str, newest: BackupEntry | None) -> str:
+    """This server's identity: as the newest backup's .meta records it (no connection needed), else asked."""
+    recorded = newest.meta.extra.get("server_id") if newest is not None and newest.meta is not None else None
+    if recorded:
+        return recorded
+    from worker.pg.executors import choose_executor
+    from worker.pg.identity import server_identity
+
+    try:
+        return server_identity(settings, choose_executor(settings), database)
+    except BackupError:
+        return settings.configured_server
+
+
+def _repository(settings: Settings, database: str, server: str, now: datetime) -> tuple[dict[str, Any], datetime | None]:
+    """The newest set of `database` that this server made (`worker.repository.sets.of_server`) in the
+    repository, and when its oldest set was made."""
     from worker.repository.restic import Restic, redacted
-    from worker.repository.sets import list_sets
+    from worker.repository.sets import list_sets, of_server
 
     section: dict[str, Any] = {
         "address": redacted(settings.repository or ""), "set": None, "timestamp": None, "age_hours": None,
         "sets": None, "max_age_hours": settings.BACKUP_MAX_AGE_HOURS, "error": None, "problem": None,
-        "warning": None,
+        "warning": None, "server": server,
     }
     try:
         restic = Restic(settings)
         section["address"] = restic.shown
-        sets = list_sets(restic, database)
+        sets = of_server(list_sets(restic, database), server)
     except BackupError as error:
         section.update(error=str(error), problem=f"the repository cannot be read: {error}")
         return section, None
     section["sets"] = len(sets)
     if not sets:
-        section["problem"] = f"the repository {restic.shown} holds no set of {database!r}"
+        section["problem"] = f"the repository {restic.shown} holds no set of {database!r} made on this server ({server})"
         return section, None
     newest = sets[-1]
     age = _hours(catalogue.parse_timestamp(newest.timestamp), now)

@@ -3,9 +3,11 @@ its `.meta`, the dump's SHA-256 checked against the `.meta`. From there the rest
 same locked, token-guarded one as for a backup made here.
 
 Works on a fresh machine: an empty BACKUP_DIR and nothing but the repository's address and password.
-restic restores the two files into a private staging folder in BACKUP_DIR; the dump then takes a
-`.partial` name (a crash leaves nothing that looks complete; the next prune removes it), is checked,
-and is published like a backup: `.meta` first, then the dump's final name.
+restic restores the two files into a private staging folder in BACKUP_DIR (`.fetch-<set>/`), where the
+dump is checked; it leaves that folder only to be published like a backup: `.meta` first, then the
+dump's final name. It never takes a `.partial` name in BACKUP_DIR, which a backup's prune of the same
+database would take for a crashed run's leftover and delete mid-check. A crash leaves only the staging
+folder, which nothing takes for a backup; the next fetch removes it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
     except SettingsError as error:
         raise BackupError(str(error)) from None
     restic = Restic(settings)
+    server = this_server(settings, database) if reference == "latest" else None
     with using_repository(settings, owner, progress):
-        found = find_set(restic, reference, database)
+        found = find_set(restic, reference, database, server)
         dump_name = _dump_name(found)
         meta_name = dump_name + catalogue.META_SUFFIX
         target = directory / dump_name
@@ -55,10 +58,11 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
             raise BackupError(
                 f"not enough free space in {directory} to fetch {dump_name}: it needs {human_size(needed)}B "
                 f"(+{human_size(ROOM_MARGIN)}B margin), {human_size(free)}B are free; nothing was written")
-        partial = catalogue.partial_path(target)
         staging = directory / f"{STAGING_PREFIX}{found.short_id}"
+        downloaded = staging / dump_name
         try:
-            shutil.rmtree(staging, ignore_errors=True)
+            for leftover in directory.glob(f"{STAGING_PREFIX}*"):  # crashed fetches' (every fetch holds the lock)
+                shutil.rmtree(leftover, ignore_errors=True)
             staging.mkdir(mode=0o700)
             progress("fetching from the repository", {"file": dump_name, "total_bytes": needed})
             # One `restic restore` of the two files: restic fetches in parallel, where `restic dump` streams
@@ -72,22 +76,20 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
                 raise VerificationFailed(f"set {found.short_id}: its .meta is unreadable ({error})") from None
             if meta.database != found.database or meta.timestamp != found.timestamp:
                 raise VerificationFailed(f"set {found.short_id}: its .meta names another backup")
-            os.replace(staging / dump_name, partial)
-            os.chmod(partial, 0o600)
-            shutil.rmtree(staging, ignore_errors=True)
-            sha256, size = sha256_of(partial, progress), partial.stat().st_size
+            os.chmod(downloaded, 0o600)
+            sha256, size = sha256_of(downloaded, progress), downloaded.stat().st_size
             if sha256 != meta.sha256 or size != meta.file_size_bytes:
                 raise VerificationFailed(
                     f"set {found.short_id}: {dump_name} as fetched ({size} bytes, SHA-256 {sha256[:16]}…) "
                     f"is not what its .meta records ({meta.file_size_bytes} bytes, {meta.sha256[:16]}…); not used")
             crash_point("fetch:publish")
-            kept_local = _publish(target, partial, meta_text, meta.sha256)
+            kept_local = _publish(target, downloaded, meta_text, meta.sha256)
         except BaseException as error:
-            partial.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError):
-                raise BackupError(f"cannot write {partial.name} in {directory}: {error.strerror}") from None
+                raise BackupError(f"cannot write {dump_name} in {directory}: {error.strerror}") from None
             raise
+        shutil.rmtree(staging, ignore_errors=True)
     return {
         "file": dump_name,
         "set": found.short_id,
@@ -99,6 +101,30 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
         "host": settings.WORKER_HOST,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def remove_stale_staging(settings: Settings, owner: str) -> list[str]:
+    """The staging folders of fetches that died (a fetch holds the repository's lock while its folder
+    exists: when the lock is free, none is running), removed; none when the lock is busy. Names removed."""
+    directory = settings.backup_dir
+    stale = sorted(directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []
+    if not stale or not settings.repository:
+        return []
+    try:
+        with using_repository(settings, owner, wait=0):
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+    except BackupError:  # a fetch is running (or the lock cannot be asked): the next repair
+        return []
+    return [path.name for path in stale]
+
+
+def this_server(settings: Settings, database: str | None) -> str:
+    """The identity of the server a restore of `database` goes to: `latest` is the newest set it made."""
+    from worker.pg.executors import choose_executor
+    from worker.pg.identity import server_identity
+
+    return server_identity(settings, choose_executor(settings), database or settings.DB_NAME)
 
 
 def _dump_name(found: RepositorySet) -> str:
@@ -116,7 +142,7 @@ def _read_meta_text(path: Path, found: RepositorySet) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _publish(target: Path, partial: Path, meta_text: str, sha256: str) -> bool:
+def _publish(target: Path, downloaded: Path, meta_text: str, sha256: str) -> bool:
     """Publish the checked download like a backup: `.meta`, then the dump's final name. When that
     backup is already here, complete and recorded with the same SHA-256, keep it and drop the download
     (the bytes are identical). Returns whether the local copy was kept."""
@@ -124,12 +150,12 @@ def _publish(target: Path, partial: Path, meta_text: str, sha256: str) -> bool:
     if os.path.lexists(target):
         entry = catalogue.inspect_backup(target, *_database_and_timestamp(target, meta_text))
         if entry.complete and entry.meta is not None and entry.meta.sha256 == sha256 and target.is_file():
-            partial.unlink()
+            downloaded.unlink()
             return True
         raise BackupError(f"{target.name} already exists in {target.parent} and is not this set's backup; "
                           "move it away first (nothing was changed)")
     write_atomically(meta_file, meta_text)
-    os.replace(partial, target)
+    os.replace(downloaded, target)
     fsync_dir(target.parent)
     return False
 

@@ -20,8 +20,8 @@ from worker.settings import Settings
 PREFIX = ".offsite-listing-"
 
 
-def _note(settings: Settings, database: str) -> Path:
-    key = hashlib.sha256(f"{settings.repository}\0{database}".encode()).hexdigest()[:24]
+def _note(settings: Settings, database: str, server: str | None) -> Path:
+    key = hashlib.sha256(f"{settings.repository}\0{database}\0{server}".encode()).hexdigest()[:24]
     return settings.backup_dir / f"{PREFIX}{key}.json"
 
 
@@ -29,10 +29,10 @@ def _fingerprint(settings: Settings) -> str:
     return hashlib.sha256((settings.repository or "").encode()).hexdigest()
 
 
-def hand_over(settings: Settings, database: str, timestamps: set[str]) -> None:
-    """Leave the database's set timestamps (just listed, under the repository's lock) for the next run.
-    A note that cannot be written is no loss: the next run lists the repository."""
-    note = _note(settings, database)
+def hand_over(settings: Settings, database: str, server: str | None, timestamps: set[str]) -> None:
+    """Leave the timestamps of the database's sets of this server (just listed, under the repository's
+    lock) for the next run. A note that cannot be written is no loss: the next run lists the repository."""
+    note = _note(settings, database, server)
     partial = note.with_name(note.name + ".partial")
     body = {"repository": _fingerprint(settings), "database": database, "timestamps": sorted(timestamps)}
     try:
@@ -44,10 +44,10 @@ def hand_over(settings: Settings, database: str, timestamps: set[str]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def take(settings: Settings, database: str) -> set[str] | None:
-    """The timestamps handed over for this database and repository, deleting the note; None when there
-    is none (or it is unreadable, or of another repository or database)."""
-    note = _note(settings, database)
+def take(settings: Settings, database: str, server: str | None) -> set[str] | None:
+    """The timestamps handed over for this database, server and repository, deleting the note; None when
+    there is none (or it is unreadable, or of another repository or database)."""
+    note = _note(settings, database, server)
     try:
         text = note.read_text()
         note.unlink()

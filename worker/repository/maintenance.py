@@ -23,6 +23,7 @@ from worker.repository.sets import (
     list_parts,
     list_sets,
     merge_parts,
+    server_tag,
 )
 from worker.settings import Settings
 
@@ -49,36 +50,38 @@ class Retention:
     kept: set[str]  # the timestamps of the sets left
 
 
-def forget(restic: Restic, settings: Settings, database: str) -> Retention:
-    """Apply the calendar policy to this database's sets (restic's semantics: the newest set of each
-    period that has one, in one group per database). The policy runs on the database parts (tag filter:
-    this tool, this database, `part:database`); uploads parts then follow their database part, so a set
-    is kept or forgotten whole. Uploads parts left by failed runs go too, once a newer set exists. The
-    newest set always stays."""
-    parts = list_parts(restic, database)
+def forget(restic: Restic, settings: Settings, database: str, server: str | None) -> Retention:
+    """Apply the calendar policy to this server's sets of this database (restic's semantics: the newest
+    set of each period that has one, in one group per server and database). The policy runs on the
+    database parts (tag filter: this tool, this database, this server, `part:database`); uploads parts
+    then follow their database part, so a set is kept or forgotten whole. Uploads parts left by failed
+    runs go too, once a newer set exists. The newest set always stays. Another server's sets, and sets
+    made before sets named their server (whose they are is unknown), are never touched; with no known
+    server (`server` None) nothing is."""
+    parts = [item for item in list_parts(restic, database) if server is not None and item.server == server]
     sets = merge_parts(parts)
     removed: list[str] = []
-    if len(sets) > 1:
+    if len(sets) > 1 and server is not None:
         newest = sets[-1].id
         result = restic.json([
-            "forget", "--tag", f"{TOOL_TAG},{database_tag(database)},part:{DATABASE_PART}", "--group-by", "",
-            *keep_arguments(settings),
+            "forget", "--tag", f"{TOOL_TAG},{database_tag(database)},{server_tag(server)},part:{DATABASE_PART}",
+            "--group-by", "", *keep_arguments(settings),
         ]) or []
         for group in result:
             removed += [str(item["id"]) for item in group.get("remove") or []]
         if newest in removed:  # restic never does this with a keep-* of at least 1; fail loudly if it ever did
             raise RepositoryError(f"retention removed the newest set {newest[:8]} of {database!r}; this is a bug")
-    kept = {(item.database, item.timestamp) for item in sets if item.id not in removed}
+    kept = {item.key for item in sets if item.id not in removed}
     newest_timestamp = sets[-1].timestamp if sets else ""
-    followers = [item.id for item in parts if item.part == UPLOADS_PART and (item.database, item.timestamp) not in kept
+    followers = [item.id for item in parts if item.part == UPLOADS_PART and item.key not in kept
                  and item.timestamp < newest_timestamp]
     if followers:
         restic.run(["forget", *followers])
         removed += followers
-    return Retention([identifier[:8] for identifier in removed], sets, {timestamp for _, timestamp in kept})
+    return Retention([identifier[:8] for identifier in removed], sets, {timestamp for _, _, timestamp in kept})
 
 
-def retain(settings: Settings, database: str, owner: str, sent: list[dict[str, Any]],
+def retain(settings: Settings, database: str, server: str | None, owner: str, sent: list[dict[str, Any]],
            progress: Progress = no_progress) -> dict[str, Any]:
     """The prune link's share in the repository: record what each set this run sent added (a tag:
     restic 0.14 keeps no such figure, and it is known only once the set is written; `restic tag`
@@ -89,8 +92,8 @@ def retain(settings: Settings, database: str, owner: str, sent: list[dict[str, A
         for item in sent:
             restic.run(["tag", "--add", f"added:{int(item['bytes_added'])}", str(item["set"])])
         progress("forgetting old sets", {})
-        retention = forget(restic, settings, database)
-        handover.hand_over(settings, database, retention.kept)
+        retention = forget(restic, settings, database, server)
+        handover.hand_over(settings, database, server, retention.kept)
     by_timestamp = {found.timestamp: found.short_id for found in retention.listed}
     renamed = {str(item["set"]): by_timestamp.get(str(item["timestamp"]), str(item["set"])) for item in sent}
     return {"renamed": renamed, "forgotten": retention.forgotten}
@@ -111,13 +114,16 @@ def init(settings: Settings) -> dict[str, Any]:
 
 
 def prune(settings: Settings, owner: str, progress: Progress = no_progress) -> dict[str, Any]:
-    """Forget per the policy for every database with sets, then reclaim the space (`restic prune`)."""
+    """Forget per the policy for every server's sets of every database, then reclaim the space (`restic
+    prune`). `forgotten`: {database: short ids} (all its servers')."""
     restic = Restic(settings)
     started = time.monotonic()
     with using_repository(settings, owner, progress):
         unlock_stale(restic)
-        databases = sorted({found.database for found in list_sets(restic)})
-        forgotten = {database: forget(restic, settings, database) for database in databases}
+        groups = sorted({(found.database, found.server) for found in list_sets(restic) if found.server is not None})
+        forgotten: dict[str, list[str]] = {}
+        for database, server in groups:
+            forgotten.setdefault(database, []).extend(forget(restic, settings, database, server).forgotten)
         progress("pruning the repository", {})
         prune_started = time.monotonic()
         restic.run(["prune"])

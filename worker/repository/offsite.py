@@ -26,7 +26,6 @@ from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
 from worker.repository.sets import DATABASE_PART, list_files, list_sets, set_tags, set_time
 from worker.settings import Settings
-from worker.uploads.config import env_file, uploads_enabled
 
 STAGING_PREFIX = ".offsite-staging-"  # `backup --time`, read in the TZ restic runs with (UTC)
 
@@ -40,10 +39,11 @@ class SentSet:
     confirm_seconds: float  # of `seconds`: listing the set back (one restic command, mostly its key derivation)
 
 
-def offsite(settings: Settings, database: str, run_id: str, current: str | None = None,
+def offsite(settings: Settings, database: str, run_id: str, server: str | None, current: str | None = None,
             progress: Progress = no_progress) -> dict[str, Any]:
     """Send `current` (this run's complete backup) and every other complete local backup of `database`
-    newer than the repository's newest set that the repository lacks (what failed runs could not send;
+    newer than the repository's newest set of this server (`server`, with the sets made before sets named
+    their server; never another server's) that the repository lacks (what failed runs could not send;
     an older one missing was forgotten by retention and stays forgotten). Each set is confirmed by
     listing it back. Raises RepositoryError; the local backups are never touched.
 
@@ -55,17 +55,17 @@ def offsite(settings: Settings, database: str, run_id: str, current: str | None 
     restic = Restic(settings)
     local = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     own = next((entry for entry in local if current and entry.path == Path(current)), None)
-    configuration = env_file(settings) if uploads_enabled(settings) else None
     sent: list[SentSet] = []
-    handed = handover.take(settings, database)  # before anything is sent: a retried link lists
+    handed = handover.take(settings, database, server)  # before anything is sent: a retried link lists
     with using_repository(settings, run_id, progress):
         waiting = _waiting(local, own, handed) if handed is not None else []
         listed = own is None or waiting != [own]
         if listed:
-            waiting = _waiting(local, own, {found.timestamp for found in list_sets(restic, database)})
+            waiting = _waiting(local, own, {found.timestamp for found in list_sets(restic, database)
+                                            if found.server in (server, None)})
         for number, entry in enumerate(waiting, 1):
             progress("sending offsite", {"file": entry.path.name, "set": number, "sets": len(waiting)})
-            sent.append(send(restic, entry, run_id, settings.WORKER_HOST, progress, configuration))
+            sent.append(send(restic, entry, run_id, settings.WORKER_HOST, server, progress))
     return {
         "repository": restic.shown,
         "set": next((item.id[:8] for item in sent if own is not None and item.timestamp == own.timestamp), None),
@@ -89,9 +89,9 @@ def _waiting(local: list[BackupEntry], own: BackupEntry | None, present: set[str
 @contextmanager
 def _staged(dump: Path, meta: Path, configuration: Path | None) -> Iterator[tuple[Path, dict[str, int]]]:
     """The folder restic runs in and the names (with sizes) the set must hold. Without a configuration
-    file that is BACKUP_DIR itself; with one, a private staging folder in BACKUP_DIR holding hard links
-    to the dump and `.meta` (no copy) and a copy of the configuration as `<backup name>.env`, removed
-    afterwards (a crash leaves it for the next send to remove)."""
+    file that is BACKUP_DIR itself; with one (the `.env` kept beside the backup when it was taken), a
+    private staging folder in BACKUP_DIR holding hard links to the three (no copy), the configuration
+    as `<backup name>.env`, removed afterwards (a crash leaves it for the next send to remove)."""
     if configuration is None:
         yield dump.parent, {dump.name: dump.stat().st_size, meta.name: meta.stat().st_size}
         return
@@ -103,9 +103,7 @@ def _staged(dump: Path, meta: Path, configuration: Path | None) -> Iterator[tupl
         os.link(dump, folder / dump.name)
         os.link(meta, folder / meta.name)
         env_name = dump.name.removesuffix(catalogue.ZST_DUMP_SUFFIX).removesuffix(catalogue.DUMP_SUFFIX) + ".env"
-        descriptor = os.open(folder / env_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as target, open(configuration, "rb") as source:
-            shutil.copyfileobj(source, target)
+        os.link(configuration, folder / env_name)
         yield folder, {name: (folder / name).stat().st_size for name in (dump.name, meta.name, env_name)}
     except OSError as error:
         raise RepositoryError(f"cannot stage {dump.name} with its configuration in {dump.parent}: {error.strerror}") from None
@@ -113,12 +111,14 @@ def _staged(dump: Path, meta: Path, configuration: Path | None) -> Iterator[tupl
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: Progress = no_progress,
-         configuration: Path | None = None) -> SentSet:
-    """One backup (its dump and `.meta`, and the configuration file when given) as the database part of
-    its set, confirmed by listing it back."""
+def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, server: str | None,
+         progress: Progress = no_progress) -> SentSet:
+    """One backup (its dump, its `.meta` and the configuration file kept with it, if any) as the
+    database part of its set, confirmed by listing it back."""
     started = time.monotonic()
     dump, meta = entry.path, catalogue.meta_path(entry.path)
+    kept = catalogue.env_path(dump)
+    configuration = kept if os.path.isfile(kept) and not os.path.islink(kept) else None
     run_of_backup = (entry.meta.extra.get("run_id") if entry.meta else None) or run_id
     summary: dict[str, Any] = {}
 
@@ -131,7 +131,8 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, progress: P
                                          "total_bytes": int(message.get("total_bytes", 0))})
 
     moment = set_time(entry.timestamp)
-    tags = [*set_tags(entry.database, entry.timestamp, run_of_backup), f"part:{DATABASE_PART}",
+    made_on = (entry.meta.extra.get("server_id") if entry.meta else None) or server  # a backup of before: this run's
+    tags = [*set_tags(entry.database, entry.timestamp, run_of_backup, made_on), f"part:{DATABASE_PART}",
             f"size:{dump.stat().st_size}"]
     # A compressed dump is incompressible: restic's compression would cost CPU (a sixth of the upload on
     # two cores) and save nothing. An uncompressed one (BACKUP_COMPRESSION=0) is left to restic to compress.

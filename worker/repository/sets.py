@@ -4,11 +4,18 @@ A set is one restic snapshot per backup, its *database part*: the backup's `.dum
 its `.meta` and, with uploads, the configuration file (`<name>.env`), at the root of the snapshot's
 tree, so `restic restore ID --target DIR` gives those files and nothing else. With uploads it has a
 second snapshot, its *uploads part*: UPLOAD_DIR's content at the root of its tree. Their tags say what
-they are: `tma-backup`, `db:<database>` (percent-encoded: restic splits tags at commas), `at:<backup
-timestamp>`, `run:<run id>`, `part:database` or `part:uploads`, `size:<bytes>` (the database part: its
-backup file's size, so a fetch checks its room without listing the set) and `added:<bytes>` (what it
-added to the repository), so listing and retention never touch snapshots this tool did not make. Both parts of
-a set carry the same `at:` tag and time.
+they are: `tma-backup`, `db:<database>` (percent-encoded: restic splits tags at commas), `server:<the
+database server's identity>` (`pg-<system_identifier>`), `at:<backup timestamp>`, `run:<run id>`,
+`part:database` or `part:uploads`, `size:<bytes>` (the database part: its backup file's size, so a fetch
+checks its room without listing the set) and `added:<bytes>` (what it added to the repository), so listing
+and retention never touch snapshots this tool did not make. Both parts of a set carry the same `at:` tag
+and time.
+
+A set names its server because two servers may share a repository with databases of the same name
+(production and staging, both with TMA's default name): retention, `latest`, status and the catch-up
+rule work on this server's sets only. Sets made before sets named their server have no `server:` tag:
+they are listed and restorable by id, taken as this server's by `latest` and the catch-up rule when it
+has none of its own, and never forgotten by retention (which cannot tell whose they are).
 """
 
 from __future__ import annotations
@@ -32,8 +39,13 @@ def database_tag(database: str) -> str:
     return "db:" + quote(database, safe="")
 
 
-def set_tags(database: str, timestamp: str, run_id: str) -> list[str]:
-    return [TOOL_TAG, database_tag(database), f"at:{timestamp}", f"run:{quote(run_id, safe='')}"]
+def server_tag(server: str) -> str:
+    return "server:" + quote(server, safe="")
+
+
+def set_tags(database: str, timestamp: str, run_id: str, server: str | None) -> list[str]:
+    return [TOOL_TAG, database_tag(database), *([server_tag(server)] if server else []), f"at:{timestamp}",
+            f"run:{quote(run_id, safe='')}"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,16 @@ class RepositorySet:
     part: str = DATABASE_PART
     uploads: str | None = None  # the uploads part's id, when the set has one
     dump_bytes: int | None = None  # the backup file's size (tag `size:`), which a fetch needs room for
+    server: str | None = None  # the database server's identity (tag `server:`); None: a set made before the tag
 
     @property
     def short_id(self) -> str:
         return self.id[:8]
+
+    @property
+    def key(self) -> tuple[str | None, str, str]:
+        """What the two parts of one set share: server, database, backup timestamp."""
+        return self.server, self.database, self.timestamp
 
     @property
     def dump_name(self) -> str | None:
@@ -66,6 +84,7 @@ class RepositorySet:
             "timestamp": self.timestamp,
             "run_id": self.run_id,
             "host": self.host,
+            "server": self.server,
             "bytes_added": self.bytes_added,
             "files": self.files,
             "uploads": self.uploads[:8] if self.uploads else None,
@@ -89,7 +108,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         catalogue.parse_timestamp(timestamp)
     except ValueError:
         return None
-    added, size = _tag_value(tags, "added:"), _tag_value(tags, "size:")
+    added, size, server = _tag_value(tags, "added:"), _tag_value(tags, "size:"), _tag_value(tags, "server:")
     paths = [str(path) for path in snapshot.get("paths") or []]
     return RepositorySet(
         id=str(snapshot["id"]),
@@ -102,6 +121,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         files=sorted(path.rsplit("/", 1)[-1] for path in paths),
         part=_tag_value(tags, "part:") or DATABASE_PART,
         dump_bytes=int(size) if size and size.isdigit() else None,
+        server=unquote(server) if server else None,
     )
 
 
@@ -123,21 +143,28 @@ def list_sets(restic: Restic, database: str | None = None) -> list[RepositorySet
 def merge_parts(parts: list[RepositorySet]) -> list[RepositorySet]:
     """Sets from their parts: each database part, with the id of its uploads part when there is one.
     An uploads part without its database part (a run that failed after capturing) is no set."""
-    found: dict[tuple[str, str], RepositorySet] = {}
-    uploads: dict[tuple[str, str], RepositorySet] = {}
+    found: dict[tuple[str | None, str, str], RepositorySet] = {}
+    uploads: dict[tuple[str | None, str, str], RepositorySet] = {}
     for parsed in parts:
-        key = (parsed.database, parsed.timestamp)
+        key = parsed.key
         chosen = uploads if parsed.part == UPLOADS_PART else found
         if key not in chosen or (chosen[key].bytes_added is None and parsed.bytes_added is not None):
             chosen[key] = parsed
     sets = [replace(item, uploads=uploads[key].id if key in uploads else None) for key, item in found.items()]
-    return sorted(sets, key=lambda item: (item.timestamp, item.database))
+    return sorted(sets, key=lambda item: (item.timestamp, item.database, item.server or ""))
 
 
 def orphan_uploads(parts: list[RepositorySet]) -> list[RepositorySet]:
     """Uploads parts whose database part does not exist."""
-    databases = {(item.database, item.timestamp) for item in parts if item.part != UPLOADS_PART}
-    return [item for item in parts if item.part == UPLOADS_PART and (item.database, item.timestamp) not in databases]
+    databases = {item.key for item in parts if item.part != UPLOADS_PART}
+    return [item for item in parts if item.part == UPLOADS_PART and item.key not in databases]
+
+
+def of_server(found: list[RepositorySet], server: str | None) -> list[RepositorySet]:
+    """The sets `server` made, or, when it made none, the sets made before sets named their server
+    (taken as its own, as they always were); never another server's."""
+    mine = [item for item in found if item.server is not None and item.server == server]
+    return mine or [item for item in found if item.server is None]
 
 
 def list_parts(restic: Restic, database: str) -> list[RepositorySet]:
@@ -145,13 +172,23 @@ def list_parts(restic: Restic, database: str) -> list[RepositorySet]:
     return [parsed for snapshot in snapshots if (parsed := parse_snapshot(snapshot)) is not None]
 
 
-def find_set(restic: Restic, reference: str, database: str | None) -> RepositorySet:
-    """`latest` (of `database`) or a set's id or id prefix (at least 4 characters)."""
+def find_set(restic: Restic, reference: str, database: str | None, server: str | None = None) -> RepositorySet:
+    """`latest` (the newest set of `database` that `server` made, see `of_server`) or a set's id or id
+    prefix (at least 4 characters; any server's: how a new server restores an old one's set)."""
     sets = list_sets(restic, database if reference == "latest" else None)
     if reference == "latest":
-        if not sets:
+        mine = of_server(sets, server)
+        if not mine:
+            others = sorted({item.server for item in sets if item.server})
+            if others:
+                newest = {name: max(item.timestamp for item in sets if item.server == name) for name in others}
+                shown = ", ".join(f"{name} (newest {newest[name]})" for name in others)
+                raise RepositoryError(
+                    f"the repository holds no set of {database!r} made on this server ({server}), only sets of other "
+                    f"servers: {shown}; to restore one of them here (a new server), give its id from "
+                    f"`tma-backup repository list --database {database}` instead of `latest`")
             raise RepositoryError(f"the repository holds no set of database {database!r}")
-        return sets[-1]
+        return mine[-1]
     if len(reference) < 4 or any(char not in "0123456789abcdef" for char in reference.lower()):
         raise RepositoryError(f"{reference!r} is not a set id: give `latest` or an id from `tma-backup repository list`")
     matches = [item for item in sets if item.id.startswith(reference.lower())]

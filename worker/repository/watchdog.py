@@ -12,11 +12,13 @@ Progress is what the kernel counts for the process and its descendants (a wrappe
 restic; ssh for `sftp:`, rclone for `rclone:`), read from /proc every POLL_SECONDS:
 - bytes: rchar + wchar (every read and write, sockets and pipes included: the whole conversation with
   the server passes there) and read_bytes + write_bytes (storage: what a stat() has to fetch), minus
-  the bytes we read from its stdout and stderr pipes: its JSON status lines, twice a second while it
+  the bytes we read from its stdout and stderr pipes: its JSON status lines, which go on while it
   waits, are no progress. Growth by more than SLACK_BYTES past the highest level seen is progress (a
-  status line that restic wrote and we have not read yet is far less; a link of 4 KiB/s far more);
+  status line that restic wrote and we have not read yet is a few hundred bytes; a link of 4 KiB/s
+  moves more than SLACK_BYTES within the shortest REPOSITORY_STALL_TIMEOUT, 5 s);
 - CPU: more than BUSY_SHARE of a core over a poll (restic comparing a large unchanged tree with its
   parent: lstat and computing, no reads). Waiting, restic takes about 0.1 % (measured: 10 ms in 10 s).
+A poll costs about 75 µs of CPU (restic with 10 threads): 0.015 % of a core.
 Where /proc/<pid>/io cannot be read (an unusual /proc), only the retry rule applies: a slow command is
 never taken for a stalled one.
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -84,9 +85,13 @@ def _repair_one(settings: Settings, connect_kwargs: dict[str, Any], live: str, l
             lock.confirm()
             repaired = swap.repair_refused_connections(admin, live)
         settled = _settle_uploads(settings, admin, live, lock)
+        lock.confirm()
+        tidied = pending.tidy_uploads(settings, admin, live)
     done: dict[str, Any] = {}
     if settled:
         done["uploads"] = settled
+    if tidied:
+        done["uploads_removed"] = tidied
     if dropped:
         done["dropped"] = dropped
     if repaired:
@@ -100,7 +105,22 @@ def _settle_uploads(settings: Settings, admin: psycopg.Connection[Any], live: st
     if journal is None or journal.database != live:
         return None
     lock.confirm()
-    return pending.settle_uploads(settings, admin, live)
+    settled = pending.settle_uploads(settings, admin, live)
+    return settled.message if settled is not None else None
+
+
+def _uploads_leftovers(settings: Settings, admin: psycopg.Connection[Any], live: str) -> list[str]:
+    try:
+        return pending.uploads_leftovers(settings, admin, live)
+    except OSError:  # an unreadable UPLOAD_DIR: the repair of its database says so
+        return ["UPLOAD_DIR"]
+
+
+def _failure_line(error: Exception) -> str:
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return first_line(error)
 
 
 def _uploads_journal(settings: Settings) -> uploads_swap.Journal | None:
@@ -127,15 +147,18 @@ def repair(settings: Settings, executor: Executor, database: str | None, lock_fo
 
     `fixed`: {database: {"reenabled": True | "cleared_mark": True, "dropped": [names]}};
     `skipped`: {database: why} (its lock is held); `failed`: {database: error line};
-    `left_broken`: the databases found broken and not repaired (skipped or failed), sorted.
+    `left_broken`: the databases found broken and not repaired (skipped or failed), sorted;
+    `removed_staging`: the staging folders of fetches that died, removed from BACKUP_DIR.
 
     Raises BackupError when the server cannot be reached at all."""
     connect_kwargs = executor.connect_kwargs()
     with _discovery_connection(connect_kwargs) as admin:
         candidates = find_broken(admin, database)
-    pending = _uploads_journal(settings)
-    if pending is not None and pending.database not in candidates and database in (None, pending.database):
-        candidates.append(pending.database)
+        journal = _uploads_journal(settings)
+        uploads_owner = journal.database if journal is not None else settings.DB_NAME
+        untidy = journal is not None or bool(_uploads_leftovers(settings, admin, uploads_owner))
+    if untidy and uploads_owner not in candidates and database in (None, uploads_owner):
+        candidates.append(uploads_owner)
     fixed: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -151,14 +174,19 @@ def repair(settings: Settings, executor: Executor, database: str | None, lock_fo
             continue
         try:
             done = _repair_one(settings, connect_kwargs, live, lock)
-        except (BackupError, psycopg.Error) as error:
-            failed[live] = first_line(error)
+        except Exception as error:  # one database's failure (an OSError in UPLOAD_DIR too) never stops the others
+            failed[live] = _failure_line(error)
+            log.debug("repair of %r failed", live, exc_info=True)
             continue
         finally:
             lock.release()
         if done:
             fixed[live] = done
-    return {"fixed": fixed, "skipped": skipped, "failed": failed, "left_broken": sorted({*skipped, *failed})}
+    from worker.repository.fetch import remove_stale_staging
+
+    staging = remove_stale_staging(settings, f"repair-{uuid.uuid4()}")
+    return {"fixed": fixed, "skipped": skipped, "failed": failed, "left_broken": sorted({*skipped, *failed}),
+            "removed_staging": staging}
 
 
 def left_refusing(settings: Settings, executor: Executor, database: str) -> bool:
@@ -224,4 +252,6 @@ def summary(done: dict[str, Any]) -> str:
         parts.append(f"dropped leftover scratch databases {', '.join(done['dropped'])}")
     if done.get("uploads"):
         parts.append(f"uploads: {done['uploads']}")
+    if done.get("uploads_removed"):
+        parts.append(f"removed from UPLOAD_DIR what nothing needs any more: {', '.join(done['uploads_removed'])}")
     return "; ".join(parts)

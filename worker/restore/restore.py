@@ -65,19 +65,38 @@ def restore(settings: Settings, executor: Executor, store: TokenStore, token: st
             raise VerificationFailed(f"{path.name} or its .meta changed since the restore was prepared; refused")
         prepared = prepare(settings, executor, str(path))
         settled = settle_uploads(settings, executor, binding.database)
-        plan = uploads_restore.plan(settings, prepared.meta, run) if uploads != "none" else None
+        if settled is not None and settled.forward and settled.journal.sha256 == binding.sha256:
+            # The interrupted restore was of this very backup: finishing it did the work. Restoring it again
+            # would keep the restored copy and drop the one that restore kept, which a rollback needs.
+            result = _finished_before(prepared, binding.database, settled)
+            result["duration_seconds"] = round(time.monotonic() - started, 3)
+            result["phase_seconds"] = clock.finish()
+            return result
+        plan = uploads_restore.plan(settings, prepared.meta, run, binding.database) if uploads != "none" else None
         if plan is not None and uploads == "only":
             result = _restore_uploads_only(settings, executor, prepared, binding.database, run, plan, progress, lock)
         else:
             result = _restore_locked(settings, executor, prepared, binding.database, run, mode, progress, lock, plan)
-        if settled:
-            result["settled_uploads"] = settled
+        if settled is not None:
+            result["settled_uploads"] = settled.message
     result["duration_seconds"] = round(time.monotonic() - started, 3)
     result["phase_seconds"] = clock.finish()
     return result
 
 
-def settle_uploads(settings: Settings, executor: Executor, live: str) -> str | None:
+def _finished_before(prepared: PreparedRestore, live: str, settled: uploads_swap.Settled) -> dict[str, Any]:
+    """The result of a restore whose work an interrupted run of the same restore had done: its swap,
+    settled forward, put this backup's database (its counts compared before that swap) and files in."""
+    counts = prepared.meta.row_counts
+    return {
+        "database": live, "file": str(prepared.path), "mode": "swap", "tables": len(counts), "rows": sum(counts.values()),
+        "row_counts": counts, "kept": settled.journal.kept, "dropped_previous": [], "cleaned_leftovers": [],
+        "repaired_connections": False,
+        "settled_uploads": f"{settled.message}; it was a restore of this same backup, so nothing more was done",
+    }
+
+
+def settle_uploads(settings: Settings, executor: Executor, live: str) -> uploads_swap.Settled | None:
     """Finish or undo an uploads swap a crash interrupted (`worker.restore.pending`); the caller holds
     the database's lock."""
     if settings.UPLOAD_DIR is None or not (settings.UPLOAD_DIR / uploads_swap.JOURNAL).exists():
@@ -98,11 +117,14 @@ def _restore_uploads_only(settings: Settings, executor: Executor, prepared: Prep
     except BaseException:
         uploads_swap.drop_staged(plan.folder, plan.staged)
         raise
-    previous = uploads_swap.swap_uploads_only(plan.folder, plan.staged, run, live)
+    swapped = uploads_swap.swap_uploads_only(plan.folder, plan.staged, run, live)
+    with swap.admin_connection(executor.connect_kwargs(), live) as admin:
+        tidied = pending.tidy_uploads(settings, admin, live)
     return {
         "database": live, "file": str(prepared.path), "mode": "uploads-only", "tables": 0, "rows": 0,
         "row_counts": {}, "kept": None, "dropped_previous": [], "cleaned_leftovers": [], "repaired_connections": False,
-        "uploads": {**plan.describe(settings), **checked, "files": len(staged), "previous": previous},
+        "uploads": {**plan.describe(settings), **checked, "files": len(staged), "previous": swapped.previous,
+                    "left_in_place": swapped.left, "removed_previous": tidied},
     }
 
 
@@ -131,8 +153,10 @@ def _restore_locked(settings: Settings, executor: Executor, prepared: PreparedRe
                 uploads_swap.drop_staged(plan.folder, plan.staged)
             raise
     staged, seconds = staging.result()
+    swapped: uploads_swap.Swapped = result.pop("uploads_swapped")
     result["uploads"] = {**plan.describe(settings), **result.pop("uploads_checked"), "files": len(staged),
-                         "fetch_seconds": seconds, "previous": result.pop("uploads_previous"),
+                         "fetch_seconds": seconds, "previous": swapped.previous, "left_in_place": swapped.left,
+                         "removed_previous": result.pop("uploads_tidied"),
                          "previous_folders": uploads_swap.previous_folders(plan.folder)}
     return result
 
@@ -147,7 +171,8 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
                       mode: str, progress: Progress, lock: DatabaseLock, plan: uploads_restore.UploadsPlan | None,
                       staging: Future[tuple[dict[str, int], float]] | None) -> dict[str, Any]:
     uploads_checked: dict[str, Any] = {}
-    previous: str | None = None
+    swapped: uploads_swap.Swapped | None = None
+    tidied: list[str] = []
     with swap.admin_connection(executor.connect_kwargs(), live) as admin:
         lock.confirm()
         cleaned = swap.drop_leftover_scratches(admin, live)
@@ -178,7 +203,7 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
 
                 kept = None
             else:
-                kept = swap.kept_name(live, catalogue.utc_timestamp())
+                kept = swap.free_kept_name(admin, live, catalogue.utc_timestamp())
 
                 def swap_database() -> None:
                     try:
@@ -189,13 +214,15 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
                         raise BackupError(f"the swap failed, the live database is unchanged: {first_line(error)}") from None
 
             if plan is not None:
-                _, previous = uploads_swap.swap_uploads(plan.folder, plan.staged, run, live, kept, swap_database, scratch)
+                _, swapped = uploads_swap.swap_uploads(plan.folder, plan.staged, run, live, kept, swap_database, scratch,
+                                                       prepared.meta.sha256)
             else:
                 swap_database()
             lock.confirm()
             dropped = swap.trim_kept(admin, live, settings.RESTORE_KEEP_PREVIOUS)
             if kept in dropped:
                 kept = None
+            tidied = pending.tidy_uploads(settings, admin, live)  # the files set aside with a dropped copy go too
     return {
         "database": live,
         "file": str(prepared.path),
@@ -207,7 +234,8 @@ def _restore_database(settings: Settings, executor: Executor, prepared: Prepared
         "dropped_previous": dropped,
         "cleaned_leftovers": cleaned,
         "repaired_connections": repaired,
-        **({"uploads_checked": uploads_checked, "uploads_previous": previous} if plan is not None else {}),
+        **({"uploads_checked": uploads_checked, "uploads_swapped": swapped, "uploads_tidied": tidied}
+           if plan is not None else {}),
     }
 
 

@@ -49,7 +49,7 @@ def rollback(settings: Settings, executor: Executor, store: TokenStore, token: s
                                f"a kept copy of {live!r}; prepare the rollback again")
         lock.confirm()  # right before the swap: a rollback that lost its lock changes nothing
         swap.set_allow_connections(admin, previous, True)
-        replaced = swap.kept_name(live, catalogue.utc_timestamp(), "pre_rollback")
+        replaced = swap.free_kept_name(admin, live, catalogue.utc_timestamp(), "pre_rollback")
 
         def swap_database() -> None:
             try:
@@ -61,9 +61,9 @@ def rollback(settings: Settings, executor: Executor, store: TokenStore, token: s
         paired = _paired_uploads(settings, previous)
         if paired is not None and settings.UPLOAD_DIR is not None:
             # The files that were live when `previous` was: swapped back with it, the current ones kept aside.
-            _, aside = uploads_swap.swap_uploads(settings.UPLOAD_DIR, paired, run, live, replaced, swap_database)
+            _, swapped = uploads_swap.swap_uploads(settings.UPLOAD_DIR, paired, run, live, replaced, swap_database)
             return {"database": live, "restored_from": previous, "kept": replaced,
-                    "uploads": {"restored_from": paired.name, "kept": aside}}
+                    "uploads": {"restored_from": paired.name, "kept": swapped.previous, "left_in_place": swapped.left}}
         swap_database()
     return {"database": live, "restored_from": previous, "kept": replaced}
 

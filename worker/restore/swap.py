@@ -23,6 +23,7 @@ from worker.pg.database import connect
 MAINTENANCE_DB = "postgres"
 COMMENT_PREFIX = "tma-backup"
 SCRATCH, KEPT, DRILL = "scratch", "previous", "drill"
+KEPT_AT = "@"  # a kept copy's comment ends `<run>@<when it was kept, ns>` (run ids hold no `@`)
 MAX_NAME_BYTES = 63
 
 
@@ -43,6 +44,7 @@ class ManagedDatabase:
     role: str
     live: str
     run: str
+    kept_at: int = 0  # a kept copy: when it was kept (ns since the epoch); 0 for one kept before this was recorded
 
 
 def admin_connection(connect_kwargs: dict[str, Any], live: str) -> psycopg.Connection[Any]:
@@ -66,6 +68,15 @@ def scratch_name(role: str) -> str:
 
 def kept_name(live: str, timestamp: str, kind: str = "pre_restore") -> str:
     return fit_name(f"{live}__{kind}_{timestamp}")
+
+
+def free_kept_name(admin: psycopg.Connection[Any], live: str, timestamp: str, kind: str = "pre_restore") -> str:
+    """`kept_name`, made unique when a copy of the same second exists (two swaps within one second)."""
+    name, number = kept_name(live, timestamp, kind), 1
+    while shape_of(admin, name) is not None:
+        number += 1
+        name = kept_name(live, f"{timestamp}_{number}", kind)
+    return name
 
 
 def shape_of(admin: psycopg.Connection[Any], database: str) -> DatabaseShape | None:
@@ -125,13 +136,17 @@ def made_by_us(admin: psycopg.Connection[Any], role: str) -> list[ManagedDatabas
     for name, description in rows:
         parsed = parse_comment(description)
         if parsed is not None and parsed[0] == role:
-            found.append(ManagedDatabase(name, role, parsed[1], parsed[2]))
+            run, _, kept_at = parsed[2].partition(KEPT_AT)
+            found.append(ManagedDatabase(name, role, parsed[1], run, int(kept_at) if kept_at.isdigit() else 0))
     return found
 
 
 def managed(admin: psycopg.Connection[Any], live: str, role: str) -> list[ManagedDatabase]:
-    """Databases this tool made for `live` in `role`, oldest first (by creation order of their oid)."""
-    return [database for database in made_by_us(admin, role) if database.live == live]
+    """Databases this tool made for `live` in `role`, oldest first: by creation order of their oid, and
+    kept copies by when they were kept (a rollback brings back an older database, which a restore may
+    then keep again: the newest kept is not the newest created)."""
+    mine = [database for database in made_by_us(admin, role) if database.live == live]
+    return sorted(mine, key=lambda database: database.kept_at) if role == KEPT else mine
 
 
 def drop_leftover_scratches(admin: psycopg.Connection[Any], live: str) -> list[str]:
@@ -226,9 +241,8 @@ def swap_in(admin: psycopg.Connection[Any], live: str, replacement: str, kept: s
             crash_point("swap:between-renames")
             admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(replacement), sql.Identifier(live)))
             admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(live), sql.Literal(live_comment)))
-            admin.execute(
-                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(kept), sql.Literal(comment(KEPT, live, run)))
-            )
+            admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                sql.Identifier(kept), sql.Literal(comment(KEPT, live, f"{run}{KEPT_AT}{time.time_ns()}"))))
     except BaseException:
         if shape_of(admin, live) is not None:
             set_allow_connections(admin, live, True)

@@ -1,7 +1,9 @@
 """The uploads part of a set: UPLOAD_DIR stored by restic as its own snapshot, right after pg_dump.
 
 The snapshot's tree holds the folder's content at its root (restic runs in UPLOAD_DIR on `.`), so
-`restic restore ID --target DIR` gives exactly the uploads. It names the previous uploads part of the
+`restic restore ID --target DIR` gives exactly the uploads. Only TMA Cloud's entries: the tool's own
+(`.tma-*`: staging folders, journals, files set aside by a restore) and the file system's `lost+found`
+never enter a set (`worker.uploads.swap.capture_excludes`). It names the previous uploads part of the
 same database as its parent: an unchanged file (same size, mtime and inode) is not read again. TMA's
 blobs are encrypted and incompressible: restic's compression is off for them. A file restic cannot
 read is named, never skipped in silence.
@@ -22,8 +24,9 @@ from worker.progress import Progress, no_progress
 from worker.repository import sets
 from worker.repository.lock import using_repository
 from worker.repository.restic import Restic, explain
-from worker.repository.sets import TOOL_TAG, database_tag, list_files, parse_snapshot, set_tags, set_time
+from worker.repository.sets import TOOL_TAG, database_tag, list_files, of_server, parse_snapshot, set_tags, set_time
 from worker.settings import Settings
+from worker.uploads.swap import capture_excludes
 
 UPLOADS_PART = f"part:{sets.UPLOADS_PART}"
 PARTIAL_SNAPSHOT = 3  # restic's exit code: the snapshot was written, some files could not be read
@@ -55,26 +58,28 @@ def check_upload_dir(folder: Path | None) -> Path:
     return folder
 
 
-def latest_uploads_part(restic: Restic, database: str) -> str | None:
+def latest_uploads_part(restic: Restic, database: str, server: str | None) -> str | None:
+    """The newest uploads part of this server's sets of `database` (the next capture's parent)."""
     snapshots = restic.json(["snapshots", "--tag", f"{TOOL_TAG},{database_tag(database)},{UPLOADS_PART}"]) or []
-    parts = [parse_snapshot(snapshot) for snapshot in snapshots]
-    found = sorted((part for part in parts if part is not None), key=lambda part: part.timestamp)
+    parts = [part for snapshot in snapshots if (part := parse_snapshot(snapshot)) is not None]
+    found = sorted(of_server(parts, server), key=lambda part: part.timestamp)
     return found[-1].id if found else None
 
 
-def capture(settings: Settings, folder: Path, database: str, timestamp: str, run_id: str,
+def capture(settings: Settings, folder: Path, database: str, server: str | None, timestamp: str, run_id: str,
             progress: Progress = no_progress) -> UploadsCapture:
-    """Store `folder` as the uploads part of the set `database`/`timestamp`. Raises RepositoryError or
-    BackupError; a file that cannot be read is reported in the result (restic writes the snapshot)."""
+    """Store `folder` as the uploads part of the set `database`/`timestamp` of `server`. Raises
+    RepositoryError or BackupError; a file that cannot be read is reported in the result (restic writes
+    the snapshot)."""
     with using_repository(settings, run_id, progress):
-        return _capture(settings, folder, database, timestamp, run_id, progress)
+        return _capture(settings, folder, database, server, timestamp, run_id, progress)
 
 
-def _capture(settings: Settings, folder: Path, database: str, timestamp: str, run_id: str,
+def _capture(settings: Settings, folder: Path, database: str, server: str | None, timestamp: str, run_id: str,
              progress: Progress) -> UploadsCapture:
     started = time.monotonic()
     restic = Restic(settings)
-    parent = latest_uploads_part(restic, database)
+    parent = latest_uploads_part(restic, database, server)
     summary: dict[str, Any] = {}
 
     def on_line(message: dict[str, Any]) -> None:
@@ -85,9 +90,10 @@ def _capture(settings: Settings, folder: Path, database: str, timestamp: str, ru
                                            "total_bytes": int(message.get("total_bytes", 0))})
 
     moment = set_time(timestamp)
+    excludes = [argument for pattern in capture_excludes(folder) for argument in ("--exclude", pattern)]
     outcome = restic.run(
         ["backup", "--json", "--compression", "off", "--host", settings.WORKER_HOST, "--time", moment,
-         "--tag", ",".join([*set_tags(database, timestamp, run_id), UPLOADS_PART]),
+         "--tag", ",".join([*set_tags(database, timestamp, run_id, server), UPLOADS_PART]), *excludes,
          *(["--parent", parent] if parent else []), "."],
         cwd=folder, on_json=on_line, check=False,
     )
@@ -149,7 +155,8 @@ def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progre
             folder = mirror.folder
         else:
             folder = check_upload_dir(settings.UPLOAD_DIR)
-        captured = capture(settings, folder, run["database"], run["timestamp"], run["run_id"], progress)
+        captured = capture(settings, folder, run["database"], run.get("server_id"), run["timestamp"], run["run_id"],
+                           progress)
     except (RepositoryError, SourceError) as error:  # the set then lacks its uploads: all count as missing
         checked = cross_check(references, {})
         record.update({"error": str(error), **checked.fields()})

@@ -4,17 +4,20 @@ configuration file goes with them. Checked when a run starts, before anything is
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
+from worker.archive import catalogue
 from worker.errors import BackupError
 from worker.settings import Settings
 
 
-def uploads_enabled(settings: Settings) -> bool:
-    """Uploads go into the sets when there is a repository and TMA's storage is configured: UPLOAD_DIR
-    for the local driver, or the S3 settings with STORAGE_DRIVER=s3."""
-    if not settings.repository:
+def uploads_enabled(settings: Settings, database: str) -> bool:
+    """Uploads (and the `.env`) go into the sets of TMA Cloud's database, DB_NAME, when there is a
+    repository and TMA's storage is configured: UPLOAD_DIR for the local driver, or the S3 settings with
+    STORAGE_DRIVER=s3. Another database backed up with the same settings gets a database-only set."""
+    if not settings.repository or database != settings.DB_NAME:
         return False
     if settings.STORAGE_DRIVER == "s3":
         from worker.uploads.s3_settings import s3_configured
@@ -32,10 +35,11 @@ def env_file(settings: Settings) -> Path | None:
     return default if os.path.lexists(default) else None
 
 
-def check_set_inputs(settings: Settings) -> list[str]:
+def check_set_inputs(settings: Settings, database: str) -> list[str]:
     """Refuse a run whose set could not be made (one line each); warnings for what it will lack."""
-    if not uploads_enabled(settings):
-        if settings.repository and settings.STORAGE_DRIVER == "s3":  # TMA would refuse to start like this
+    if not uploads_enabled(settings, database):
+        if settings.repository and settings.STORAGE_DRIVER == "s3" and database == settings.DB_NAME:
+            # TMA would refuse to start like this
             from worker.uploads.s3_settings import missing_settings_warning
 
             return [missing_settings_warning(settings)]
@@ -65,3 +69,23 @@ def check_set_inputs(settings: Settings) -> list[str]:
     if settings.FILE_ENCRYPTION_KEY is None:
         warnings.append("FILE_ENCRYPTION_KEY is not set here: the set cannot record which key its uploads need")
     return warnings
+
+
+def keep_configuration(settings: Settings, database: str, backup: Path) -> Path | None:
+    """Copy TMA Cloud's configuration file beside the backup being made (`<backup>.env`, mode 0600 from
+    its creation), as it is now, for the set: the offsite link, tonight or after an outage, sends this
+    copy. None when the set takes no configuration (another database, no uploads, no `.env`)."""
+    source = env_file(settings) if uploads_enabled(settings, database) else None
+    if source is None:
+        return None
+    target = catalogue.env_path(backup)
+    try:
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "wb") as copy, open(source, "rb") as original:
+            shutil.copyfileobj(original, copy)
+            copy.flush()
+            os.fsync(copy.fileno())
+    except OSError as error:
+        raise BackupError(f"cannot keep the configuration file {source} beside the backup: {error.strerror} "
+                          "(TMA_ENV_FILE)") from None
+    return target

@@ -4,6 +4,7 @@ with the database (`worker.uploads.swap`)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,12 @@ class UploadsPlan:
         }
 
 
-def plan(settings: Settings, meta: BackupMeta, run: str) -> UploadsPlan:
-    """What restoring this backup's uploads takes; refuses (one line) when it cannot be done."""
+def plan(settings: Settings, meta: BackupMeta, run: str, live: str) -> UploadsPlan:
+    """What restoring this backup's uploads into `live`'s UPLOAD_DIR takes; refuses (one line) when it
+    cannot be done."""
+    if live != settings.DB_NAME:
+        raise BackupError(f"UPLOAD_DIR holds the uploads of DB_NAME ({settings.DB_NAME!r}), not of {live!r}: "
+                          "restore this database without --with-uploads/--uploads-only")
     if not settings.repository:
         raise BackupError("--with-uploads needs BACKUP_REPOSITORY: the uploads live in the repository's sets")
     if settings.STORAGE_DRIVER == "s3":
@@ -58,6 +63,9 @@ def plan(settings: Settings, meta: BackupMeta, run: str) -> UploadsPlan:
         raise BackupError(f"the backup of {meta.timestamp} has no uploads in its set (it was made without UPLOAD_DIR "
                           "or its capture failed); restore the database alone")
     folder = check_upload_dir(settings.UPLOAD_DIR)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackupError(f"UPLOAD_DIR {folder} is not writable by this process: a restore moves files inside it; "
+                          "nothing was touched")
     return UploadsPlan(
         folder=folder, part=part, staged=uploads_swap.staged_folder(folder, run),
         bytes=int(meta.extra.get("uploads_bytes", "0") or 0),
