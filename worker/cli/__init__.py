@@ -1,2 +1,3 @@
-"""The `tma-backup` command (`worker.cli.main:main`): one module per command group; the helpers they
-share in `common`, the seed's output style in `output`, the broker side (dispatch, follow) in `follow`."""
+"""The `tma-backup` command (`worker.cli.main:main`): the commands in `commands` (one module per command
+or group); the helpers they share in `common`, the seed's output style in `output`, the broker side
+(dispatch, follow, asking every host) in `follow` and `hosts`."""

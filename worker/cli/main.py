@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import click
 
-from worker.cli.backup import backup_command
-from worker.cli.drill import drill_command
-from worker.cli.inspect import list_command, status_command, verify_command
-from worker.cli.keys import keys_command
-from worker.cli.notify import notify_command, warn_on_terminal
-from worker.cli.repair import repair_command
-from worker.cli.repository import repository_command
-from worker.cli.restore import restore_command, rollback_command
+from worker.cli.commands.backup import backup_command
+from worker.cli.commands.drill import drill_command
+from worker.cli.commands.inspect import list_command, status_command, verify_command
+from worker.cli.commands.keys import keys_command
+from worker.cli.commands.notify import notify_command, warn_on_terminal
+from worker.cli.commands.repair import repair_command
+from worker.cli.commands.repository import repository_command
+from worker.cli.commands.restore import restore_command, rollback_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
