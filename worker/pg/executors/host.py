@@ -1,4 +1,12 @@
-"""Run the PostgreSQL client tools installed on this host, as argv lists, secrets in the environment."""
+"""Run the PostgreSQL client tools installed on this host, as argv lists, secrets in the environment.
+
+Which tools: those of the server's own major when this host has them side by side with others, in
+Debian's layout (/usr/lib/postgresql/<major>/bin: the worker image carries 15, 17 and 18), else the ones
+on PATH. A pg_dump newer than its server writes archives its own server cannot restore: pg_restore of
+that newer major sets parameters the older server does not know (`SET transaction_timeout` from 17 on:
+a PostgreSQL 15 refuses it), and an older pg_restore cannot read the newer archive ("unsupported version
+(1.16) in file header"). PostgreSQL promises a dump loads into servers of the pg_dump's major or newer.
+`pg_restore --list` reads archives only: the one on PATH (the newest) does it."""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ import subprocess
 import threading
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from worker.archive import streams
 from worker.children import die_with_parent
@@ -25,6 +35,24 @@ def scrubbed_environment(extra: dict[str, str]) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if key not in _SCRUBBED}
     environment.update(extra)
     return environment
+
+
+# Client tools of several majors side by side (Debian's postgresql-client-<major> packages)
+CLIENT_FOLDERS = Path("/usr/lib/postgresql")
+
+
+def _server_major(connect_kwargs: dict[str, Any], databases: tuple[str, ...]) -> int | None:
+    """The server's major, asked in the first of `databases` that exists; None when it cannot be asked
+    (the run then fails on its own connection, with the server's own error)."""
+    for dbname in dict.fromkeys(databases):
+        try:
+            with psycopg.connect(dbname=dbname, connect_timeout=10, application_name="tma-backup",
+                                 **connect_kwargs) as connection:
+                return connection.info.server_version // 10000
+        except psycopg.Error as error:
+            if "does not exist" not in str(error) and "permission denied" not in str(error):
+                return None
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,9 +152,19 @@ class HostExecutor:
     def __init__(self, settings: Settings, reason: str = "DB_MODE=host") -> None:
         self._settings = settings
         self._reason = reason
+        self._folder: str | None = None  # the server's own major's tools, "" for PATH's; asked once
+
+    def _tool(self, tool: str) -> str:
+        """`tool` of the server's own major when this host has it in CLIENT_FOLDERS, else `tool` (PATH)."""
+        if self._folder is None:
+            major = _server_major(self.connect_kwargs(), (self._settings.DB_NAME, "postgres", "template1"))
+            folder = CLIENT_FOLDERS / str(major) / "bin"
+            ours = major is not None and all((folder / name).is_file() for name in ("pg_dump", "pg_restore"))
+            self._folder = str(folder) if ours else ""
+        return os.path.join(self._folder, tool) if self._folder else tool
 
     def describe(self) -> str:
-        where = shutil.which("pg_dump") or "pg_dump (not found)"
+        where = shutil.which(self._tool("pg_dump")) or "pg_dump (not found)"
         return f"host tools ({where}) against {self._settings.DB_HOST}:{self._settings.DB_PORT}; {self._reason}"
 
     def meta_fields(self) -> dict[str, str]:
@@ -142,7 +180,7 @@ class HostExecutor:
         }
 
     def tool_major(self, tool: str) -> int:
-        path = shutil.which(tool)
+        path = shutil.which(self._tool(tool))
         if path is None:
             raise BackupError(
                 f"{tool} is not installed on this host: install the PostgreSQL client "
@@ -171,8 +209,8 @@ class HostExecutor:
     def start_dump(self, options: list[str], env: dict[str, str], output: Path,
                    zstd_level: int | None = None) -> HostProcess | StreamedDump:
         if zstd_level is not None:
-            return StreamedDump(["pg_dump", *options], env, output, zstd_level)
-        return self._start(["pg_dump", *options, f"--file={output}"], env)
+            return StreamedDump([self._tool("pg_dump"), *options], env, output, zstd_level)
+        return self._start([self._tool("pg_dump"), *options, f"--file={output}"], env)
 
     def list_archive(self, archive: Path, env: dict[str, str]) -> ToolResult:
         if not streams.is_compressed_stream(archive):
@@ -193,4 +231,4 @@ class HostExecutor:
         return result
 
     def restore(self, options: list[str], env: dict[str, str], archive: Path) -> ToolResult:
-        return self._start(["pg_restore", *options, "--", str(archive)], env).wait()
+        return self._start([self._tool("pg_restore"), *options, "--", str(archive)], env).wait()
