@@ -2,16 +2,18 @@
 #
 # No image registry is reachable here, so the base is imported locally and the build needs BuildKit
 # (for the secret mount). Build with docker/images/worker/build.sh, which first makes the base
-# (debootstrap + docker import: Debian 12, python3 3.11, python3-venv, postgresql-client-15, restic, zstd, tini) and
-# then runs, from the repository root:
+# (debootstrap + docker import: Debian 13, python3 3.13, python3-venv, restic, zstd, tini, and the client
+# tools of PG_CLIENT_MAJOR in docker/images/common.sh, the newest PostgreSQL we support: 18, first on the
+# base's PATH; the base's label org.tma.pg-client-major says which, and this image inherits it) and then
+# runs, from the repository root:
 #   DOCKER_BUILDKIT=1 docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt \
 #     -t tma-local/tma-backup-worker:latest .
 # The CA bundle that pip needs to reach PyPI is mounted for the pip steps only: it is in no layer.
-ARG BASE_IMAGE=tma-local/python-base:bookworm
+ARG BASE_IMAGE=tma-local/worker-base:latest
 FROM ${BASE_IMAGE}
 
 ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PATH=/opt/venv/bin:$PATH \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -42,6 +44,7 @@ RUN --mount=type=bind,source=.,target=/src,rw \
  && pip check \
  && pip freeze > /opt/venv/pip-freeze.txt
 
+LABEL org.opencontainers.image.title=tma-local/tma-backup-worker
 USER 1000:1000
 WORKDIR /home/tma
 ENTRYPOINT ["/usr/bin/tini", "--"]

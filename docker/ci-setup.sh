@@ -6,7 +6,8 @@
 #   3. builds the images the tests need, in parallel, reusing those that exist:
 #      tma-local/postgres:15 (bookworm), :17 (trixie), :18 (sid: the major TMA Cloud runs, postgres:18-alpine),
 #      tma-local/redis:7 (debootstrap + docker import), and
-#      tma-local/tma-backup-worker:latest (its base once, then the Dockerfile through the build cache, so it
+#      tma-local/tma-backup-worker:latest (its base once: Debian 13 with the client tools of PG_CLIENT_MAJOR,
+#      docker/images/common.sh, from sid for 18; then the Dockerfile through the build cache, so it
 #      follows the working tree: a few seconds when nothing changed).
 # Never reads stdin, never prompts (fine with CI=true). Prints the time of every step. Needs root.
 # Usage: docker/ci-setup.sh        (FORCE=1 rebuilds the debootstrapped images; SKIP_WORKER=1 skips step 3's worker)

@@ -46,7 +46,7 @@ REPO = services.REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 JOIN_FILE = REPO / "docker-compose.tma.yml"
 FIXED_NAMES = ("tma-cloud-postgres", "tma-backup-beat")
-BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/python-base:bookworm")
+BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/worker-base:latest")
 # TMA Cloud's files table (the columns the cross-check reads: UPLOADS_REFERENCES_QUERY's default)
 TMA_FILES = ("CREATE TABLE files (id text PRIMARY KEY, name text, type text NOT NULL, size bigint, path text, "
              "deleted_at timestamptz)")

@@ -6,6 +6,32 @@ log() { printf '[%s] %s\n' "${LOG_TAG:-tma-docker}" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
+
+# The PostgreSQL majors tma-backup supports, oldest to newest, chosen here once. The worker image carries
+# the client tools (pg_dump, pg_restore, psql) of each (docker/images/worker/build.sh) and the worker runs
+# the server's own major's (worker/pg/executors/host.py): a pg_dump newer than its server writes archives
+# that server cannot restore (PostgreSQL promises a dump loads into servers of the pg_dump's major or newer;
+# checked here: pg_restore 18 sends `SET transaction_timeout`, which 15 refuses, and pg_restore 15 cannot
+# read pg_dump 18's archive). The newest, PG_CLIENT_MAJOR, comes first on the image's PATH; it must be at
+# least TMA Cloud's (18: postgres:18-alpine), so that the stack reaches its database over the network
+# (DB_MODE=host) with no Docker socket. Add the next major here (and its suite to pg_suite) before TMA
+# Cloud's PostgreSQL moves past it: a pg_dump older than its server refuses to run. The image's labels
+# org.tma.pg-client-major(s) say what an image holds; tests/test_worker_image.py reads this line.
+PG_CLIENT_MAJORS="15 17 18"
+PG_CLIENT_MAJOR=${PG_CLIENT_MAJORS##* }
+
+# The Debian suite whose own archive ships PostgreSQL MAJOR (Debian keeps one major per release; sid moves
+# on to the next one in time: then name here a suite that still has it, or build the postgres image with
+# SUITE=). usage: pg_suite MAJOR
+pg_suite() {
+  case $1 in
+    15) echo bookworm ;;
+    17) echo trixie ;;
+    18) echo sid ;;
+    *) return 1 ;;
+  esac
+}
+
 ROOTFS_BASE=${ROOTFS_BASE:-/var/tmp/tma-rootfs}   # scratch rootfs trees live here, never in the repo
 DOCKERD_LOG=${DOCKERD_LOG:-/var/tmp/tma-dockerd.log}
 DOCKERD_PID=${DOCKERD_PID:-/var/tmp/tma-dockerd.pid}
@@ -93,7 +119,7 @@ remove_rootfs() {
 
 # Drop caches, docs and apt lists that an image does not need.
 slim_rootfs() {
-  rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/* \
+  rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/* \
          "$1"/usr/share/doc/* "$1"/usr/share/man/* "$1"/usr/share/info/* \
          "$1"/var/log/*.log "$1"/var/log/apt/* "$1"/var/cache/debconf/*-old
 }

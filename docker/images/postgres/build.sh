@@ -3,7 +3,8 @@
 # with PostgreSQL from the mirror apt already uses, then `docker import` it.
 #   PG_MAJOR=15 (default) -> Debian 12 (bookworm); PG_MAJOR=17 -> Debian 13 (trixie);
 #   PG_MAJOR=18 -> Debian unstable (sid: no stable release ships 18 yet; TMA Cloud runs postgres:18-alpine)
-#   (sid keeps one major only: once it has moved on from 18, build with SUITE=<a suite that still ships it>)
+#   (the mapping is pg_suite in ../common.sh, shared with the worker image's client tools; sid keeps one
+#   major only: once it has moved on from 18, build with SUITE=<a suite that still ships it>)
 # Idempotent: does nothing when the image exists (FORCE=1 rebuilds). Starts the Docker engine if needed.
 # Runs no container. Stop containers with SIGINT (fast shutdown): `docker import` cannot set STOPSIGNAL.
 # Usage: docker/images/postgres/build.sh [PG_MAJOR]
@@ -13,13 +14,7 @@ LOG_TAG=postgres-image
 . "$HERE/../common.sh"
 
 PG_MAJOR=${1:-${PG_MAJOR:-15}}
-case $PG_MAJOR in
-  15) DEFAULT_SUITE=bookworm ;;
-  17) DEFAULT_SUITE=trixie ;;
-  18) DEFAULT_SUITE=sid ;;
-  *)  DEFAULT_SUITE= ;;
-esac
-SUITE=${SUITE:-$DEFAULT_SUITE}
+SUITE=${SUITE:-$(pg_suite "$PG_MAJOR" || true)}
 [ -n "$SUITE" ] || die "no Debian suite known for PostgreSQL $PG_MAJOR: set SUITE"
 IMAGE=${IMAGE:-tma-local/postgres:$PG_MAJOR}
 
