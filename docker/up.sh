@@ -2,8 +2,9 @@
 # Bring the tma-backup stack (docker-compose.yml) up on this machine's Docker engine, from nothing if
 # need be, and safely again and again:
 #   1. installs docker.io, debootstrap and docker-compose if missing, starts dockerd if none answers;
-#   2. builds the images that are missing (tma-local/postgres:15, tma-local/redis:7,
-#      tma-local/python-base:bookworm) and reuses the ones that exist; the worker image is rebuilt
+#   2. builds the images that are missing (tma-local/postgres:15, tma-local/redis:7, the worker image's
+#      base tma-local/worker-base:latest with PostgreSQL 18's client tools: PG_CLIENT_MAJOR in
+#      docker/images/common.sh) and reuses the ones that exist; the worker image is rebuilt
 #      from the working tree through the build cache (seconds when nothing changed;
 #      SKIP_IF_EXISTS=1 reuses it as it is);
 #   3. creates the env file (.env) from .env.example with random passwords (DB_PASSWORD,
@@ -24,9 +25,13 @@
 #      read it (wrong password, unreachable, missing).
 # Joining a running TMA Cloud stack (docker-compose.tma.yml: TMA's tma-cloud-postgres, network, .env and
 # uploads/ instead of a database of our own): --join TMA_DIR, or TMA_DIR in the env file. up.sh checks
-# that tma-cloud-postgres runs, finds TMA's network (TMA_NETWORK) and the Docker socket's group
-# (DOCKER_GID), and writes TMA_DIR, TMA_NETWORK, DOCKER_GID and COMPOSE_FILE into the env file when they
+# that tma-cloud-postgres runs and that the worker image's pg_dump is not older than its server (the
+# worker reaches it over TMA's network with its own client tools, DB_MODE=host: no Docker socket), finds
+# TMA's network (TMA_NETWORK), and writes TMA_DIR, TMA_NETWORK and COMPOSE_FILE into the env file when they
 # are missing, so that plain `docker-compose …` in the project folder uses both files from then on.
+# --docker-mode (or a COMPOSE_FILE naming docker-compose.docker-mode.yml) runs pg_dump inside
+# tma-cloud-postgres instead, at a cost: the worker gets the Docker socket, root on this host; up.sh then
+# finds the socket's group (DOCKER_GID) too and writes it, and a COMPOSE_FILE naming all three files.
 # Never reads stdin (fine with CI=true). Logs to stderr. Options:
 #   --build-only             steps 1-2 only
 #   --env-only               step 3 only (no Docker needed: the key is made without it when need be)
@@ -34,6 +39,7 @@
 #   --env-file FILE          the settings (default: DIR/.env)
 #   -p, --project-name NAME  docker-compose's project name (default: COMPOSE_PROJECT_NAME from the env file)
 #   --join TMA_DIR           back up the TMA Cloud whose docker-compose stack runs from TMA_DIR
+#   --docker-mode            joined: pg_dump/pg_restore inside tma-cloud-postgres, through the Docker socket
 # Host ports: REDIS_HOST_PORT (default 56379), FLOWER_HOST_PORT (default 5555), from the environment.
 # TMA_UPLOADS_MODE=rw (environment) mounts the uploads writable, for a restore with uploads.
 # Stop with: docker-compose down   (add -v to delete the database, broker, backup AND repository volumes;
@@ -50,6 +56,7 @@ project_dir=$REPO
 env_file=
 project_name=
 join_dir=
+docker_mode=0
 while [ $# -gt 0 ]; do
   case $1 in
     --build-only) build_only=1 ;;
@@ -58,7 +65,8 @@ while [ $# -gt 0 ]; do
     --env-file) [ $# -ge 2 ] || die "$1 needs a file"; env_file=$2; shift ;;
     -p|--project-name) [ $# -ge 2 ] || die "$1 needs a name"; project_name=$2; shift ;;
     --join) [ $# -ge 2 ] || die "$1 needs TMA Cloud's folder"; join_dir=$2; shift ;;
-    -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    --docker-mode) docker_mode=1 ;;
+    -h|--help) sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
     *) die "unknown option $1 (try --help)" ;;
   esac
   shift
@@ -270,11 +278,19 @@ prepare_signing() {
 env_value() { sed -n "s/^$1=//p" "$env_file" | tail -n1; }
 
 # Joining TMA Cloud's own stack (docker-compose.tma.yml): TMA_DIR from --join or the env file. Checks what
-# the override needs, finds TMA_NETWORK and DOCKER_GID when they are not set, exports them for
-# docker-compose and writes the missing ones into the env file (with COMPOSE_FILE), saying so.
+# the override needs, finds TMA_NETWORK when it is not set, exports the settings for docker-compose and
+# writes the missing ones into the env file (with COMPOSE_FILE), saying so. DB_MODE=host: the worker image's
+# pg_dump must not be older than the server (checked here, and by the worker at every backup). Docker mode
+# only when asked for (--docker-mode, or a COMPOSE_FILE that names its file): then DOCKER_GID too.
+DOCKER_MODE_FILE=$REPO/docker-compose.docker-mode.yml
+# The major of PostgreSQL's `--version` line ("pg_dump (PostgreSQL) 18.6 (Debian 18.6-3)"), or nothing.
+pg_major_of() { sed -n 's/.*(PostgreSQL) \([0-9][0-9]*\).*/\1/p' | head -n1; }
 join() {
   [ -n "$join_dir" ] || join_dir=$(env_value TMA_DIR)
-  [ -n "$join_dir" ] || return 0
+  if [ -z "$join_dir" ]; then
+    [ "$docker_mode" = 0 ] || die "--docker-mode is for joining TMA Cloud's stack: add --join TMA_DIR"
+    return 0
+  fi
   join_dir=$(cd "$join_dir" 2>/dev/null && pwd) || die "--join/TMA_DIR: no folder $join_dir (TMA Cloud's folder: its docker-compose.yml, .env and uploads/)"
   case $join_dir in *[[:space:]:]*) die "TMA_DIR ($join_dir) must not contain spaces or ':' (it goes into volume specs)" ;; esac
   [ -f "$join_dir/.env" ] || die "TMA_DIR: $join_dir/.env is missing: TMA Cloud's settings file (its DB_PASSWORD, FILE_ENCRYPTION_KEY, …)"
@@ -295,14 +311,38 @@ join() {
     esac
   fi
   case " $networks " in *" $network "*) ;; *) die "TMA_NETWORK=$network: tma-cloud-postgres is not on it (it is on: $networks)" ;; esac
-  gid=${DOCKER_GID:-$(env_value DOCKER_GID)}
-  if [ -z "$gid" ]; then
-    [ -S /var/run/docker.sock ] || die "no Docker socket at /var/run/docker.sock: the worker runs pg_dump inside tma-cloud-postgres through it (docker-compose.tma.yml)"
-    gid=$(stat -c %g /var/run/docker.sock)
+  compose_setting=$(env_value COMPOSE_FILE)
+  case $compose_setting in
+    *docker-compose.docker-mode.yml*) docker_mode=1 ;;
+    ?*) [ "$docker_mode" = 0 ] ||
+          die "--docker-mode: COMPOSE_FILE in $env_file ($compose_setting) does not name docker-compose.docker-mode.yml: add :$DOCKER_MODE_FILE to it, or leave --docker-mode out" ;;
+  esac
+  export TMA_DIR="$join_dir" TMA_NETWORK="$network"
+  if [ "$docker_mode" = 1 ]; then
+    gid=${DOCKER_GID:-$(env_value DOCKER_GID)}
+    if [ -z "$gid" ]; then
+      [ -S /var/run/docker.sock ] || die "no Docker socket at /var/run/docker.sock: docker mode runs pg_dump inside tma-cloud-postgres through it (leave --docker-mode out: the worker's own tools need no socket)"
+      gid=$(stat -c %g /var/run/docker.sock)
+    fi
+    export DOCKER_GID="$gid"
+    pairs="TMA_DIR=$join_dir TMA_NETWORK=$network DOCKER_GID=$gid COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml:$DOCKER_MODE_FILE"
+    mode="docker mode: pg_dump inside tma-cloud-postgres; the worker holds the Docker socket, root on this host"
+  else
+    # The worker's own pg_dump against TMA's server: a newer server is refused now, not at 02:00.
+    client=$(docker run --rm --network none --entrypoint pg_dump "$WORKER_IMAGE" --version 2>&1 | pg_major_of)
+    server=$(docker exec tma-cloud-postgres postgres --version 2>/dev/null | pg_major_of)
+    [ -n "$client" ] || die "cannot read the version of pg_dump in $WORKER_IMAGE: rebuild it (docker/images/worker/build.sh)"
+    if [ -z "$server" ]; then
+      log "WARNING: cannot read tma-cloud-postgres's PostgreSQL version (postgres --version in it): the worker checks it at every backup"
+    elif [ "$server" -gt "$client" ]; then
+      die "tma-cloud-postgres runs PostgreSQL $server and the worker image's pg_dump is $client's, which cannot dump a newer server: add $server to PG_CLIENT_MAJORS in docker/images/common.sh (and its Debian suite to pg_suite) and run up.sh again (it rebuilds the image), or join in docker mode (--docker-mode: the worker then holds the Docker socket, root on this host)"
+    fi
+    [ -z "$(env_value DOCKER_GID)" ] ||
+      log "$env_file has DOCKER_GID: no longer used (the joined worker reaches tma-cloud-postgres with its own PostgreSQL $client tools, without the Docker socket); delete the line, or add --docker-mode to keep docker mode"
+    pairs="TMA_DIR=$join_dir TMA_NETWORK=$network COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml"
+    mode="host mode: the worker's own PostgreSQL $client tools over TMA's network, no Docker socket; server PostgreSQL ${server:-?}"
   fi
-  export TMA_DIR="$join_dir" TMA_NETWORK="$network" DOCKER_GID="$gid"
-  for pair in "TMA_DIR=$join_dir" "TMA_NETWORK=$network" "DOCKER_GID=$gid" \
-              "COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml"; do
+  for pair in $pairs; do
     key=${pair%%=*}
     if ! grep -q "^$key=" "$env_file"; then
       log "$env_file has no $key: appending $pair"
@@ -310,7 +350,8 @@ join() {
     fi
   done
   compose_files="$compose_files -f $REPO/docker-compose.tma.yml"
-  log "joining TMA Cloud's stack: database tma-cloud-postgres (docker mode), network $network, settings $join_dir/.env, uploads $join_dir/uploads (${TMA_UPLOADS_MODE:-ro})"
+  [ "$docker_mode" = 0 ] || compose_files="$compose_files -f $DOCKER_MODE_FILE"
+  log "joining TMA Cloud's stack: database tma-cloud-postgres ($mode), network $network, settings $join_dir/.env, uploads $join_dir/uploads (${TMA_UPLOADS_MODE:-ro})"
 }
 
 if [ $env_only = 1 ]; then

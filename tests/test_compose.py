@@ -9,7 +9,9 @@ Joined to "TMA Cloud's own stack" (docker-compose.tma.yml, `docker/up.sh --join`
 played by hand with `docker run`, as its docker-compose.yml lays it out (tma-local/postgres:18 as
 tma-cloud-postgres, a Redis answering to `redis`, on `<project>_tma-cloud-network`; a folder with its
 .env and uploads/ owned by TMA's uid 1001); our stack backs up its database, uploads and .env, then
-restores database and uploads together into the bind-mounted folder.
+restores database and uploads together into the bind-mounted folder, with the worker image's own
+PostgreSQL 18 tools over TMA's network (DB_MODE=host) and no Docker socket in the worker (`docker
+inspect`). A TMA Cloud server newer than the image's newest tools is refused by up.sh at start.
 
 Every run uses a throwaway settings file and project folder under tmp_path (never a `.env` in the
 repository: the settings read `.env` from the working directory), its own project name, and random
@@ -45,6 +47,7 @@ from tests.conftest import _unavailable
 REPO = services.REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 JOIN_FILE = REPO / "docker-compose.tma.yml"
+DOCKER_MODE_FILE = REPO / "docker-compose.docker-mode.yml"
 FIXED_NAMES = ("tma-cloud-postgres", "tma-backup-beat")
 BASE_IMAGES = ("tma-local/postgres:15", "tma-local/redis:7", "tma-local/worker-base:latest")
 # TMA Cloud's files table (the columns the cross-check reads: UPLOADS_REFERENCES_QUERY's default)
@@ -250,26 +253,28 @@ def test_the_join_file_leaves_our_database_out_and_reads_tma_clouds_env_network_
     (tma_dir / "uploads").mkdir(parents=True)
     tma = _tma_env(tma_dir / ".env", f"key-{secrets.token_hex(16)}", f"tmapw-{secrets.token_hex(8)}")
     network = f"tmacloud{TMA_NETWORK_SUFFIX}"
-    joined = dict(TMA_DIR=str(tma_dir), TMA_NETWORK=network, DOCKER_GID="4242")
+    joined = dict(TMA_DIR=str(tma_dir), TMA_NETWORK=network)
     config = _config(Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE), **joined))
     services_ = config["services"]
 
     # Our postgres (container name tma-cloud-postgres, TMA's own) is in a profile nothing activates.
     assert services_["postgres"]["profiles"] == ["own-database"]
     assert not [name for name, service in services_.items() if "postgres" in service.get("depends_on", {})]
-    # The worker: TMA's database in docker mode (TMA runs PostgreSQL 18, the image's pg_dump is 15), TMA's
-    # .env winning over the stack's own settings (its DB_PASSWORD, key), on TMA's network besides ours.
+    # The worker: TMA's database by its container's name on TMA's network, with the image's own client
+    # tools (DB_MODE=host: no Docker socket, no docker group), TMA's .env winning over the stack's own
+    # settings (its DB_PASSWORD, key), on TMA's network besides ours.
     worker = services_["worker"]
     environment = worker["environment"]
     assert {key: environment[key] for key in ("DB_HOST", "DB_PORT", "DB_MODE", "DB_CONTAINER")} == {
-        "DB_HOST": "tma-cloud-postgres", "DB_PORT": "5432", "DB_MODE": "docker", "DB_CONTAINER": "tma-cloud-postgres"}
+        "DB_HOST": "tma-cloud-postgres", "DB_PORT": "5432", "DB_MODE": "host", "DB_CONTAINER": ""}
+    assert not [volume for volume in worker["volumes"] if "docker.sock" in volume], worker["volumes"]
+    assert not worker.get("group_add") and "privileged" not in worker, worker
     assert environment["DB_PASSWORD"] == tma["DB_PASSWORD"] != ours["DB_PASSWORD"]
     assert environment["FILE_ENCRYPTION_KEY"] == tma["FILE_ENCRYPTION_KEY"]
     assert environment["UPLOAD_DIR"] == "/app/uploads" and environment["TMA_ENV_FILE"] == "/run/tma-config/.env"
     assert sorted(worker["networks"]) == ["default", "tma"]
     assert config["networks"]["tma"] == {"external": True, "name": network}
     assert f"{tma_dir}/uploads:/app/uploads:ro" in worker["volumes"]
-    assert "/var/run/docker.sock:/var/run/docker.sock:rw" in worker["volumes"] and worker["group_add"] == ["4242"]
     copied = [volume for volume in services_["tma-config"]["volumes"] if ":/source/.env" in volume]
     assert copied == [f"{tma_dir}/.env:/source/.env:ro"], "TMA Cloud's .env goes into the sets, not ours"
     # On TMA's network, `redis` is TMA's: the worker reaches ours by an alias only ours has; our redis and
@@ -293,6 +298,24 @@ def test_the_join_file_leaves_our_database_out_and_reads_tma_clouds_env_network_
         partial = {key: value for key, value in joined.items() if key != variable}
         refused = Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE), **partial)("config", "-q")
         assert refused.returncode != 0 and variable in refused.stderr, (variable, refused.stderr)
+    # No service anywhere in the joined stack holds the Docker socket.
+    for name, service in services_.items():
+        assert not [volume for volume in service.get("volumes", []) if "docker.sock" in volume], name
+
+    # Docker mode, only when asked for (docker-compose.docker-mode.yml on top): the socket and its group,
+    # pg_dump inside tma-cloud-postgres (or DB_CONTAINER); without DOCKER_GID refused, naming it.
+    files = (COMPOSE_FILE, JOIN_FILE, DOCKER_MODE_FILE)
+    docker_worker = _config(Compose(tmp_path, tmp_path / "settings.env", project, files, DOCKER_GID="4242",
+                                    **joined))["services"]["worker"]
+    assert {key: docker_worker["environment"][key] for key in ("DB_HOST", "DB_MODE", "DB_CONTAINER")} == {
+        "DB_HOST": "tma-cloud-postgres", "DB_MODE": "docker", "DB_CONTAINER": "tma-cloud-postgres"}
+    assert "/var/run/docker.sock:/var/run/docker.sock:rw" in docker_worker["volumes"]
+    assert docker_worker["group_add"] == ["4242"]
+    named = _config(Compose(tmp_path, tmp_path / "settings.env", project, files, DOCKER_GID="4242",
+                            DB_CONTAINER="tma-db", **joined))["services"]["worker"]
+    assert named["environment"]["DB_CONTAINER"] == "tma-db"
+    refused = Compose(tmp_path, tmp_path / "settings.env", project, files, **joined)("config", "-q")
+    assert refused.returncode != 0 and "DOCKER_GID" in refused.stderr, refused.stderr
 
 
 def _up_env_only(env_file: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -626,6 +649,19 @@ def tma_cloud(docker_engine, tmp_path) -> Iterator[dict[str, Any]]:
         _docker("network", "rm", network)
 
 
+def _worker_holds_no_docker_socket(compose: Compose) -> None:
+    """The worker container, as the engine runs it (`docker inspect`): no Docker socket mounted, no extra
+    group, not privileged; inside it, no socket and only its own group."""
+    (container,) = compose("ps", "-q", "worker").stdout.split()
+    inspected = json.loads(_docker("inspect", container).stdout)[0]
+    mounts = [f"{mount.get('Source')}:{mount.get('Destination')}" for mount in inspected["Mounts"]]
+    assert not [mount for mount in mounts if "docker.sock" in mount], mounts
+    assert not inspected["HostConfig"].get("GroupAdd") and not inspected["HostConfig"].get("Privileged"), \
+        inspected["HostConfig"]
+    probe = compose.exec("worker", "sh", "-c", "id -G; test -e /var/run/docker.sock || echo no-socket")
+    assert probe.stdout.split() == ["1000", "no-socket"], probe.stdout + probe.stderr
+
+
 def _tma_psql(sql: str) -> subprocess.CompletedProcess[str]:
     return _docker("exec", "tma-cloud-postgres", "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres",
                    "-d", "tma_cloud_storage", "-At", "-c", sql)
@@ -650,6 +686,11 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
 
     project = f"tmajoin{secrets.token_hex(4)}"
     ours = _write_env_file(tmp_path / "settings.env", project)
+    # A settings file from before the worker carried PostgreSQL 18's tools: up.sh --join wrote the Docker
+    # socket's group into it then. It is left alone, and no longer gives the worker the socket.
+    docker_gid = str(os.stat("/var/run/docker.sock").st_gid)
+    with open(tmp_path / "settings.env", "a") as settings_file:
+        settings_file.write(f"DOCKER_GID={docker_gid}\n")
     compose = Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE))
     started = time.monotonic()
     try:
@@ -658,11 +699,15 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
                   env={**compose.environ, "UP_SETTLE": "3"}, cwd=tmp_path)
         assert up.returncode == 0, f"docker/up.sh --join failed:\n{up.stderr[-5000:]}"
         up_seconds = time.monotonic() - started
-        assert f"joining TMA Cloud's stack: database tma-cloud-postgres (docker mode), network {tma_cloud['network']}" in up.stderr
+        assert ("joining TMA Cloud's stack: database tma-cloud-postgres (host mode: the worker's own PostgreSQL 18 "
+                "tools over TMA's network, no Docker socket; server PostgreSQL 18), network "
+                f"{tma_cloud['network']}") in up.stderr, up.stderr
+        assert "has DOCKER_GID: no longer used" in up.stderr and "has no DOCKER_GID" not in up.stderr
         written = _env_values(compose.env_file)
         assert written["TMA_DIR"] == str(folder) and written["TMA_NETWORK"] == tma_cloud["network"]
-        assert written["DOCKER_GID"] == str(os.stat("/var/run/docker.sock").st_gid)
+        assert written["DOCKER_GID"] == docker_gid, "the operator's line is left as it was"
         assert written["COMPOSE_FILE"] == f"{COMPOSE_FILE}:{JOIN_FILE}"
+        _worker_holds_no_docker_socket(compose)
         # Our postgres never started; tma-cloud-postgres is still TMA's container, untouched.
         assert compose("ps", "-q", "postgres").stdout.strip() == ""
         labels = _docker("inspect", "-f", "{{index .Config.Labels \"com.docker.compose.project\"}}", "tma-cloud-postgres")
@@ -679,7 +724,9 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
         assert dump.removesuffix(".dump") + ".env" in found["files"], "TMA Cloud's .env is in the set"
         meta = compose.exec("worker", "cat", f"/backups/{dump}.meta").stdout
         fields = dict(line.split("=", 1) for line in meta.splitlines() if "=" in line and not line.startswith("#"))
-        assert fields["mode"] == "docker" and fields["container"] == "tma-cloud-postgres", fields
+        # The worker's own pg_dump 18 over TMA's network, not tma-cloud-postgres's through the socket
+        assert fields["mode"] == "host" and "container" not in fields, fields
+        assert fields["pg_dump_version"] == "18" and fields["server_version"].startswith("18."), fields
         assert fields["uploads_missing"] == "0" and fields["uploads_referenced"] == "4", fields
         assert fields["uploads_unreferenced"] == "1" and fields["uploads_files"] == "5", fields
         key = tma_cloud["env"]["FILE_ENCRYPTION_KEY"].encode()
@@ -710,9 +757,12 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
         while compose.exec("worker", "celery", "-A", "worker", "inspect", "ping").returncode != 0:
             assert time.monotonic() < deadline, compose("logs", "--tail=30", "worker").stdout
             time.sleep(1)
+        _worker_holds_no_docker_socket(compose)  # the recreated worker, which restores
         restored = compose.exec("worker", "tma-backup", "restore", "--from-repository", "latest", "--with-uploads",
                                 "--confirm", "tma_cloud_storage", timeout=300)
         assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert "host tools (/usr/lib/postgresql/18/bin/pg_dump) against tma-cloud-postgres:5432" in restored.stderr, \
+            restored.stderr
         for name in referenced + [next(name for name in blobs if name.endswith(".orphan"))]:
             assert (uploads / name).read_bytes() == blobs[name], name
         assert _tma_psql("SELECT count(*) FROM files").stdout.strip() == "5"
@@ -736,3 +786,42 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
         assert left.stdout.strip() == "", "no container of the test stack is left"
     assert _docker("inspect", "-f", "{{.State.Status}}", "tma-cloud-postgres").stdout.strip() == "running", \
         "down -v of our stack leaves TMA Cloud's database alone"
+
+
+def test_joining_a_server_newer_than_the_images_newest_tools_is_refused_at_start(docker_engine, tmp_path):
+    """A TMA Cloud whose PostgreSQL (here a stand-in whose `postgres --version` says 19) is newer than the
+    worker image's newest pg_dump: up.sh --join refuses before anything starts, in one line naming both
+    majors and the two ways out; nothing of the stack runs."""
+    _wait_for_fixed_names_to_be_free()
+    folder = tmp_path / "tma-cloud"
+    (folder / "uploads").mkdir(parents=True)
+    _tma_env(folder / ".env", f"key-{secrets.token_hex(16)}", f"tmapw-{secrets.token_hex(8)}")
+    network = f"tmacloud{secrets.token_hex(3)}{TMA_NETWORK_SUFFIX}"
+    fake = ('printf \'#!/bin/sh\\necho "postgres (PostgreSQL) 19.1"\\n\' >/usr/local/bin/postgres && '
+            "chmod 755 /usr/local/bin/postgres && exec sleep 600")
+    project = f"tmajnew{secrets.token_hex(4)}"
+    _write_env_file(tmp_path / "settings.env", project)
+    compose = Compose(tmp_path, tmp_path / "settings.env", project, (COMPOSE_FILE, JOIN_FILE))
+    try:
+        assert _docker("network", "create", network).returncode == 0
+        started = _docker("run", "-d", "--name", "tma-cloud-postgres", "--network", network, "--stop-signal", "SIGKILL",
+                          "-e", "PATH=/usr/local/bin:/usr/bin:/bin", "--entrypoint", "sh", "tma-local/postgres:18",
+                          "-c", fake)
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 30
+        while "19.1" not in _docker("exec", "tma-cloud-postgres", "postgres", "--version").stdout:
+            assert time.monotonic() < deadline, _docker("logs", "tma-cloud-postgres").stderr
+            time.sleep(0.5)
+        up = _run([str(REPO / "docker" / "up.sh"), "--project-directory", str(tmp_path), "--env-file",
+                   str(compose.env_file), "-p", project, "--join", str(folder)], timeout=900,
+                  env=compose.environ, cwd=tmp_path)
+        assert up.returncode == 1, up.stderr[-3000:]
+        [error] = [line for line in up.stderr.splitlines() if "ERROR" in line]
+        assert ("tma-cloud-postgres runs PostgreSQL 19 and the worker image's pg_dump is 18's, which cannot dump a "
+                "newer server") in error, error
+        assert "add 19 to PG_CLIENT_MAJORS in docker/images/common.sh" in error and "--docker-mode" in error, error
+        assert compose("ps", "-q").stdout.strip() == "", "nothing of the stack was started"
+    finally:
+        compose("down", "-v", "--remove-orphans", "--timeout", "5", timeout=180)
+        _docker("rm", "-f", "tma-cloud-postgres")
+        _docker("network", "rm", network)
