@@ -1,7 +1,7 @@
 """The beat schedule, and only that: the nightly backup at BACKUP_SCHEDULE, the weekly restore
 drill at BACKUP_DRILL_SCHEDULE (cron, UTC), the repair of what interrupted restores left
 (a database refusing connections, scratch databases) every REPAIR_INTERVAL, and with a repository its
-weekly prune and check at REPOSITORY_MAINTENANCE_SCHEDULE.
+weekly prune and check at REPOSITORY_MAINTENANCE_SCHEDULE. A vault's beat runs its pull and its upkeep only.
 
 Every entry carries `expires`, so a backlog (beat down, workers busy) never runs a slot twice.
 """
@@ -18,10 +18,14 @@ NIGHTLY_BACKUP = "nightly-backup"
 WEEKLY_DRILL = "weekly-restore-drill"
 REPAIR = "repair-interrupted-restores"
 REPOSITORY_MAINTENANCE = "repository-maintenance"
+VAULT_PULL = "vault-pull"
+VAULT_MAINTENANCE = "vault-maintenance"
 REPAIR_INTERVAL = timedelta(minutes=5)
 
 
 def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    if settings.vault is not None:
+        return vault_schedule(settings)
     schedule = {
         NIGHTLY_BACKUP: {
             "task": "tma_backup.backup",
@@ -53,3 +57,21 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": 3600},
         }
     return schedule
+
+
+def vault_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """A vault's beat (VAULT_REPOSITORY set): its pull and its own upkeep, nothing else (no database)."""
+    return {
+        VAULT_PULL: {
+            "task": "tma_backup.vault_pull",
+            "schedule": parse_cron(settings.VAULT_SCHEDULE),
+            "kwargs": {"scheduled": True},
+            "options": {"expires": 3000},  # a pull that waited this long is superseded by the next one
+        },
+        VAULT_MAINTENANCE: {
+            "task": "tma_backup.vault_maintenance",
+            "schedule": parse_cron(settings.VAULT_MAINTENANCE_SCHEDULE),
+            "kwargs": {"scheduled": True},
+            "options": {"expires": 3600},
+        },
+    }

@@ -124,7 +124,7 @@ def test_retention_and_status_of_one_server_never_touch_or_count_the_others_sets
     assert staging_status["repository"]["timestamp"] < facts["repository"]["timestamp"]
 
 
-def test_a_new_server_is_told_whose_sets_there_are_and_restores_one_by_id(shared, restic_bin, tmp_path):
+def test_a_new_server_is_told_whose_sets_there_are_and_restores_their_latest_or_one_by_id(shared, restic_bin, tmp_path):
     production, staging, repository = shared
     production.backup()
     rows = production.digests()
@@ -136,9 +136,15 @@ def test_a_new_server_is_told_whose_sets_there_are_and_restores_one_by_id(shared
     refused = run_cli(["restore", "--from-repository", "latest", "--confirm", SHARED_NAME], rebuilt, tmp_path)
     assert refused.returncode == 1, refused.output
     [line] = error_lines(refused.stderr)
-    assert server_id(production.server) in line and "give its id" in line, line
+    assert f"--server {server_id(production.server)}" in line and "set's id" in line, line
     assert "Traceback" not in refused.output
 
+    named = run_cli(["restore", "--from-repository", "latest", "--server", server_id(production.server),
+                     "--confirm", SHARED_NAME], rebuilt, tmp_path)
+    assert named.returncode == 0, named.output
+    assert digests(rebuilt_pg, SHARED_NAME) == rows
+    with rebuilt_pg.connect(SHARED_NAME, autocommit=True) as connection:
+        connection.execute("DELETE FROM audit_log")
     [one] = sets_of(restic_bin, repository, server_id(production.server))
     by_id = run_cli(["restore", "--from-repository", one["short_id"], "--confirm", SHARED_NAME], rebuilt, tmp_path)
     assert by_id.returncode == 0, by_id.output

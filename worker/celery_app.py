@@ -17,7 +17,7 @@ from celery.signals import celeryd_after_setup, worker_ready
 
 from worker.coordination import broker as _broker  # noqa: F401  (registers the start-up warning)
 
-app = Celery("tma_backup", include=["tasks.backup", "tasks.restore", "tasks.repository", "tasks.status"])
+app = Celery("tma_backup", include=["tasks.backup", "tasks.restore", "tasks.repository", "tasks.status", "tasks.vault"])
 app.config_from_object("worker.celery_config")
 
 
@@ -56,6 +56,8 @@ def _repair_at_start(sender: Any = None, **kwargs: Any) -> None:
             from worker.settings import get_settings
 
             settings = get_settings()
+            if settings.vault is not None:  # a vault has no database to repair
+                return
             repair_at_start(settings, f"repair-at-start-{settings.WORKER_HOST}-{uuid.uuid4()}")
         except Exception as error:  # repair_at_start logs its own failures; this is the last resort
             logging.getLogger(__name__).warning("repair at worker start-up did not run: %s", error)

@@ -37,6 +37,10 @@ SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
+# restic's durations (`forget --keep-within 90d`): years, months, days, hours.
+DURATION = r"^([0-9]+[ymdh])+$"
+DURATION_OR_NONE = r"^(([0-9]+[ymdh])+)?$"
+
 # Signed task messages: the three paths, all set or none.
 SIGNING_SETTINGS = ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE")
 
@@ -44,7 +48,8 @@ SIGNING_SETTINGS = ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_
 # Never echoed back in an error line, a log or a result.
 SECRET_SETTINGS = frozenset({
     "DB_PASSWORD", "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_ACCESS_KEY_ID",
-    "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", "FILE_ENCRYPTION_KEY", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
+    "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", "VAULT_REPOSITORY_PASSWORD", "VAULT_REPOSITORY_ACCESS_KEY_ID",
+    "VAULT_REPOSITORY_SECRET_ACCESS_KEY", "FILE_ENCRYPTION_KEY", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
     "RUSTFS_ACCESS_KEY", "RUSTFS_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NOTIFY_URLS",
     "HEALTHCHECK_URL",
 })
@@ -111,6 +116,21 @@ class Settings(BaseSettings):
     # How long a run waits for the repository while another run, a restore or the prune uses it.
     REPOSITORY_LOCK_WAIT: int = Field(default=3600, ge=0, le=86400)
     BACKUP_DRILL_FROM_REPOSITORY: bool = False
+    # A vault (`worker.vault`): on another machine, a repository of its own that pulls the primary's sets
+    # (BACKUP_REPOSITORY, read only) and keeps them by time, whatever the primary's host does.
+    VAULT_REPOSITORY: str | None = None
+    VAULT_REPOSITORY_PASSWORD: SecretStr | None = None
+    VAULT_REPOSITORY_PASSWORD_FILE: Path | None = None
+    VAULT_REPOSITORY_ACCESS_KEY_ID: SecretStr | None = None
+    VAULT_REPOSITORY_SECRET_ACCESS_KEY: SecretStr | None = None
+    VAULT_SCHEDULE: str = "0 * * * *"
+    VAULT_MAINTENANCE_SCHEDULE: str = "45 5 * * 0"
+    # restic's time-based rules (`forget --keep-within*`, durations such as 90d, 1y6m): every set of the
+    # last VAULT_KEEP_WITHIN, then the newest of each day, week, month within the others ("" for none).
+    VAULT_KEEP_WITHIN: str = Field(default="90d", pattern=DURATION)
+    VAULT_KEEP_WITHIN_DAILY: str = Field(default="180d", pattern=DURATION_OR_NONE)
+    VAULT_KEEP_WITHIN_WEEKLY: str = Field(default="1y", pattern=DURATION_OR_NONE)
+    VAULT_KEEP_WITHIN_MONTHLY: str = Field(default="5y", pattern=DURATION_OR_NONE)
 
     # TMA Cloud's uploads and configuration (the whole set; `worker.uploads`), with TMA's own names.
     STORAGE_DRIVER: Literal["local", "s3"] = "local"
@@ -183,6 +203,8 @@ class Settings(BaseSettings):
                      "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE", "BACKUP_REPOSITORY",
                      "BACKUP_REPOSITORY_PASSWORD", "BACKUP_REPOSITORY_PASSWORD_FILE",
                      "BACKUP_REPOSITORY_ACCESS_KEY_ID", "BACKUP_REPOSITORY_SECRET_ACCESS_KEY", "UPLOAD_DIR",
+                     "VAULT_REPOSITORY", "VAULT_REPOSITORY_PASSWORD", "VAULT_REPOSITORY_PASSWORD_FILE",
+                     "VAULT_REPOSITORY_ACCESS_KEY_ID", "VAULT_REPOSITORY_SECRET_ACCESS_KEY",
                      "FILE_ENCRYPTION_KEY", "TMA_ENV_FILE", "R2_ACCOUNT_ID", "R2_ENDPOINT", "R2_BUCKET",
                      "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "RUSTFS_ENDPOINT", "RUSTFS_BUCKET", "RUSTFS_ACCESS_KEY",
                      "RUSTFS_SECRET_KEY", "RUSTFS_REGION", "RUSTFS_FORCE_PATH_STYLE", "AWS_S3_ENDPOINT", "AWS_S3_BUCKET",
@@ -197,12 +219,12 @@ class Settings(BaseSettings):
     def _readable_signing_file(cls, value: Path | None) -> Path | None:
         return None if value is None else readable_file(value, "a readable PEM file")
 
-    @field_validator("BACKUP_REPOSITORY_PASSWORD_FILE")
+    @field_validator("BACKUP_REPOSITORY_PASSWORD_FILE", "VAULT_REPOSITORY_PASSWORD_FILE")
     @classmethod
     def _readable_password_file(cls, value: Path | None) -> Path | None:
         return None if value is None else readable_file(value, "a readable file holding the repository's password")
 
-    @field_validator("BACKUP_REPOSITORY")
+    @field_validator("BACKUP_REPOSITORY", "VAULT_REPOSITORY")
     @classmethod
     def _repository_address(cls, value: str | None) -> str | None:
         # a local folder made absolute once, here: restic also runs in other folders (inside UPLOAD_DIR)
@@ -228,6 +250,13 @@ class Settings(BaseSettings):
         if not any((self.REPOSITORY_KEEP_DAILY, self.REPOSITORY_KEEP_WEEKLY, self.REPOSITORY_KEEP_MONTHLY,
                     self.REPOSITORY_KEEP_YEARLY)):
             raise ValueError("REPOSITORY_KEEP_*: at least one must be above 0 (else every set would be forgotten)")
+        return self
+
+    @model_validator(mode="after")
+    def _vault_complete(self) -> Settings:
+        from worker.vault.config import check_vault
+
+        check_vault(self)  # ValueError naming what is wrong (and a vault on a host that backs up a database)
         return self
 
     @field_validator("NOTIFY_URLS")
@@ -279,7 +308,8 @@ class Settings(BaseSettings):
         parse_compression(value)
         return value
 
-    @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE", "REPOSITORY_MAINTENANCE_SCHEDULE")
+    @field_validator("BACKUP_SCHEDULE", "BACKUP_DRILL_SCHEDULE", "REPOSITORY_MAINTENANCE_SCHEDULE", "VAULT_SCHEDULE",
+                     "VAULT_MAINTENANCE_SCHEDULE")
     @classmethod
     def _cron(cls, value: str) -> str:
         from worker.coordination.schedule import parse_cron
@@ -319,6 +349,11 @@ class Settings(BaseSettings):
         """The restic repository's address (BACKUP_REPOSITORY; a local folder absolute, whatever folder
         restic runs in), or None: backups stay local."""
         return self.BACKUP_REPOSITORY
+
+    @property
+    def vault(self) -> str | None:
+        """The vault's own repository (VAULT_REPOSITORY): set, this host is a vault and backs nothing up."""
+        return self.VAULT_REPOSITORY
 
     @property
     def env_file(self) -> Path:

@@ -13,6 +13,7 @@ from worker.cli.commands.notify import notify_command, warn_on_terminal
 from worker.cli.commands.repair import repair_command
 from worker.cli.commands.repository import repository_command
 from worker.cli.commands.restore import restore_command, rollback_command
+from worker.cli.commands.vault import vault_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +22,7 @@ def cli() -> None:
 
 
 for command in (backup_command, verify_command, list_command, status_command, restore_command, rollback_command,
-                drill_command, repair_command, keys_command, repository_command, notify_command):
+                drill_command, repair_command, keys_command, repository_command, vault_command, notify_command):
     cli.add_command(command)
 
 

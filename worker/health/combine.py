@@ -35,7 +35,7 @@ def combine(answers: dict[str, Answer], database: str, source: str, checked_at: 
         ordered = [facts[host] for host in sorted(facts)]
         newest_backup = _best(ordered, "backup", lambda section: (section["timestamp"] or "",))
         sections["backup"] = newest_backup["backup"]
-        if newest_backup["backup"]["file"] is None and len(facts) > 1:
+        if newest_backup["backup"] is not None and newest_backup["backup"]["file"] is None and len(facts) > 1:
             sections["backup"] = {**newest_backup["backup"], "problem": (
                 f"no complete backup of {newest_backup['database']!r} on any worker host ({', '.join(sorted(facts))})")}
         sections["uploads"] = newest_backup["uploads"]
@@ -45,6 +45,8 @@ def combine(answers: dict[str, Answer], database: str, source: str, checked_at: 
             section["problem"] is not None, section["timestamp"] or ""))["repository"]
         sections["connections"] = _best(ordered, "connections", lambda section: (
             section["problem"] is not None, section["checked"]))["connections"]
+        sections["vault"] = _best(ordered, "vault", lambda section: (
+            section["problem"] is not None, section["timestamp"] or ""))["vault"]
     verdict = judged(sections)
     verdict["problems"] += [f"{host}: {reason}" for host, reason in sorted(silent.items())]
     verdict["ok"] = not verdict["problems"]

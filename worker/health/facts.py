@@ -19,7 +19,7 @@ from worker.errors import BackupError
 from worker.health.drill_due import due_since
 from worker.settings import Settings
 
-SECTIONS = ("backup", "drill", "repository", "uploads", "connections")
+SECTIONS = ("backup", "drill", "repository", "uploads", "connections", "vault")
 FINGERPRINT_FIELD = "file_encryption_key_sha256"
 MISSING_FIELD = "uploads_missing"
 MISSING_NAMES_FIELD = "uploads_missing_names"  # a JSON list of at most a few names
@@ -50,6 +50,7 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
       be read, holds no set of the database made here, or its newest set is older than BACKUP_MAX_AGE_HOURS;
     - `uploads` (null unless the newest backup's .meta records the uploads cross-check): `file`,
       `missing` (count), `missing_names`, `error` (why the capture failed, if it did). Problem: `missing` > 0;
+    - `vault` (null but on a vault's host, where every other section is null): `worker.vault.facts`;
     - `connections`: `checked`, `refusing`, `error` (why it was not checked). Problem: an interrupted restore left the database refusing
       connections. Warning: the server could not be asked.
 
@@ -57,6 +58,12 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
     database = database or settings.DB_NAME
     now = now or datetime.now(timezone.utc)
     host = settings.WORKER_HOST
+    if settings.vault is not None:  # a vault's host backs nothing up: its status is the vault's
+        from worker.vault.facts import vault_section
+
+        vault: dict[str, dict[str, Any] | None] = {name: None for name in SECTIONS}
+        vault["vault"] = {**vault_section(settings, now), "host": host}
+        return {"database": database, "host": host, "checked_at": catalogue.utc_timestamp(now), **judged(vault), **vault}
     complete = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     newest = complete[-1] if complete else None
     repository, oldest_set = _repository(settings, database, _server(settings, database, newest), now) \
@@ -68,6 +75,7 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
         "repository": repository,
         "uploads": _uploads(database, newest),
         "connections": _connections(settings, database),
+        "vault": None,
     }
     for section in sections.values():
         if section is not None:

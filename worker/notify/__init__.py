@@ -19,6 +19,8 @@ from worker.notify.events import (
     left_refusing,
     repository_failed,
     uploads_missing,
+    vault_failed,
+    vault_pulled,
 )
 from worker.notify.transports import try_ping, try_urls
 
@@ -32,6 +34,8 @@ __all__ = [
     "left_refusing",
     "repository_failed",
     "uploads_missing",
+    "vault_failed",
+    "vault_pulled",
     "try_ping",
     "try_urls",
 ]

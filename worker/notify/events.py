@@ -40,7 +40,8 @@ class Event:
 def compose(settings: Settings, event: Event) -> tuple[str, str]:
     """The title and body of `event`'s message, scrubbed."""
     rows = [("Database", event.database or "(all)"),
-            ("Server", f"{settings.configured_server} (worker host {settings.WORKER_HOST})")]
+            ("Server", f"{settings.configured_server} (worker host {settings.WORKER_HOST})") if settings.vault is None
+            else ("Vault host", settings.WORKER_HOST)]
     if event.error:
         rows.append(("Error", " ".join(event.error.split())))
     rows += list(event.extra)
@@ -223,6 +224,38 @@ def left_refusing(settings: Settings, failures: Mapping[str, str], run_id: str |
             f"logs, permissions) and, as a last resort, `ALTER DATABASE ... ALLOW_CONNECTIONS true`",
             database=database, error=error, run_id=run_id)
         _notify(settings, event)
+
+
+@never_raises
+def vault_pulled(settings: Settings, result: Mapping[str, Any], active: list[str], run_id: str | None) -> None:
+    """A vault's pull ended: one message per new alarm, one a day per problem that lasts (the primary too
+    old, unreadable); the ping says success only when nothing is wrong (`active`: the alarms not yet
+    acknowledged and the problems), so the dead-man's switch sees a vault in trouble."""
+    for alarm in result.get("alarms", []):
+        _notify(settings, Event(
+            "vault_alarm", "vault ALARM: the primary repository changed as no backup would change it", str(alarm),
+            "see what happened on the TMA Cloud host (its repository, its keys); the vault keeps every set it "
+            "holds; `tma-backup status` on the vault lists the alarms, `tma-backup vault acknowledge` clears them",
+            error=str(alarm), run_id=run_id, extra=(("Vault", str(result.get("vault", ""))),)))
+    for problem in result.get("problems", []):
+        if _first_time(settings, f"tma_backup:notified:vault:{problem}", 24 * 3600):
+            _notify(settings, Event("vault_problem", "vault: the primary looks unwell", str(problem),
+                                    "check the TMA Cloud host's backups (`tma-backup status` there)",
+                                    error=str(problem), run_id=run_id))
+    line = (f"vault pull: {len(result.get('copied', []))} set(s) copied, {result.get('primary_sets', '?')} in the "
+            f"primary" + (f"; {len(active)} thing(s) wrong: {active[0]}" if active else ""))
+    deliver(settings, ping_jobs(settings, "fail" if active else "success", line, run_id), True)
+
+
+@never_raises
+def vault_failed(settings: Settings, operation: str, error: BaseException | str, run_id: str | None) -> None:
+    """A vault's pull or upkeep failed (the primary or the vault cannot be read or written)."""
+    event = Event("vault_failed", f"vault {operation} FAILED",
+                  f"The vault's {operation} failed: its copy of the sets may fall behind, or the primary may "
+                  "have been tampered with.",
+                  "run `tma-backup vault pull` on the vault to see it again; `tma-backup status` there",
+                  error=_error_text(error), run_id=run_id)
+    _notify(settings, event, ("fail", f"vault {operation} failed: {_error_text(error)}"))
 
 
 def _first_time(settings: Settings, key: str, seconds: int) -> bool:

@@ -34,7 +34,7 @@ STAGING_PREFIX = ".fetch-"  # inside BACKUP_DIR: the same file system, so the du
 
 
 def fetch(settings: Settings, reference: str, database: str | None, owner: str,
-          progress: Progress = no_progress) -> dict[str, Any]:
+          progress: Progress = no_progress, server: str | None = None) -> dict[str, Any]:
     """Fetch set `reference` (`latest` of `database`, or an id) into BACKUP_DIR; returns the backup's
     file name, the set and what was done. The bytes are always downloaded and checked, also when the
     same backup is already here (a drill must prove the off-site copy, not the local one); an identical
@@ -45,7 +45,8 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
     except SettingsError as error:
         raise BackupError(str(error)) from None
     restic = Restic(settings)
-    server = this_server(settings, database) if reference == "latest" else None
+    if reference == "latest" and server is None:
+        server = this_server(settings, database)  # `latest` is this server's newest, unless told whose
     with using_repository(settings, owner, progress):
         found = find_set(restic, reference, database, server)
         dump_name = _dump_name(found)

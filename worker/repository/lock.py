@@ -25,17 +25,18 @@ from worker.settings import Settings
 POLL_SECONDS = 1.0
 
 
-def repository_lock(settings: Settings, owner: str) -> DatabaseLock:
-    digest = hashlib.sha256((settings.repository or "").encode()).hexdigest()[:16]
+def repository_lock(settings: Settings, owner: str, address: str | None = None) -> DatabaseLock:
+    """The lock of the repository at `address` (default: BACKUP_REPOSITORY; a vault's own is VAULT_REPOSITORY)."""
+    digest = hashlib.sha256((address if address is not None else settings.repository or "").encode()).hexdigest()[:16]
     return database_lock(settings, f"repository-{digest}", owner, server="restic-repository")
 
 
 @contextmanager
 def using_repository(settings: Settings, owner: str, progress: Progress = no_progress,
-                     wait: float | None = None) -> Iterator[DatabaseLock]:
-    """Hold the repository's lock while the block runs (renewed in the background), waiting up to
-    `wait` seconds (REPOSITORY_LOCK_WAIT) for another user to finish."""
-    lock = repository_lock(settings, owner)
+                     wait: float | None = None, address: str | None = None) -> Iterator[DatabaseLock]:
+    """Hold the lock of the repository at `address` (default: BACKUP_REPOSITORY) while the block runs
+    (renewed in the background), waiting up to `wait` seconds (REPOSITORY_LOCK_WAIT) for another user."""
+    lock = repository_lock(settings, owner, address)
     deadline = time.monotonic() + (settings.REPOSITORY_LOCK_WAIT if wait is None else wait)
     announced = False
     while True:
@@ -45,7 +46,7 @@ def using_repository(settings: Settings, owner: str, progress: Progress = no_pro
         except LockHeld:
             if time.monotonic() >= deadline:
                 raise RepositoryError(
-                    f"the repository at {redacted(settings.repository or '')} stayed busy (run "
+                    f"the repository at {redacted(address or settings.repository or '')} stayed busy (run "
                     f"{lock.holder() or 'unknown'} uses it) for longer than REPOSITORY_LOCK_WAIT "
                     f"({settings.REPOSITORY_LOCK_WAIT} s)"
                 ) from None

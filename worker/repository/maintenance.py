@@ -50,14 +50,15 @@ class Retention:
     kept: set[str]  # the timestamps of the sets left
 
 
-def forget(restic: Restic, settings: Settings, database: str, server: str | None) -> Retention:
+def forget(restic: Restic, settings: Settings, database: str, server: str | None,
+           keep: list[str] | None = None) -> Retention:
     """Apply the calendar policy to this server's sets of this database (restic's semantics: the newest
     set of each period that has one, in one group per server and database). The policy runs on the
     database parts (tag filter: this tool, this database, this server, `part:database`); uploads parts
     then follow their database part, so a set is kept or forgotten whole. Uploads parts left by failed
     runs go too, once a newer set exists. The newest set always stays. Another server's sets, and sets
     made before sets named their server (whose they are is unknown), are never touched; with no known
-    server (`server` None) nothing is."""
+    server (`server` None) nothing is. `keep`: restic's `--keep-*` options (default: REPOSITORY_KEEP_*)."""
     parts = [item for item in list_parts(restic, database) if server is not None and item.server == server]
     sets = merge_parts(parts)
     removed: list[str] = []
@@ -65,7 +66,7 @@ def forget(restic: Restic, settings: Settings, database: str, server: str | None
         newest = sets[-1].id
         result = restic.json([
             "forget", "--tag", f"{TOOL_TAG},{database_tag(database)},{server_tag(server)},part:{DATABASE_PART}",
-            "--group-by", "", *keep_arguments(settings),
+            "--group-by", "", *(keep if keep is not None else keep_arguments(settings)),
         ]) or []
         for group in result:
             removed += [str(item["id"]) for item in group.get("remove") or []]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from worker.children import die_with_parent
 from worker.errors import BackupError
+from worker.repository.access import Access, primary_access
 from worker.repository.watchdog import Watchdog, kill_group
 from worker.settings import Settings
 
@@ -67,42 +68,52 @@ def restic_binary() -> str:
     return found
 
 
-def restic_environment(settings: Settings) -> dict[str, str]:
-    if settings.repository is None:
-        raise RepositoryError("BACKUP_REPOSITORY is not set: there is no repository to use")
+def restic_environment(settings: Settings, access: Access | None = None, source: Access | None = None) -> dict[str, str]:
+    """restic's environment for the repository `access` names (default: BACKUP_REPOSITORY), and for
+    `source` as the repository `copy` and `init --copy-chunker-params` read from (RESTIC_FROM_*)."""
+    access = access or primary_access(settings)
+    if not access.address:
+        raise RepositoryError(f"{access.names} is not set: there is no repository to use")
     environment = {key: os.environ[key] for key in _INHERITED if key in os.environ}
     environment.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     environment.update({
-        "RESTIC_REPOSITORY": settings.repository,
+        "RESTIC_REPOSITORY": access.address,
         "TZ": "UTC",  # `backup --time` and the snapshots' times are the backups' own UTC timestamps
         "RESTIC_PROGRESS_FPS": "2",
     })
-    if settings.BACKUP_REPOSITORY_PASSWORD is not None:
-        environment["RESTIC_PASSWORD"] = settings.BACKUP_REPOSITORY_PASSWORD.get_secret_value()
-    elif settings.BACKUP_REPOSITORY_PASSWORD_FILE is not None:
-        environment["RESTIC_PASSWORD_FILE"] = str(settings.BACKUP_REPOSITORY_PASSWORD_FILE)
-    if settings.BACKUP_REPOSITORY_ACCESS_KEY_ID and settings.BACKUP_REPOSITORY_SECRET_ACCESS_KEY:
-        environment["AWS_ACCESS_KEY_ID"] = settings.BACKUP_REPOSITORY_ACCESS_KEY_ID.get_secret_value()
-        environment["AWS_SECRET_ACCESS_KEY"] = settings.BACKUP_REPOSITORY_SECRET_ACCESS_KEY.get_secret_value()
+    _password(environment, access, "RESTIC")
+    if source is not None:
+        environment["RESTIC_FROM_REPOSITORY"] = source.address
+        _password(environment, source, "RESTIC_FROM")
+    keys = access.keys or (source.keys if source is not None else None)  # one pair for both (settings check)
+    if keys is not None:
+        environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"] = keys
     if "HOME" not in environment and "XDG_CACHE_HOME" not in environment:
         environment["RESTIC_CACHE_DIR"] = "/tmp/tma-backup-restic-cache"
     return environment
 
 
-def explain(stderr: str, address: str) -> RepositoryError:
-    """restic's stderr as one line an operator can act on."""
+def _password(environment: dict[str, str], access: Access, prefix: str) -> None:
+    if access.password is not None:
+        environment[f"{prefix}_PASSWORD"] = access.password.get_secret_value()
+    elif access.password_file is not None:
+        environment[f"{prefix}_PASSWORD_FILE"] = str(access.password_file)
+
+
+def explain(stderr: str, address: str, names: str = "BACKUP_REPOSITORY") -> RepositoryError:
+    """restic's stderr as one line an operator can act on; `names`: the settings naming that repository."""
     text = stderr.strip()
     shown = redacted(address)
     lowered = text.lower()
     if "wrong password" in lowered or "no key found" in lowered:
-        return RepositoryError(f"the repository at {shown} refused the password (BACKUP_REPOSITORY_PASSWORD"
+        return RepositoryError(f"the repository at {shown} refused the password ({names}_PASSWORD"
                                "[_FILE]): wrong password, or another repository at that address")
     if any(code in text for code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
                                      "Access Denied", "InvalidSecretKey")) or any(
             sign in lowered for sign in ("request signature we calculated does not match",
                                          "access key id you provided does not exist", "access denied")):
         return RepositoryError(f"the repository's storage at {shown} refused the credentials "
-                               "(BACKUP_REPOSITORY_ACCESS_KEY_ID / BACKUP_REPOSITORY_SECRET_ACCESS_KEY)")
+                               f"({names}_ACCESS_KEY_ID / {names}_SECRET_ACCESS_KEY)")
     if "repository is already locked" in lowered or "unable to create lock" in lowered:
         return RepositoryLocked(f"the repository at {shown} is locked by another restic process "
                                 "(a stale lock of a killed run is removed at the next run)")
@@ -117,8 +128,9 @@ def explain(stderr: str, address: str) -> RepositoryError:
     if any(sign in lowered for sign in unreachable):
         return RepositoryError(f"cannot reach the repository at {shown}: {_detail(text)}")
     if any(sign in lowered for sign in missing):
-        return RepositoryMissing(f"no restic repository at {shown}: check BACKUP_REPOSITORY, or create it once "
-                                 "with `tma-backup repository init`")
+        create = "tma-backup vault init" if names == "VAULT_REPOSITORY" else "tma-backup repository init"
+        return RepositoryMissing(f"no restic repository at {shown}: check {names}, or create it once "
+                                 f"with `{create}`")
     return RepositoryError(f"restic failed on {shown}: {_detail(text) or 'no message'}")
 
 
@@ -142,10 +154,12 @@ class Restic:
     """One repository, as the settings name it. Every command runs with `--json` where restic has it,
     in a process of its own that dies with this one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, access: Access | None = None, source: Access | None = None) -> None:
+        access = access or primary_access(settings)
         self.binary = restic_binary()
-        self.address = settings.repository or ""
-        self.environment = restic_environment(settings)
+        self.address = access.address
+        self.names = access.names
+        self.environment = restic_environment(settings, access, source)
         self.stall_timeout = settings.REPOSITORY_STALL_TIMEOUT
 
     @property
@@ -167,11 +181,11 @@ class Restic:
             self.run(["unlock"])
             outcome = self._run_once(args, cwd, on_json, stdout)
         if check and outcome.returncode != 0:
-            raise explain(outcome.stderr, self.address)
+            raise explain(outcome.stderr, self.address, self.names)
         return outcome
 
     def _locked(self, outcome: Outcome) -> bool:
-        return isinstance(explain(outcome.stderr, self.address), RepositoryLocked)
+        return isinstance(explain(outcome.stderr, self.address, self.names), RepositoryLocked)
 
     def _run_once(self, args: list[str], cwd: Path | None, on_json: JsonLine | None,
                   stdout: IO[bytes] | None) -> Outcome:

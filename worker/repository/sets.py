@@ -62,6 +62,7 @@ class RepositorySet:
     uploads: str | None = None  # the uploads part's id, when the set has one
     dump_bytes: int | None = None  # the backup file's size (tag `size:`), which a fetch needs room for
     server: str | None = None  # the database server's identity (tag `server:`); None: a set made before the tag
+    tree: str = ""  # the snapshot's tree: its content's id (equal in a copy made with the same chunker parameters)
 
     @property
     def short_id(self) -> str:
@@ -122,6 +123,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         part=_tag_value(tags, "part:") or DATABASE_PART,
         dump_bytes=int(size) if size and size.isdigit() else None,
         server=unquote(server) if server else None,
+        tree=str(snapshot.get("tree", "")),
     )
 
 
@@ -184,9 +186,9 @@ def find_set(restic: Restic, reference: str, database: str | None, server: str |
                 newest = {name: max(item.timestamp for item in sets if item.server == name) for name in others}
                 shown = ", ".join(f"{name} (newest {newest[name]})" for name in others)
                 raise RepositoryError(
-                    f"the repository holds no set of {database!r} made on this server ({server}), only sets of other "
-                    f"servers: {shown}; to restore one of them here (a new server), give its id from "
-                    f"`tma-backup repository list --database {database}` instead of `latest`")
+                    f"the repository holds no set of {database!r} made by {server}, only sets of other servers: "
+                    f"{shown}; on a new server that takes over from one of them, add `--server {others[-1]}` (its "
+                    f"newest) or give a set's id from `tma-backup repository list --database {database}`")
             raise RepositoryError(f"the repository holds no set of database {database!r}")
         return mine[-1]
     if len(reference) < 4 or any(char not in "0123456789abcdef" for char in reference.lower()):

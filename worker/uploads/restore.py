@@ -16,6 +16,7 @@ from worker.pg.database import connect
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import Restic
+from worker.repository.sets import TOOL_TAG, UPLOADS_PART, database_tag, parse_snapshot
 from worker.settings import Settings
 from worker.uploads import swap as uploads_swap
 from worker.uploads.capture import check_upload_dir
@@ -27,11 +28,14 @@ from worker.uploads.s3_mirror import MANIFEST_NAME
 @dataclass
 class UploadsPlan:
     folder: Path
-    part: str
+    part: str  # the uploads part's id: as the .meta records it, then as the repository holds it
     staged: Path
     bytes: int
     missing_at_backup: int
     key_sha256: str | None
+    database: str  # the set's, with its backup timestamp and server: how its parts are found by their tags
+    timestamp: str
+    server: str | None
 
     def describe(self, settings: Settings) -> dict[str, Any]:
         current = (key_fingerprint(settings.FILE_ENCRYPTION_KEY.get_secret_value())
@@ -71,6 +75,7 @@ def plan(settings: Settings, meta: BackupMeta, run: str, live: str) -> UploadsPl
         bytes=int(meta.extra.get("uploads_bytes", "0") or 0),
         missing_at_backup=int(meta.extra.get("uploads_missing", "0") or 0),
         key_sha256=meta.extra.get("file_encryption_key_sha256"),
+        database=meta.database, timestamp=meta.timestamp, server=meta.extra.get("server_id"),
     )
 
 
@@ -83,13 +88,27 @@ def stage(settings: Settings, uploads: UploadsPlan, run: str, progress: Progress
     started = time.monotonic()
     try:
         with using_repository(settings, run, progress):
-            Restic(settings).run(["restore", uploads.part, "--target", str(uploads.staged)])
+            restic = Restic(settings)
+            uploads.part = uploads_part_in(restic, uploads)
+            restic.run(["restore", uploads.part, "--target", str(uploads.staged)])
         staged = uploads_swap.files_of(uploads.staged)
     except BaseException:
         uploads_swap.drop_staged(uploads.folder, uploads.staged)
         raise
     progress("fetched uploads", {"files": len(staged), "seconds": round(time.monotonic() - started, 3)})
     return staged
+
+
+def uploads_part_in(restic: Restic, uploads: UploadsPlan) -> str:
+    """The set's uploads part in this repository, found by the set's tags: the id the `.meta` recorded is
+    the primary's, and a vault's copy of it has an id of its own."""
+    tags = f"{TOOL_TAG},{database_tag(uploads.database)},at:{uploads.timestamp},part:{UPLOADS_PART}"
+    found = [part for snapshot in restic.json(["snapshots", "--tag", tags]) or []
+             if (part := parse_snapshot(snapshot)) is not None and uploads.server in (None, part.server)]
+    recorded = [part.id for part in found if part.id.startswith(uploads.part)]
+    if recorded:
+        return recorded[0]
+    return found[0].id if len(found) == 1 else uploads.part  # none or several: the id the .meta recorded
 
 
 def check_staged(settings: Settings, connect_kwargs: dict[str, Any], database: str, uploads: UploadsPlan,

@@ -179,7 +179,8 @@ def status_command(database: str | None, as_json: bool, local: bool, host: str |
     if problems:
         raise BackupError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
     if not as_json:
-        output.ok("Backups are current" + (", here and off site." if combined["repository"] else "."))
+        output.ok("The vault is current." if combined["vault"] else
+                  "Backups are current" + (", here and off site." if combined["repository"] else "."))
 
 
 def _show_status(facts: dict[str, Any]) -> None:
@@ -188,7 +189,7 @@ def _show_status(facts: dict[str, Any]) -> None:
     def on(section: dict[str, Any]) -> str:
         return f" (on {section['host']})" if workers else ""
 
-    title = f"Backup Status: {facts['database']}"
+    title = "Vault Status" if facts["vault"] else f"Backup Status: {facts['database']}"
     output.section(title + (f" (asked {', '.join(facts['hosts'])})" if workers else ""))
     for host, summary in facts["hosts"].items():
         if not summary["answered"]:
@@ -225,12 +226,30 @@ def _show_status(facts: dict[str, Any]) -> None:
             output.info(f"Uploads    : every upload the database references is in the set of {uploads['file']}")
         if uploads.get("warning"):
             output.warn(f"Uploads    : {uploads['warning']}")
+    vault = facts["vault"]
+    if vault is not None:
+        _show_vault(vault, on(vault))
     connections = facts["connections"]
     if connections is not None:
         if connections["problem"]:
             output.warn(f"Connections: REFUSED: {connections['problem']}{on(connections)}")
         elif not connections["checked"]:
             output.warn(f"Connections: not checked ({connections['error']}){on(connections)}")
+
+
+def _show_vault(vault: dict[str, Any], where: str) -> None:
+    if vault["error"]:
+        output.warn(f"Vault      : cannot read {vault['address']} ({vault['error']}){where}")
+    elif vault["timestamp"]:
+        output.info(f"Vault      : {vault['sets']} set(s) in {vault['address']}, the newest of {vault['timestamp']} "
+                    f"({vault['age_hours']:.1f} h old){where}")
+    pulled = vault["last_pull"]
+    if pulled:
+        (output.info if pulled.get("ok") else output.warn)(
+            f"Last pull  : {pulled['at']} from {vault['primary']}: "
+            + (f"{pulled.get('copied', 0)} set(s) copied" if pulled.get("ok") else f"FAILED: {pulled.get('error')}"))
+    for alarm in vault["alarms"]:
+        output.warn(f"ALARM      : {alarm['since']}: {alarm['message']}")
 
 
 def _show_drill(drill: dict[str, Any], where: str) -> None:

@@ -29,21 +29,23 @@ from worker.settings import Settings, SettingsError, get_settings
 
 
 def fetch_from_repository(settings: Settings, reference: str, database: str | None,
-                          host: str | None) -> tuple[str, str | None]:
+                          host: str | None, server: str | None = None) -> tuple[str, str | None]:
     """Fetch a set into BACKUP_DIR (on the worker's host through the broker, else here); returns the
-    backup's file name and the host that now holds it."""
+    backup's file name and the host that now holds it. `server`: whose `latest` (default: this server's)."""
     if not settings.repository:
         raise SettingsError("--from-repository needs BACKUP_REPOSITORY (and its password)")
+    if server is not None and reference != "latest":
+        raise SettingsError("--server goes with --from-repository latest (a set's id names its server already)")
     database = database_option(database, settings) if reference == "latest" else database
     output.info(f"Repository : fetching set {reference}" + (f" of {database!r}" if reference == "latest" else "") + " …")
     if settings.broker_url:
-        kwargs = {"reference": reference, "database": database}
+        kwargs = {"reference": reference, "database": database, **({"server": server} if server else {})}
         fetched = dict(call_task(settings, "tma_backup.fetch", kwargs, host))
         host = str(fetched.get("host") or host)  # the restore runs where the file now is
     else:
         from worker.repository.fetch import fetch
 
-        fetched = fetch(settings, reference, database, f"local-{uuid.uuid4()}")
+        fetched = fetch(settings, reference, database, f"local-{uuid.uuid4()}", server=server)
     how = "already here, identical" if fetched["already_local"] else "fetched"
     output.ok(f"Set        : {fetched['set']} → {fetched['file']} ({human_size(fetched['size_bytes'])}B, "
               f"SHA-256 checked; {how}; {fetched['seconds']:.1f}s)")
@@ -174,10 +176,12 @@ def _run(settings: Settings, store: TokenStore, token: str, confirm: str, mode: 
 @click.option("--with-uploads", is_flag=True, help="Also restore the set's uploads into UPLOAD_DIR, swapped together "
               "with the database (the current files are kept aside).")
 @click.option("--uploads-only", is_flag=True, help="Restore only the set's uploads (the database is not touched).")
+@click.option("--server", metavar="pg-ID", help="With --from-repository latest: the newest set of that database server "
+              "(its Server in `repository list`), for a new server that restores an old one's sets.")
 @guarded
 def restore_command(file: str | None, confirm_name: str | None, mode: str, prepare_only: bool, token: str | None,
                     host: str | None, from_repository: str | None, database: str | None, with_uploads: bool,
-                    uploads_only: bool) -> None:
+                    uploads_only: bool, server: str | None) -> None:
     """Restore FILE (from BACKUP_DIR) into its database, never destroying the live one on failure."""
     settings = get_settings()
     if with_uploads and uploads_only:
@@ -188,7 +192,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
     if from_repository is not None:
         if file or token:
             raise SettingsError("restore: --from-repository replaces FILE and does not go with --token")
-        file, host = fetch_from_repository(settings, from_repository, database, host)
+        file, host = fetch_from_repository(settings, from_repository, database, host, server)
     store = _store(settings)
     output.section("Database Restore")
     if token:
