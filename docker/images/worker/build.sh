@@ -61,14 +61,15 @@ Pin-Priority: 990
 done
 [ "$(pg_suite "$PG_CLIENT_MAJOR")" = "$BASE_SUITE" ] || BASE_RECIPE="$BASE_RECIPE;$(pg_suite "$PG_CLIENT_MAJOR"):libpq5"
 
-# apt-get inside the rootfs (no /proc needed for these packages; no pty for dpkg's log). Valid-Until is
-# checked as this machine's apt checks it (a mirror that is a snapshot has a Release file past its date).
+# apt-get inside the rootfs (no /proc needed for these packages; no pty for dpkg's log; no translations
+# fetched). Valid-Until is checked as this machine's apt checks it (a mirror that is a snapshot has a
+# Release file past its date).
 # usage: chroot_apt ROOT APT-GET-ARGS...
 chroot_apt() {
   apt_root=$1; shift
   valid_until=$(apt-config shell v Acquire::Check-Valid-Until | sed -n "s/^v='\(.*\)'$/\1/p")
   chroot "$apt_root" env DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 apt-get -q -o Dpkg::Use-Pty=0 \
-    ${valid_until:+-o Acquire::Check-Valid-Until=$valid_until} "$@"
+    -o Acquire::Languages=none ${valid_until:+-o Acquire::Check-Valid-Until=$valid_until} "$@"
 }
 
 # The clients from other suites: each suite's source at priority 100 (never chosen on its own), the named
