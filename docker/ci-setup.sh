@@ -53,7 +53,7 @@ trap 'rm -rf "$logs"' EXIT
 expected=
 build_pids=
 # A build that has not finished after this long is stopped and reported (a stalled mirror or pip must
-# fail CI with a message, never hang it). A cold build takes about 2.5 min here.
+# fail CI with a message, never hang it). A cold build takes about 4 min here (2 cores, other work beside it).
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-1200}
 start_build() {  # NAME SCRIPT [ARG]
   name=$1; shift

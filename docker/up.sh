@@ -328,19 +328,29 @@ join() {
     pairs="TMA_DIR=$join_dir TMA_NETWORK=$network DOCKER_GID=$gid COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml:$DOCKER_MODE_FILE"
     mode="docker mode: pg_dump inside tma-cloud-postgres; the worker holds the Docker socket, root on this host"
   else
-    # The worker's own pg_dump against TMA's server: a newer server is refused now, not at 02:00.
+    # The worker's own tools against TMA's server, checked now rather than at 02:00: the image runs the
+    # server's own major's (it has those of PG_CLIENT_MAJORS, the newest first on PATH). A newer server
+    # cannot be dumped; an older one without its own major's tools would be dumped by a newer pg_dump,
+    # whose archives restore only into servers of that newer major or newer, never into this one.
     client=$(docker run --rm --network none --entrypoint pg_dump "$WORKER_IMAGE" --version 2>&1 | pg_major_of)
+    carried=$(docker run --rm --network none --entrypoint ls "$WORKER_IMAGE" /usr/lib/postgresql 2>/dev/null | tr '\n' ' ')
     server=$(docker exec tma-cloud-postgres postgres --version 2>/dev/null | pg_major_of)
     [ -n "$client" ] || die "cannot read the version of pg_dump in $WORKER_IMAGE: rebuild it (docker/images/worker/build.sh)"
+    ways_out="add $server to PG_CLIENT_MAJORS in docker/images/common.sh (and its Debian suite to pg_suite) and run up.sh again (it rebuilds the image), or join in docker mode (--docker-mode: the worker then holds the Docker socket, root on this host)"
     if [ -z "$server" ]; then
       log "WARNING: cannot read tma-cloud-postgres's PostgreSQL version (postgres --version in it): the worker checks it at every backup"
     elif [ "$server" -gt "$client" ]; then
-      die "tma-cloud-postgres runs PostgreSQL $server and the worker image's pg_dump is $client's, which cannot dump a newer server: add $server to PG_CLIENT_MAJORS in docker/images/common.sh (and its Debian suite to pg_suite) and run up.sh again (it rebuilds the image), or join in docker mode (--docker-mode: the worker then holds the Docker socket, root on this host)"
+      die "tma-cloud-postgres runs PostgreSQL $server and the worker image's pg_dump is $client's, which cannot dump a newer server: $ways_out"
+    else
+      case " $carried " in
+        *" $server "*) ;;
+        *) die "tma-cloud-postgres runs PostgreSQL $server and the worker image has no client tools of that major (it has ${carried% }): pg_dump $client would dump it, but its archives restore only into PostgreSQL $client or newer, never into this server: $ways_out" ;;
+      esac
     fi
     [ -z "$(env_value DOCKER_GID)" ] ||
-      log "$env_file has DOCKER_GID: no longer used (the joined worker reaches tma-cloud-postgres with its own PostgreSQL $client tools, without the Docker socket); delete the line, or add --docker-mode to keep docker mode"
+      log "$env_file has DOCKER_GID: no longer used (the joined worker reaches tma-cloud-postgres with its own PostgreSQL ${server:-$client} tools, without the Docker socket); delete the line, or add --docker-mode to keep docker mode"
     pairs="TMA_DIR=$join_dir TMA_NETWORK=$network COMPOSE_FILE=$REPO/docker-compose.yml:$REPO/docker-compose.tma.yml"
-    mode="host mode: the worker's own PostgreSQL $client tools over TMA's network, no Docker socket; server PostgreSQL ${server:-?}"
+    mode="host mode: the worker's own PostgreSQL ${server:-$client} tools over TMA's network, no Docker socket; server PostgreSQL ${server:-?}"
   fi
   for pair in $pairs; do
     key=${pair%%=*}

@@ -788,16 +788,18 @@ def test_joined_to_tma_clouds_stack_it_backs_up_and_restores_the_whole_set(tma_c
         "down -v of our stack leaves TMA Cloud's database alone"
 
 
-def test_joining_a_server_newer_than_the_images_newest_tools_is_refused_at_start(docker_engine, tmp_path):
-    """A TMA Cloud whose PostgreSQL (here a stand-in whose `postgres --version` says 19) is newer than the
-    worker image's newest pg_dump: up.sh --join refuses before anything starts, in one line naming both
-    majors and the two ways out; nothing of the stack runs."""
+@pytest.mark.parametrize("major", [19, 16])
+def test_joining_a_server_the_images_tools_cannot_serve_is_refused_at_start(docker_engine, tmp_path, major):
+    """A TMA Cloud whose PostgreSQL (here a stand-in whose `postgres --version` says so) is newer than the
+    worker image's newest pg_dump (19), or older but of a major the image has no tools for (16: pg_dump 18
+    would dump it, into archives that restore only into 18 or newer): up.sh --join refuses before anything
+    starts, in one line naming the majors and the two ways out; nothing of the stack runs."""
     _wait_for_fixed_names_to_be_free()
     folder = tmp_path / "tma-cloud"
     (folder / "uploads").mkdir(parents=True)
     _tma_env(folder / ".env", f"key-{secrets.token_hex(16)}", f"tmapw-{secrets.token_hex(8)}")
     network = f"tmacloud{secrets.token_hex(3)}{TMA_NETWORK_SUFFIX}"
-    fake = ('printf \'#!/bin/sh\\necho "postgres (PostgreSQL) 19.1"\\n\' >/usr/local/bin/postgres && '
+    fake = (f'printf \'#!/bin/sh\\necho "postgres (PostgreSQL) {major}.1"\\n\' >/usr/local/bin/postgres && '
             "chmod 755 /usr/local/bin/postgres && exec sleep 600")
     project = f"tmajnew{secrets.token_hex(4)}"
     _write_env_file(tmp_path / "settings.env", project)
@@ -809,7 +811,7 @@ def test_joining_a_server_newer_than_the_images_newest_tools_is_refused_at_start
                           "-c", fake)
         assert started.returncode == 0, started.stderr
         deadline = time.monotonic() + 30
-        while "19.1" not in _docker("exec", "tma-cloud-postgres", "postgres", "--version").stdout:
+        while f"{major}.1" not in _docker("exec", "tma-cloud-postgres", "postgres", "--version").stdout:
             assert time.monotonic() < deadline, _docker("logs", "tma-cloud-postgres").stderr
             time.sleep(0.5)
         up = _run([str(REPO / "docker" / "up.sh"), "--project-directory", str(tmp_path), "--env-file",
@@ -817,9 +819,11 @@ def test_joining_a_server_newer_than_the_images_newest_tools_is_refused_at_start
                   env=compose.environ, cwd=tmp_path)
         assert up.returncode == 1, up.stderr[-3000:]
         [error] = [line for line in up.stderr.splitlines() if "ERROR" in line]
-        assert ("tma-cloud-postgres runs PostgreSQL 19 and the worker image's pg_dump is 18's, which cannot dump a "
-                "newer server") in error, error
-        assert "add 19 to PG_CLIENT_MAJORS in docker/images/common.sh" in error and "--docker-mode" in error, error
+        why = ("the worker image's pg_dump is 18's, which cannot dump a newer server" if major > 18 else
+               "the worker image has no client tools of that major (it has 15 17 18): pg_dump 18 would dump it, but "
+               "its archives restore only into PostgreSQL 18 or newer, never into this server")
+        assert f"tma-cloud-postgres runs PostgreSQL {major} and {why}" in error, error
+        assert f"add {major} to PG_CLIENT_MAJORS in docker/images/common.sh" in error and "--docker-mode" in error, error
         assert compose("ps", "-q").stdout.strip() == "", "nothing of the stack was started"
     finally:
         compose("down", "-v", "--remove-orphans", "--timeout", "5", timeout=180)
