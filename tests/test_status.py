@@ -123,9 +123,9 @@ def test_a_fresh_backup_with_a_recent_drill_is_exit_0_with_its_facts(source, env
     assert 0.05 < facts["backup"]["age_hours"] < 0.2
     assert facts["drill"]["result"] == "pass" and facts["drill"]["file"] == dump.name and facts["drill"]["problem"] is None
     assert facts["connections"] == {**facts["connections"], "checked": True, "refusing": False, "problem": None}
-    assert facts["repository"] is None and facts["uploads"] is None
+    assert facts["repository"] is None and facts["uploads"] is None and facts["vault"] is None
     assert set(facts) == {"database", "source", "checked_at", "ok", "problems", "warnings", "hosts", "backup", "drill",
-                          "repository", "uploads", "connections"}
+                          "repository", "uploads", "connections", "vault"}
     assert as_json.stderr == "", "--json: nothing but the object, on stdout"
 
 

@@ -13,7 +13,7 @@ from tests.helpers import error_lines
 
 NO_WORKER_DB = 2  # no test starts a worker on this Redis database (tests/test_repository.py: 0, 3-15 are used)
 KEYS = {"database", "source", "checked_at", "ok", "problems", "warnings", "hosts", "backup", "drill", "repository",
-        "uploads", "connections"}
+        "uploads", "connections", "vault"}
 
 
 def _status_json(env: dict[str, str], tmp_path, *args: str) -> tuple[dict, str]:
@@ -25,7 +25,7 @@ def _status_json(env: dict[str, str], tmp_path, *args: str) -> tuple[dict, str]:
     assert isinstance(answer, dict) and set(answer) == KEYS, answer
     assert answer["ok"] is False and answer["source"] == "workers" and answer["hosts"] == {}
     assert answer["warnings"] == [] and all(answer[section] is None for section in
-                                            ("backup", "drill", "repository", "uploads", "connections"))
+                                            ("backup", "drill", "repository", "uploads", "connections", "vault"))
     [problem] = answer["problems"]
     assert line == f"[ERROR] {problem}", (line, problem)
     return answer, problem
