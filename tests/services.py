@@ -34,6 +34,11 @@ class ServiceUnavailable(Exception):
     """A service the tests need cannot be started here; the message says how to get it."""
 
 
+class PortTaken(ServiceUnavailable):
+    """The free port picked for a server was taken by someone else before the server bound it."""
+
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -94,10 +99,17 @@ class PostgresServer:
             if self.process.poll() is not None:
                 raise ServiceUnavailable(f"postgres exited: {self.log_path.read_text()[-2000:]}")
             try:
-                with self.connect(connect_timeout=1):
-                    return
+                with self.connect(connect_timeout=1) as connection:
+                    answering = connection.execute("SHOW data_directory").fetchone()
             except psycopg.OperationalError:
                 time.sleep(0.1)
+                continue
+            if answering is None or Path(answering[0]).resolve() != self.data_dir.resolve():
+                # Another test process's cluster took the port between our pick and our bind: ours is
+                # exiting ("could not bind"). Never hand that cluster out as ours.
+                self.stop("immediate")
+                raise PortTaken(f"port {self.port} answers for another cluster ({answering})")
+            return
         raise ServiceUnavailable("postgres did not accept connections within 30 s")
 
     def stop(self, mode: str = "fast") -> None:
@@ -137,9 +149,19 @@ def start_postgres() -> PostgresServer:
         "host all postgres 127.0.0.1/32 trust\n"
         "host all all 127.0.0.1/32 scram-sha-256\n"
     )
-    server = PostgresServer(data_dir, free_port())
-    server.start()
-    return server
+    for attempt in range(3):  # a port picked free may be taken before postgres binds it (parallel runs)
+        server = PostgresServer(data_dir, free_port())
+        try:
+            server.start()
+            return server
+        except ServiceUnavailable as error:
+            server.stop("immediate")
+            bind_failed = "could not bind" in server.log_path.read_text(errors="replace")
+            if attempt == 2 or not (isinstance(error, PortTaken) or bind_failed):
+                raise
+            (server.data_dir / "postmaster.pid").unlink(missing_ok=True)
+            server.log_path.rename(server.log_path.with_suffix(f".{attempt}.log"))
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -164,11 +186,19 @@ class RedisServer:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise PortTaken(f"redis-server exited with {self.process.returncode} (port {self.port} taken?)")
             try:
-                client.ping()
-                return
+                answering = client.info("server").get("process_id")
             except redis.ConnectionError:
                 time.sleep(0.05)
+                continue
+            finally:
+                client.close()
+            if answering != self.process.pid:  # another test process's Redis on the port we picked
+                self.stop()
+                raise PortTaken(f"port {self.port} answers for another redis-server (pid {answering})")
+            return
         raise ServiceUnavailable("redis-server did not answer within 15 s")
 
     def stop(self) -> None:
@@ -178,9 +208,16 @@ class RedisServer:
 
 
 def start_redis() -> RedisServer:
-    server = RedisServer(free_port())
-    server.start()
-    return server
+    for attempt in range(3):  # a port picked free may be taken before redis-server binds it (parallel runs)
+        server = RedisServer(free_port())
+        try:
+            server.start()
+            return server
+        except PortTaken:
+            server.stop()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass
