@@ -17,6 +17,7 @@ from celery.utils.log import get_task_logger
 from tasks.reporting import progress_reporter
 from worker import app, backup, notify
 from worker.backup import Run
+from worker.backup.unchanged import nothing_to_do
 from worker.celery_app import host_queue
 from worker.coordination import parking
 from worker.coordination.locks import database_lock
@@ -64,11 +65,14 @@ def _link(run: Run, hands_over: bool = True) -> Iterator[Any]:
 
 
 @app.task(name="tma_backup.backup", bind=True)
-def start_backup(self: Task, database: str | None = None, scheduled: bool = False) -> dict[str, Any]:
+def start_backup(self: Task, database: str | None = None, scheduled: bool = False,
+                 if_changed: bool = False) -> dict[str, Any]:
+    """A scheduled run (and one asked `if_changed`) makes no set when nothing changed since the last one."""
     settings = get_settings()
     database = database or settings.DB_NAME
     run_id = self.request.id
-    server = server_identity(settings, choose_executor(settings), database)
+    executor = choose_executor(settings)
+    server = server_identity(settings, executor, database)
     lock = database_lock(settings, database, run_id, server)
     try:
         run = backup.start_run(settings, database, run_id, lock, server)
@@ -91,6 +95,17 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
             lock.release()
             logger.warning("scheduled backup skipped: %s", taken)
             return {"skipped": taken, "database": database}
+    if scheduled or if_changed:
+        try:
+            unchanged = nothing_to_do(settings, executor, database, server)
+        except BaseException:
+            lock.release()
+            raise
+        if unchanged is not None:
+            lock.release()
+            logger.info("nothing changed in %r since the set of %s: no set made", database, unchanged["timestamp"])
+            notify.backup_unchanged(settings, database, unchanged, run_id)
+            return {"unchanged": unchanged, "database": database}
     for warning in run["warnings"]:
         logger.warning("%s", warning)
     notify.backup_started(settings, database, run_id)  # before any link: `start` precedes `fail` or success

@@ -17,8 +17,8 @@ database, no database refusing connections). At the end of every example, every 
 holds that a backup reported good is restored with plain restic and pg_restore and compared with the
 state recorded when it was taken, byte for byte.
 
-Runs here: a bounded, derandomized number of examples (`TMA_MODEL_EXAMPLES`, default 4, of at most
-`TMA_MODEL_STEPS` steps, default 10), the same every run. For a release, a long random run:
+Runs here: a bounded, derandomized number of examples (`TMA_MODEL_EXAMPLES`, default 3, of at most
+`TMA_MODEL_STEPS` steps, default 8), the same every run. For a release, a long random run:
 
     TMA_MODEL_EXAMPLES=200 TMA_MODEL_STEPS=30 TMA_MODEL_RANDOM=1 .venv/bin/python -m pytest tests/test_model.py
 
@@ -53,8 +53,8 @@ from worker.uploads import swap as uploads_swap
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("TMA_MODEL_EXAMPLES", "4"))
-STEPS = int(os.environ.get("TMA_MODEL_STEPS", "10"))
+EXAMPLES = int(os.environ.get("TMA_MODEL_EXAMPLES", "3"))
+STEPS = int(os.environ.get("TMA_MODEL_STEPS", "8"))
 RANDOM = os.environ.get("TMA_MODEL_RANDOM", "") == "1"
 KEEP_PREVIOUS = 1
 
@@ -391,6 +391,7 @@ class SetModel(RuleBasedStateMachine):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+@pytest.mark.timeout(max(600, 45 * EXAMPLES * STEPS))  # real commands: up to some 15 s a step on a busy machine
 def test_the_whole_set_under_random_sequences_of_real_commands(pg, restic_bin, tmp_path):
     SetModel.context = Context(pg, restic_bin, tmp_path)
     run_state_machine_as_test(SetModel, settings=settings(

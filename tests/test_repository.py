@@ -568,7 +568,8 @@ def test_calendar_retention_keeps_the_newest_set_of_each_kept_day_and_nothing_el
     assert made.returncode == 0, made.output
     source, _ = only_backup(source_dir, tma_db)
     env = base_env(pg, tmp_path / "crafted", DB_NAME=tma_db, REPOSITORY_KEEP_DAILY="2", REPOSITORY_KEEP_WEEKLY="0",
-                   REPOSITORY_KEEP_MONTHLY="0", REPOSITORY_KEEP_YEARLY="0", **repo.settings)
+                   REPOSITORY_KEEP_MONTHLY="0", REPOSITORY_KEEP_YEARLY="0", REPOSITORY_KEEP_WITHIN="",
+                   REPOSITORY_KEEP_WITHIN_HOURLY="", **repo.settings)  # the count rules alone
     stamps = ["20260105T080000Z", "20260106T080000Z", "20260107T080000Z", "20260107T200000Z",
               "20260108T080000Z", "20260108T200000Z"]
     for stamp in stamps:
@@ -799,8 +800,10 @@ BAD_SETTINGS = {
     "only the secret": ({"BACKUP_REPOSITORY": S3_ADDRESS, **WITH_PASSWORD,
                          "BACKUP_REPOSITORY_SECRET_ACCESS_KEY": SECRET}, "go together"),
     "every keep zero": ({"BACKUP_REPOSITORY": "/srv/restic", **WITH_PASSWORD, "REPOSITORY_KEEP_DAILY": "0",
-                         "REPOSITORY_KEEP_WEEKLY": "0", "REPOSITORY_KEEP_MONTHLY": "0", "REPOSITORY_KEEP_YEARLY": "0"},
-                        "REPOSITORY_KEEP_"),
+                         "REPOSITORY_KEEP_WEEKLY": "0", "REPOSITORY_KEEP_MONTHLY": "0", "REPOSITORY_KEEP_YEARLY": "0",
+                         "REPOSITORY_KEEP_WITHIN": "", "REPOSITORY_KEEP_WITHIN_HOURLY": ""}, "REPOSITORY_KEEP_"),
+    "a keep-within that is no duration": ({"BACKUP_REPOSITORY": "/srv/restic", **WITH_PASSWORD,
+                                           "REPOSITORY_KEEP_WITHIN": "3 days"}, "REPOSITORY_KEEP_WITHIN"),
 }
 
 

@@ -53,7 +53,7 @@ def test_the_app_speaks_json_only_and_sends_events():
 # The run record is a wire format too: links queued by one version are run by the next.
 RUN_RECORD_KEYS = {
     "run_id", "database", "backup", "timestamp", "host", "server", "started_at", "warnings",
-    "server_version", "server_id", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds", "uploads",
+    "server_version", "server_id", "tma_migration", "change_fingerprint", "pg_dump_version", "archive_bytes", "mode", "mode_fields", "tables", "dump_seconds", "uploads",
     "toc_entries", "sha256", "size_bytes", "duration_seconds", "complete", "offsite", "deleted",
 }
 RUN_RECORD_REQUIRED = {"run_id", "database", "backup", "timestamp", "host", "started_at", "warnings"}

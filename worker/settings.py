@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     BACKUP_DRILL_SCHEDULE: str = "0 4 * * 0"
     BACKUP_COMPRESSION: str = "6"
     BACKUP_MAX_AGE_HOURS: float = Field(default=26, gt=0)
+    # A scheduled run skips the set when nothing changed since the last one (`worker.backup.unchanged`);
+    # tables that change on their own (TMA Cloud's job queue, its clients' heartbeats) do not count.
+    BACKUP_SKIP_UNCHANGED: bool = True
+    BACKUP_UNCHANGED_IGNORE: str = "pgboss.*,public.client_heartbeats"
+    # The loss window status allows: the age of the newest state safely off site ("45m", "26h"; "" derives
+    # it from BACKUP_SCHEDULE: its longest gap and a quarter of it, at least 10 minutes).
+    MAX_RPO: str = Field(default="", pattern=r"^([0-9]+[mhd])?$")
     BACKUP_LOCK_TIMEOUT: int = Field(default=9, ge=5, le=3600)  # the lock's lease: a killed run frees it within this
     BACKUP_RETRIES: int = Field(default=2, ge=0, le=10)
     PG_LOCK_WAIT_TIMEOUT: str = Field(default="60s", pattern=r"^[0-9]+(ms|s|min|h)?$")
@@ -104,6 +111,12 @@ class Settings(BaseSettings):
     BACKUP_REPOSITORY_ACCESS_KEY_ID: SecretStr | None = None
     BACKUP_REPOSITORY_SECRET_ACCESS_KEY: SecretStr | None = None
     # Calendar retention in the repository, per database, with restic's semantics (`forget --keep-*`).
+    # Time-based first (restic's `--keep-within*`, counted back from a group's newest set): a day of sets at
+    # full resolution, then the newest of each hour for two days; then the counts. "" for none.
+    REPOSITORY_KEEP_WITHIN: str = Field(default="1d", pattern=DURATION_OR_NONE)
+    REPOSITORY_KEEP_WITHIN_HOURLY: str = Field(default="2d", pattern=DURATION_OR_NONE)
+    REPOSITORY_KEEP_WITHIN_DAILY: str = Field(default="", pattern=DURATION_OR_NONE)
+    REPOSITORY_KEEP_HOURLY: int = Field(default=0, ge=0, le=100000)
     REPOSITORY_KEEP_DAILY: int = Field(default=7, ge=0, le=100000)
     REPOSITORY_KEEP_WEEKLY: int = Field(default=4, ge=0, le=100000)
     REPOSITORY_KEEP_MONTHLY: int = Field(default=12, ge=0, le=100000)
@@ -234,22 +247,13 @@ class Settings(BaseSettings):
     def _repository_complete(self) -> Settings:
         if self.BACKUP_REPOSITORY is None:
             return self
-        if (self.BACKUP_REPOSITORY_PASSWORD is None) == (self.BACKUP_REPOSITORY_PASSWORD_FILE is None):
-            raise ValueError(
-                "BACKUP_REPOSITORY needs its password: set BACKUP_REPOSITORY_PASSWORD or "
-                "BACKUP_REPOSITORY_PASSWORD_FILE (one of them, not both)"
-            )
-        keys = (self.BACKUP_REPOSITORY_ACCESS_KEY_ID, self.BACKUP_REPOSITORY_SECRET_ACCESS_KEY)
-        if (keys[0] is None) != (keys[1] is None):
-            raise ValueError("BACKUP_REPOSITORY_ACCESS_KEY_ID and BACKUP_REPOSITORY_SECRET_ACCESS_KEY go together")
-        if self.BACKUP_REPOSITORY.startswith("s3:") and keys[0] is None:
-            raise ValueError(
-                "BACKUP_REPOSITORY is an S3 bucket: set BACKUP_REPOSITORY_ACCESS_KEY_ID and "
-                "BACKUP_REPOSITORY_SECRET_ACCESS_KEY"
-            )
-        if not any((self.REPOSITORY_KEEP_DAILY, self.REPOSITORY_KEEP_WEEKLY, self.REPOSITORY_KEEP_MONTHLY,
-                    self.REPOSITORY_KEEP_YEARLY)):
-            raise ValueError("REPOSITORY_KEEP_*: at least one must be above 0 (else every set would be forgotten)")
+        from worker.repository.access import primary_access
+        from worker.repository.maintenance import keep_arguments
+
+        primary_access(self).check()
+        if not keep_arguments(self):
+            raise ValueError("REPOSITORY_KEEP_*: at least one rule must keep something (else every set would be "
+                             "forgotten)")
         return self
 
     @model_validator(mode="after")
@@ -349,6 +353,10 @@ class Settings(BaseSettings):
         """The restic repository's address (BACKUP_REPOSITORY; a local folder absolute, whatever folder
         restic runs in), or None: backups stay local."""
         return self.BACKUP_REPOSITORY
+
+    @property
+    def unchanged_ignore(self) -> list[str]:
+        return [pattern.strip() for pattern in self.BACKUP_UNCHANGED_IGNORE.split(",") if pattern.strip()]
 
     @property
     def vault(self) -> str | None:

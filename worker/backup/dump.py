@@ -14,6 +14,8 @@ import psycopg
 from worker.archive import catalogue, streams
 from worker.archive.compression import check_supported, parse_compression
 from worker.backup.run import Run, abandon_files, write_counts
+from worker.backup.tma_version import newest_migration
+from worker.backup.unchanged import fingerprint
 from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.errors import BackupError, first_line
 from worker.pg.database import connect, exact_row_counts, exported_snapshot, server_major, server_version_text
@@ -70,6 +72,10 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             if compression.zstd_level is not None and streams.zstd_tool() is None:
                 raise BackupError(streams.ZSTD_TOOL_MISSING)
             with connect(executor.connect_kwargs(), database, autocommit=True) as connection:
+                if settings.BACKUP_SKIP_UNCHANGED:  # before the snapshot: a change meanwhile makes the next run's differ
+                    change = fingerprint(settings, connection, database)
+                    if change is not None:
+                        run["change_fingerprint"] = change
                 server = server_major(connection)
                 if pg_dump_major < server:
                     raise BackupError(
@@ -93,7 +99,7 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
                         options, tool_environment(settings, database), partial, compression.zstd_level)
                     query = settings.UPLOADS_REFERENCES_QUERY if uploads_enabled(settings, database) else None
                     result, counted = _dump_and_count(process, connection, partial, lock, lock_lost, progress, query)
-            counts, references = counted if counted is not None else (None, None)
+            counts, references, migration = counted if counted is not None else (None, None, None)
             if result.returncode != 0 or counts is None:
                 failure = ServerUnavailable if server_gone(result.stderr) else BackupError
                 raise failure(f"pg_dump failed: {result.last_error_line()}")
@@ -124,6 +130,8 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
             raise
     run["mode"] = executor.mode
     run["mode_fields"] = executor.meta_fields()
+    if migration is not None:
+        run["tma_migration"] = migration
     run["tables"] = len(counts)
     run["dump_seconds"] = round(time.monotonic() - started, 3)
     progress("dumped", {"bytes": partial.stat().st_size})
@@ -135,12 +143,13 @@ def dump(run: Run, settings: Settings, executor: Executor, lock: DatabaseLock, p
     return run
 
 
-Counted = tuple[dict[str, int], list[Reference] | None]
+Counted = tuple[dict[str, int], list[Reference] | None, str | None]
 
 
 def _count_and_reference(connection: psycopg.Connection[Any], query: str | None) -> Counted:
     counts = exact_row_counts(connection)
-    return counts, (read_references(connection, query) if query is not None else None)
+    references = read_references(connection, query) if query is not None else None
+    return counts, references, newest_migration(connection)
 
 
 def _dump_and_count(process: ToolProcess, connection: psycopg.Connection[Any], partial: Path, lock: DatabaseLock,

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import backup, notify
+from worker.backup.unchanged import nothing_to_do
 from worker.coordination.locks import database_lock
-from worker.errors import LockHeld
+from worker.errors import LockHeld, NothingChanged
 from worker.pg.executors import Executor
 from worker.pg.identity import server_identity
 from worker.progress import Progress
@@ -19,7 +20,8 @@ _LINKS = {"counting rows": "dump", "dumping": "dump", "verifying": "verify", "wr
           "waiting for the repository": "offsite", "sending offsite": "offsite", "pruning": "prune"}
 
 
-def run_backup(settings: Settings, database: str, executor: Executor, progress: Progress) -> backup.Summary:
+def run_backup(settings: Settings, database: str, executor: Executor, progress: Progress,
+               if_changed: bool = False) -> backup.Summary:
     """The chain, with the healthcheck pings and the failure's notification (`worker.notify`), as the
     workers send them: `start` once the run holds the lock, and a database found busy at the start
     is the operator's to see, not a failure to report."""
@@ -35,7 +37,10 @@ def run_backup(settings: Settings, database: str, executor: Executor, progress: 
         progress(phase, fields)
 
     try:
-        result = _run_backup(settings, database, executor, tracked, run_id, started)
+        result = _run_backup(settings, database, executor, tracked, run_id, started, if_changed)
+    except NothingChanged as unchanged:
+        notify.backup_unchanged(settings, database, unchanged.record, run_id)
+        raise
     except BaseException as error:
         if not (isinstance(error, LockHeld) and link[0] is None):  # busy at the start: the operator's to see
             notify.backup_failed(settings, database, run_id, error, link[0] or "start")
@@ -45,10 +50,19 @@ def run_backup(settings: Settings, database: str, executor: Executor, progress: 
 
 
 def _run_backup(settings: Settings, database: str, executor: Executor, progress: Progress, run_id: str,
-                started: Callable[[], None]) -> backup.Summary:
+                started: Callable[[], None], if_changed: bool) -> backup.Summary:
     server = server_identity(settings, executor, database)
     lock = database_lock(settings, database, run_id, server)
     run = backup.start_run(settings, database, run_id, lock, server)
+    if if_changed:
+        try:
+            unchanged = nothing_to_do(settings, executor, database, server)
+        except BaseException:
+            lock.release()
+            raise
+        if unchanged is not None:
+            lock.release()
+            raise NothingChanged(unchanged)
     started()
     try:
         run = backup.dump(run, settings, executor, lock, progress)

@@ -39,6 +39,8 @@ class Run(TypedDict):
     # Set by the dump:
     server_version: NotRequired[str]
     server_id: NotRequired[str]  # `pg-<system_identifier>`: the server the dump was taken from, named by its set
+    tma_migration: NotRequired[str]  # TMA Cloud's newest applied migration, read in the dump's snapshot
+    change_fingerprint: NotRequired[str]  # what the database and uploads looked like (`worker.backup.unchanged`)
     pg_dump_version: NotRequired[str]
     archive_bytes: NotRequired[int]  # zstd-stream: the plain archive's size (room a restore needs)
     mode: NotRequired[str]

@@ -13,6 +13,7 @@ from worker.archive.compression import parse_compression
 from worker.archive.meta import BackupMeta, fsync_dir, write_atomically
 from worker.archive.verification import sha256_of, verify_archive
 from worker.backup.run import Run, abandon_files, read_counts
+from worker.backup.unchanged import record_set
 from worker.coordination.locks import DatabaseLock, kept_alive, renewal_interval
 from worker.errors import BackupError
 from worker.faults import crash_point
@@ -69,6 +70,7 @@ def write_meta(run: Run, settings: Settings, lock: DatabaseLock, task_id: str | 
             "pg_dump_version": run["pg_dump_version"],
             "server_version": run["server_version"],
             **({"server_id": run["server_id"]} if run.get("server_id") else {}),
+            **({"tma_migration": run["tma_migration"]} if run.get("tma_migration") else {}),
             **run.get("mode_fields", {}),
             **({"archive_bytes": str(run["archive_bytes"])} if run.get("archive_bytes") else {}),
             "worker_host": run["host"],
@@ -176,6 +178,9 @@ def prune(run: Run, settings: Settings, lock: DatabaseLock, progress: Progress =
     incomplete = incomplete_set(run)
     if incomplete:
         raise BackupError(incomplete)
+    # The run is good: the next scheduled one may skip its set if nothing changes (worker.backup.unchanged).
+    record_set(settings, run["database"], run.get("server_id"), run["timestamp"], run.get("change_fingerprint"),
+               off_site=bool(run.get("offsite")))
     return run
 
 

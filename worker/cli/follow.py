@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from kombu.utils.url import maybe_sanitize_url
 
 from worker.celery_app import host_queue
-from worker.errors import BackupError
+from worker.errors import BackupError, NothingChanged
 from worker.progress import Progress
 from worker.settings import Settings
 
@@ -177,6 +177,8 @@ def follow_backup(
     started = wait_for(kickoff, deadline, pending_limit=NO_WORKER_SECONDS)
     if "skipped" in started:
         raise BackupError(started["skipped"])
+    if "unchanged" in started:
+        raise NothingChanged(started["unchanged"])
     on_event("kickoff", "SUCCESS", started)
     steps = started["steps"]
     run_watch = (

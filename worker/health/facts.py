@@ -9,7 +9,7 @@ answers of several hosts can be merged section by section (`worker.health.combin
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,11 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
       a warning;
     - `repository` (null without BACKUP_REPOSITORY): `address` (without a password), `set` (short id),
       `timestamp`, `age_hours`, `sets` (how many), `max_age_hours`, `error`, `server` (this server's
-      identity: the sets counted are the ones it made, `worker.repository.sets.of_server`). Problem: cannot
-      be read, holds no set of the database made here, or its newest set is older than BACKUP_MAX_AGE_HOURS;
+      identity: the sets counted are the ones it made, `worker.repository.sets.of_server`),
+      `recovery_point` (the newest state safely off site: the newest set, or a later run that found nothing
+      changed since it), `recovery_point_age_hours`, `max_rpo_hours` (MAX_RPO, or derived from
+      BACKUP_SCHEDULE). Problem: cannot be read, holds no set of the database made here, or the recovery
+      point is older than BACKUP_MAX_AGE_HOURS or MAX_RPO (ages count from a run that found nothing changed);
     - `uploads` (null unless the newest backup's .meta records the uploads cross-check): `file`,
       `missing` (count), `missing_names`, `error` (why the capture failed, if it did). Problem: `missing` > 0;
     - `vault` (null but on a vault's host, where every other section is null): `worker.vault.facts`;
@@ -66,11 +69,12 @@ def status_facts(settings: Settings, database: str | None = None, now: datetime 
         return {"database": database, "host": host, "checked_at": catalogue.utc_timestamp(now), **judged(vault), **vault}
     complete = [entry for entry in catalogue.list_backups(settings.backup_dir, database) if entry.complete]
     newest = complete[-1] if complete else None
-    repository, oldest_set = _repository(settings, database, _server(settings, database, newest), now) \
-        if settings.repository else (None, None)
+    server = _server(settings, database, newest)
+    check = _last_check(settings, database, server)
+    repository, oldest_set = _repository(settings, database, server, now, check) if settings.repository else (None, None)
     starts = [moment for moment in (complete[0].created if complete else None, oldest_set) if moment is not None]
     sections: dict[str, dict[str, Any] | None] = {
-        "backup": _backup(settings, database, newest, now),
+        "backup": _backup(settings, database, newest, now, check),
         "drill": _drill(settings, database, min(starts) if starts else None, now),
         "repository": repository,
         "uploads": _uploads(database, newest),
@@ -96,17 +100,37 @@ def _hours(since: datetime, now: datetime) -> float:
     return round((now - since).total_seconds() / 3600, 2)
 
 
-def _backup(settings: Settings, database: str, newest: BackupEntry | None, now: datetime) -> dict[str, Any]:
+def _last_check(settings: Settings, database: str, server: str) -> dict[str, Any] | None:
+    """The last set's record when a run has since found nothing changed (`worker.backup.unchanged`)."""
+    from worker.backup.unchanged import read_record
+
+    record = read_record(settings, database, server)
+    return record if record is not None and record.get("checked_at") else None
+
+
+def _current_since(timestamp: str, check: dict[str, Any] | None) -> datetime:
+    """When the backup or set of `timestamp` was last known to hold the live state: its own time, or the
+    time of the last check that found nothing changed since it."""
+    if check is not None and check.get("timestamp") == timestamp:
+        return max(catalogue.parse_timestamp(timestamp), catalogue.parse_timestamp(str(check["checked_at"])))
+    return catalogue.parse_timestamp(timestamp)
+
+
+def _backup(settings: Settings, database: str, newest: BackupEntry | None, now: datetime,
+            check: dict[str, Any] | None = None) -> dict[str, Any]:
     section: dict[str, Any] = {
         "folder": str(settings.backup_dir), "file": None, "timestamp": None, "age_hours": None, "size": None,
         "max_age_hours": settings.BACKUP_MAX_AGE_HOURS, "file_encryption_key": None, "problem": None,
-        "warning": None,
+        "warning": None, "unchanged_checked_at": None,
     }
     if newest is None:
         section["problem"] = f"no complete backup of {database!r} in {settings.backup_dir}"
         return section
-    age = _hours(newest.created, now)
+    known_at = _current_since(newest.timestamp, check)
+    age = _hours(known_at, now)  # a backup that a check found still current is as old as the check
     section.update(file=newest.path.name, timestamp=newest.timestamp, age_hours=age, size=newest.size)
+    if known_at > newest.created:
+        section["unchanged_checked_at"] = catalogue.utc_timestamp(known_at)
     if age > settings.BACKUP_MAX_AGE_HOURS:
         section["problem"] = (f"newest backup of {database!r} is {age:.1f} h old, over the limit "
                               f"(BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
@@ -187,16 +211,20 @@ def _server(settings: Settings, database: str, newest: BackupEntry | None) -> st
         return settings.configured_server
 
 
-def _repository(settings: Settings, database: str, server: str, now: datetime) -> tuple[dict[str, Any], datetime | None]:
+def _repository(settings: Settings, database: str, server: str, now: datetime,
+                check: dict[str, Any] | None = None) -> tuple[dict[str, Any], datetime | None]:
     """The newest set of `database` that this server made (`worker.repository.sets.of_server`) in the
-    repository, and when its oldest set was made."""
+    repository, the recovery point, and when its oldest set was made."""
+    from worker.coordination.schedule import max_rpo
     from worker.repository.restic import Restic, redacted
     from worker.repository.sets import list_sets, of_server
 
+    limit = max_rpo(settings.BACKUP_SCHEDULE, settings.MAX_RPO)
     section: dict[str, Any] = {
         "address": redacted(settings.repository or ""), "set": None, "timestamp": None, "age_hours": None,
         "sets": None, "max_age_hours": settings.BACKUP_MAX_AGE_HOURS, "error": None, "problem": None,
-        "warning": None, "server": server,
+        "warning": None, "server": server, "recovery_point": None, "recovery_point_age_hours": None,
+        "max_rpo_hours": round(limit.total_seconds() / 3600, 3),
     }
     try:
         restic = Restic(settings)
@@ -210,12 +238,25 @@ def _repository(settings: Settings, database: str, server: str, now: datetime) -
         section["problem"] = f"the repository {restic.shown} holds no set of {database!r} made on this server ({server})"
         return section, None
     newest = sets[-1]
-    age = _hours(catalogue.parse_timestamp(newest.timestamp), now)
-    section.update(set=newest.short_id, timestamp=newest.timestamp, age_hours=age)
+    # The recovery point: the newest state safely off site (the newest set, or a later check that found
+    # nothing changed since it, when that set was confirmed off site).
+    point = _current_since(newest.timestamp, check if check is not None and check.get("off_site") else None)
+    age = _hours(point, now)
+    section.update(set=newest.short_id, timestamp=newest.timestamp, age_hours=age,
+                   recovery_point=catalogue.utc_timestamp(point), recovery_point_age_hours=age)
     if age > settings.BACKUP_MAX_AGE_HOURS:
         section["problem"] = (f"the newest set of {database!r} in the repository is {age:.1f} h old, over the limit "
                               f"(BACKUP_MAX_AGE_HOURS={settings.BACKUP_MAX_AGE_HOURS:g})")
+    elif now - point > limit:
+        section["problem"] = (f"the recovery point of {database!r} (the newest state safely off site) is "
+                              f"{_duration(now - point)} old, over MAX_RPO ({_duration(limit)}"
+                              + ("" if settings.MAX_RPO else f", from BACKUP_SCHEDULE {settings.BACKUP_SCHEDULE!r}") + ")")
     return section, catalogue.parse_timestamp(sets[0].timestamp)
+
+
+def _duration(span: timedelta) -> str:
+    minutes = span.total_seconds() / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
 def _uploads(database: str, newest: BackupEntry | None) -> dict[str, Any] | None:

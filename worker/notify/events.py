@@ -110,6 +110,15 @@ def backup_succeeded(settings: Settings, summary: Mapping[str, Any], run_id: str
 
 
 @never_raises
+def backup_unchanged(settings: Settings, database: str, record: Mapping[str, Any], run_id: str | None) -> None:
+    """A run found nothing changed since the last set and made none: the success ping all the same, so
+    the dead-man's switch sees a current check."""
+    line = (f"backup of {database!r}: nothing changed since the set of {record.get('timestamp')}, which stays "
+            f"current (checked; run {run_id})")
+    deliver(settings, ping_jobs(settings, "success", line, run_id), True)
+
+
+@never_raises
 def backup_failed(settings: Settings, database: str, run_id: str | None, error: BaseException | str,
                   link: str | None = None) -> None:
     """A link failed (or the run could not start): the fail ping and a message."""

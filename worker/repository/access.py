@@ -25,6 +25,17 @@ class Access:
     secret: SecretStr | None
     names: str
 
+    def check(self) -> None:
+        """ValueError (one line naming the settings) when what opens it is incomplete."""
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError(f"{self.names} needs its password: set {self.names}_PASSWORD or {self.names}_PASSWORD_FILE "
+                             "(one of them, not both)")
+        if (self.key_id is None) != (self.secret is None):
+            raise ValueError(f"{self.names}_ACCESS_KEY_ID and {self.names}_SECRET_ACCESS_KEY go together")
+        if self.address.startswith("s3:") and self.key_id is None:
+            raise ValueError(f"{self.names} is an S3 bucket: set {self.names}_ACCESS_KEY_ID and "
+                             f"{self.names}_SECRET_ACCESS_KEY")
+
     @property
     def keys(self) -> tuple[str, str] | None:
         if self.key_id is None or self.secret is None:

@@ -34,13 +34,18 @@ def unlock_stale(restic: Restic) -> None:
 
 
 def keep_arguments(settings: Settings) -> list[str]:
-    policy = {
+    """restic's `forget` options from REPOSITORY_KEEP_* (a rule of 0 or "" is left out)."""
+    policy: dict[str, int | str] = {
+        "--keep-within": settings.REPOSITORY_KEEP_WITHIN,
+        "--keep-within-hourly": settings.REPOSITORY_KEEP_WITHIN_HOURLY,
+        "--keep-within-daily": settings.REPOSITORY_KEEP_WITHIN_DAILY,
+        "--keep-hourly": settings.REPOSITORY_KEEP_HOURLY,
         "--keep-daily": settings.REPOSITORY_KEEP_DAILY,
         "--keep-weekly": settings.REPOSITORY_KEEP_WEEKLY,
         "--keep-monthly": settings.REPOSITORY_KEEP_MONTHLY,
         "--keep-yearly": settings.REPOSITORY_KEEP_YEARLY,
     }
-    return [part for flag, count in policy.items() if count for part in (flag, str(count))]
+    return [part for flag, rule in policy.items() if rule for part in (flag, str(rule))]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from worker.archive import catalogue
 from worker.archive.catalogue import BackupEntry
@@ -132,7 +133,9 @@ def send(restic: Restic, entry: BackupEntry, run_id: str, host: str, server: str
 
     moment = set_time(entry.timestamp)
     made_on = (entry.meta.extra.get("server_id") if entry.meta else None) or server  # a backup of before: this run's
+    migration = entry.meta.extra.get("tma_migration") if entry.meta else None  # which TMA Cloud the set is of
     tags = [*set_tags(entry.database, entry.timestamp, run_of_backup, made_on), f"part:{DATABASE_PART}",
+            *([f"tma:{quote(migration, safe='')}"] if migration else []),
             f"size:{dump.stat().st_size}"]
     # A compressed dump is incompressible: restic's compression would cost CPU (a sixth of the upload on
     # two cores) and save nothing. An uncompressed one (BACKUP_COMPRESSION=0) is left to restic to compress.

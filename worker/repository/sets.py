@@ -63,6 +63,7 @@ class RepositorySet:
     dump_bytes: int | None = None  # the backup file's size (tag `size:`), which a fetch needs room for
     server: str | None = None  # the database server's identity (tag `server:`); None: a set made before the tag
     tree: str = ""  # the snapshot's tree: its content's id (equal in a copy made with the same chunker parameters)
+    tma_migration: str | None = None  # TMA Cloud's newest migration in the set's database (tag `tma:`)
 
     @property
     def short_id(self) -> str:
@@ -86,6 +87,7 @@ class RepositorySet:
             "run_id": self.run_id,
             "host": self.host,
             "server": self.server,
+            "tma_migration": self.tma_migration,
             "bytes_added": self.bytes_added,
             "files": self.files,
             "uploads": self.uploads[:8] if self.uploads else None,
@@ -124,6 +126,7 @@ def parse_snapshot(snapshot: dict[str, Any]) -> RepositorySet | None:
         dump_bytes=int(size) if size and size.isdigit() else None,
         server=unquote(server) if server else None,
         tree=str(snapshot.get("tree", "")),
+        tma_migration=unquote(migration) if (migration := _tag_value(tags, "tma:")) else None,
     )
 
 

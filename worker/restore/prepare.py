@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from worker.archive import catalogue
 from worker.archive.meta import BackupMeta, MetaError, read_meta
 from worker.archive.verification import verify_backup
-from worker.errors import VerificationFailed
+from worker.errors import BackupError, VerificationFailed
 from worker.pg.executors import Executor
 from worker.restore.tokens import TokenBinding, TokenStore
 from worker.settings import Settings
@@ -37,6 +39,7 @@ class PreparedRestore:
     meta: BackupMeta
     toc_entries: int
     sha256_verified: bool = True
+    live_migration: str | None = None  # TMA Cloud's newest migration in the live database, if it has one
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,8 @@ class PreparedRestore:
             "tables": len(self.meta.row_counts),
             "rows": sum(self.meta.row_counts.values()),
             "row_counts": self.meta.row_counts,
+            "tma_migration": self.meta.extra.get("tma_migration"),
+            "live_tma_migration": self.live_migration,
         }
 
 
@@ -61,7 +66,20 @@ def prepare(settings: Settings, executor: Executor, file: str, checksum: bool = 
     operator decision sits between the two passes, a second pass over the file would only cost time."""
     path = resolve_backup_file(settings, file)
     checked = verify_backup(path, settings, executor, checksum)
-    return PreparedRestore(path, checked.meta, checked.toc_entries, checksum)
+    return PreparedRestore(path, checked.meta, checked.toc_entries, checksum,
+                           _live_migration(executor, checked.meta.database))
+
+
+def _live_migration(executor: Executor, database: str) -> str | None:
+    """TMA Cloud's newest migration in the live `database` (None when it has none or cannot be asked)."""
+    from worker.backup.tma_version import newest_migration
+    from worker.pg.database import connect
+
+    try:
+        with connect(executor.connect_kwargs(), database, autocommit=True) as connection:
+            return newest_migration(connection)
+    except (BackupError, psycopg.Error):
+        return None
 
 
 def recorded_sha256(path: Path) -> str | None:

@@ -26,14 +26,7 @@ def check_vault(settings: Settings) -> None:
             "(VAULT_REPOSITORY): a vault whose secrets sit on the host it protects protects nothing; run the "
             "vault on another machine, with nothing of the database's")
     vault = vault_access(settings)
-    if (vault.password is None) == (vault.password_file is None):
-        raise ValueError("VAULT_REPOSITORY needs its own password: set VAULT_REPOSITORY_PASSWORD or "
-                         "VAULT_REPOSITORY_PASSWORD_FILE (one of them, not both)")
-    if (vault.key_id is None) != (vault.secret is None):
-        raise ValueError("VAULT_REPOSITORY_ACCESS_KEY_ID and VAULT_REPOSITORY_SECRET_ACCESS_KEY go together")
-    if vault.address.startswith("s3:") and vault.keys is None:
-        raise ValueError("VAULT_REPOSITORY is an S3 bucket: set VAULT_REPOSITORY_ACCESS_KEY_ID and "
-                         "VAULT_REPOSITORY_SECRET_ACCESS_KEY")
+    vault.check()
     if settings.BACKUP_REPOSITORY is None:
         raise ValueError("a vault pulls the primary repository's sets: set BACKUP_REPOSITORY (and its password) "
                          "to the primary's address, with a key that may only read it")

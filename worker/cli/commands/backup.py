@@ -9,6 +9,7 @@ import click
 from worker.archive.meta import human_size
 from worker.cli import output
 from worker.cli.common import database_option, guarded, phase_printer
+from worker.errors import NothingChanged
 from worker.settings import Settings, ensure_backup_dir, folder_warning, get_settings
 
 if TYPE_CHECKING:  # the backup package pulls in psycopg: not needed for `--help`
@@ -100,20 +101,27 @@ def _print_uploads(uploads: dict[str, Any]) -> None:
 
 @click.command("backup")
 @click.option("--database", "-d", help="Database to back up (default: DB_NAME).")
+@click.option("--if-changed", is_flag=True, help="Make no set when nothing changed since the last one (what "
+              "scheduled runs do; for a cron job of your own).")
 @guarded
-def backup_command(database: str | None) -> None:
+def backup_command(database: str | None, if_changed: bool) -> None:
     """Take a backup: dump → verify → checksum → meta → offsite (with BACKUP_REPOSITORY) → prune."""
     settings = get_settings()
     database = database_option(database, settings)
     output.section("Full Database Backup")
-    if settings.broker_url:
-        summary = _backup_through_workers(settings, database)
-    else:
-        summary = _backup_in_process(settings, database)
+    try:
+        if settings.broker_url:
+            summary = _backup_through_workers(settings, database, if_changed)
+        else:
+            summary = _backup_in_process(settings, database, if_changed)
+    except NothingChanged as unchanged:
+        output.ok(f"Unchanged  : nothing changed in {database!r} since the set of {unchanged.record['timestamp']}, "
+                  "which stays current: no set made (checked)")
+        return
     _print_summary(summary)
 
 
-def _backup_in_process(settings: Settings, database: str) -> Summary:
+def _backup_in_process(settings: Settings, database: str, if_changed: bool) -> Summary:
     from worker.backup.inprocess import run_backup
     from worker.pg.executors import choose_executor
 
@@ -124,10 +132,10 @@ def _backup_in_process(settings: Settings, database: str) -> Summary:
     executor = choose_executor(settings)
     output.info(f"Tools      : {executor.describe()}")
     output.info(f"Database   : {database}")
-    return run_backup(settings, database, executor, phase_printer(PHASE_MESSAGES))
+    return run_backup(settings, database, executor, phase_printer(PHASE_MESSAGES), if_changed)
 
 
-def _backup_through_workers(settings: Settings, database: str) -> Summary:
+def _backup_through_workers(settings: Settings, database: str, if_changed: bool) -> Summary:
     from worker import app
     from worker.cli.follow import check_workers, dispatch, follow_backup, sanitized
 
@@ -137,7 +145,7 @@ def _backup_through_workers(settings: Settings, database: str) -> Summary:
     workers = check_workers(app)
     output.info(f"Broker     : {sanitized(settings.broker_url or '')} ({len(workers)} worker(s) answered)")
     output.info(f"Database   : {database}")
-    kickoff = dispatch(app, "tma_backup.backup", {"database": database})
+    kickoff = dispatch(app, "tma_backup.backup", {"database": database, **({"if_changed": True} if if_changed else {})})
     show = phase_printer(PHASE_MESSAGES)
 
     def on_event(step: str, state: str, info: Any) -> None:

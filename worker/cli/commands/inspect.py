@@ -218,6 +218,9 @@ def _show_status(facts: dict[str, Any]) -> None:
             (output.warn if repository["problem"] else output.info)(
                 f"Off site   : set {repository['set']} of {repository['timestamp']}, {repository['age_hours']:.1f} h "
                 f"old, in {repository['address']} ({repository['sets']} set(s)){on(repository)}")
+            if repository.get("recovery_point"):
+                output.info(f"Recovery pt: {repository['recovery_point']} (the newest state safely off site; "
+                            f"limit MAX_RPO {repository['max_rpo_hours']:g} h)")
     uploads = facts["uploads"]
     if uploads is not None:
         if uploads["problem"]:

@@ -77,11 +77,12 @@ def list_command(database: str | None, as_json: bool) -> None:
         output.info("No sets yet." + (f" (database {database!r})" if database else ""))
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("Set", "Database", "Server", "Backup (UTC)", "Added", "Age"):
+    for column in ("Set", "Database", "Server", "TMA", "Backup (UTC)", "Added", "Age"):
         table.add_column(column)
     for found in sets:
         table.add_row(
             found.short_id, Text(printable(found.database)), Text(printable(found.server or "-")),
+            Text(printable((found.tma_migration or "-").split("_")[0])),
             catalogue.parse_timestamp(found.timestamp).strftime("%Y-%m-%d %H:%M:%S"),
             f"{human_size(found.bytes_added)}B" if found.bytes_added is not None else "-",
             _age_text(_age(found.timestamp, now)),

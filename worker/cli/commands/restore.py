@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from worker.archive.meta import human_size
+from worker.backup.tma_version import is_newer
 from worker.cli import output
 from worker.cli.common import RESTORE_PHASES, database_option, duration, guarded, phase_printer
 
@@ -65,6 +66,12 @@ def _show_backup(details: dict[str, Any]) -> None:
     if len(details["row_counts"]) > 20:
         output.info(f"  … and {len(details['row_counts']) - 20} more tables")
     output.info(f"Target     : database {details['database']!r} on {details['server']}")
+    made, live = details.get("tma_migration"), details.get("live_tma_migration")
+    if made:
+        output.info(f"TMA Cloud  : the set's newest migration {made}" + (f"; the live database's {live}" if live else ""))
+    if is_newer(made, live):
+        output.warn(f"TMA Cloud  : this set was taken by a NEWER TMA Cloud (migration {made}) than the live database's "
+                    f"({live}): run that TMA Cloud version (or newer) after the restore, or the application breaks")
 
 
 def _report(result: dict[str, Any]) -> None:

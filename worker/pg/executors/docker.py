@@ -108,7 +108,9 @@ class DockerExecutor:
                 f"chosen because {self._reason}{route}")
 
     def meta_fields(self) -> dict[str, str]:
-        return {"container": self.name}
+        from worker.backup.tma_version import app_fields
+
+        return {"container": self.name, **app_fields(self._client)}
 
     def tool_major(self, tool: str) -> int:
         if tool not in self._majors:
