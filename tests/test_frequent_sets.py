@@ -163,3 +163,18 @@ def test_a_set_knows_tma_clouds_version_and_a_restore_under_an_older_one_warns_f
     [warning] = [line for line in restored.stderr.splitlines() if "NEWER TMA Cloud" in line]
     assert "031_create_client_heartbeats" in warning and "030_add_recursive_cte_indexes" in warning
     assert restored.stderr.index(warning) < restored.stderr.index("Restore Complete"), "before the restore"
+
+
+def test_after_a_run_that_could_not_send_the_next_unchanged_run_sends_all_the_same(site, restic_bin, tmp_path):
+    """A good run, then one whose repository was away (its backup complete here, not sent): the next
+    run with nothing changed since must not skip: the last good run's record no longer names the newest
+    local backup. It takes a set and sends the one the failed run could not."""
+    backup(site)
+    away = run_cli(["backup"], {**site.env, "BACKUP_REPOSITORY": str(tmp_path / "repository-away")}, site.cwd)
+    assert away.returncode == 1, away.output
+    unsent = dumps(site)[-1]
+    again = if_changed(site)
+    assert again.returncode == 0, again.output
+    assert "Unchanged" not in again.stderr, again.output
+    sent = {tag_value(item, "at:") for item in snapshots(restic_bin, site.repository)}
+    assert catalogue.timestamp_of(site.backup_dir / unsent, site.database) in sent
