@@ -25,12 +25,20 @@ TARGETS: dict[str, tuple[str, float]] = {
     "second_night_bytes_ratio": ("<=", 0.10),
     "second_night_bytes_ratio_zstd": ("<=", 0.10),
     "restore_from_repository_vs_local": ("<=", 1.3),
+    # issue 22: the vault (h.)
+    "vault_pull_vs_bare_copy": ("<=", 1.1),
+    "vault_second_night_bytes_ratio": ("<=", 1.05),
 }
 # Reported beside them, without a target of their own.
 INFORMATIVE = ("offsite_vs_bare_restic_local", "offsite_vs_bare_restic_first_night",
                "offsite_without_read_back_vs_bare_restic", "offsite_without_read_back_vs_bare_restic_local",
                "offsite_vs_bare_restic_local_first_night", "second_night_stored_ratio", "second_night_stored_ratio_zstd",
-               "db_size_bytes")
+               "vault_pull_vs_bare_copy_local", "vault_second_night_bytes_ratio_local", "vault_copy_vs_bare_copy",
+               "vault_copy_vs_bare_copy_local", "vault_pull_without_listings_vs_bare_copy",
+               "vault_pull_without_listings_vs_bare_copy_local", "vault_pull_process_vs_bare_copy",
+               "vault_pull_process_vs_bare_copy_local", "vault_pull_listings_seconds", "vault_pull_listings_seconds_local",
+               "vault_restic_open_seconds", "vault_restic_open_seconds_local", "vault_first_night_bytes_ratio",
+               "vault_first_night_bytes_ratio_local", "db_size_bytes")
 RATIO_MEANING = {
     "chain_vs_bare": "b / a wall: the tma-backup chain (Celery, exact counts, checks) vs the seed's bare tools, same compression",
     "fast_vs_seed": "a / c wall: how many times faster tma-backup's fastest safe mode is than the seed's sequence",
@@ -60,6 +68,28 @@ RATIO_MEANING = {
     "second_night_stored_ratio": "g. second_night_bytes_ratio in bytes stored on the S3 server (after restic's "
                                  "compression), BACKUP_COMPRESSION=6",
     "second_night_stored_ratio_zstd": "g. the same, BACKUP_COMPRESSION=zstd-stream",
+    "vault_pull_vs_bare_copy": "h. `tma-backup vault pull` of one whole set (database and uploads part; the pull's own "
+                               "wall, in its process) into a fresh vault / a bare `restic copy` of the same two "
+                               "snapshots into an equivalent fresh vault, on a SeaweedFS S3 server",
+    "vault_second_night_bytes_ratio": "h. bytes the vault stored on the second night (its pull of the night's set, "
+                                      "after a night of churn and uploads) / bytes the primary stored for that night, S3",
+    "vault_pull_vs_bare_copy_local": "h. vault_pull_vs_bare_copy with the primary and the vaults on local paths",
+    "vault_second_night_bytes_ratio_local": "h. vault_second_night_bytes_ratio on local paths",
+    "vault_copy_vs_bare_copy": "h. the pull's own `restic copy --no-lock` command / the bare `restic copy`, S3",
+    "vault_copy_vs_bare_copy_local": "h. the same on local paths",
+    "vault_pull_without_listings_vs_bare_copy": "h. the pull less its listings (the primary's, the vault's, and the "
+                                                "vault's again to confirm), round by round / the bare copy, S3",
+    "vault_pull_without_listings_vs_bare_copy_local": "h. the same on local paths",
+    "vault_pull_process_vs_bare_copy": "h. the pull's whole process (interpreter start, imports, the pull) / the bare "
+                                       "copy, S3: `tma-backup vault pull` as typed, where a worker has paid the imports",
+    "vault_pull_process_vs_bare_copy_local": "h. the same on local paths",
+    "vault_pull_listings_seconds": "h. seconds the pull's three listings take together (median), S3",
+    "vault_pull_listings_seconds_local": "h. the same on local paths",
+    "vault_restic_open_seconds": "h. seconds a `restic cat config` of the vault takes (median): opening a repository, "
+                                 "mostly key derivation, which every restic command pays, S3",
+    "vault_restic_open_seconds_local": "h. the same on a local path",
+    "vault_first_night_bytes_ratio": "h. the first night's: bytes the vault stored / bytes the primary stored, S3",
+    "vault_first_night_bytes_ratio_local": "h. the same on local paths",
 }
 
 
@@ -180,6 +210,7 @@ def markdown(results: dict[str, Any], measurements: list[Measurement]) -> str:
         lines += ["", "`restore_vs_seed` without the seed's own check of the file (sha256sum, pg_restore --list), while "
                   f"tma-backup keeps all of its own: {results['restore_vs_seed_without_its_checks']:.3f}."]
     lines += repository_lines(results)
+    lines += vault_lines(results)
     if results.get("notes"):
         lines += ["", *[f"- {note}" for note in results["notes"]]]
     return "\n".join(lines) + "\n"
@@ -208,27 +239,63 @@ def repository_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def vault_lines(results: dict[str, Any]) -> list[str]:
+    """h.: the set, what the night changed, each vault's key derivation, where and when h. was measured."""
+    info = results.get("vault") or {}
+    lines: list[str] = []
+    shape, uploads = info.get("set") or {}, info.get("uploads") or {}
+    if shape:
+        lines += ["", f"h. The set: {shape.get('snapshots')} snapshots ({', '.join(shape.get('parts', []))}): "
+                  f"the dump {_size(shape.get('file_size_bytes'))}, {shape.get('uploads_files')} uploads "
+                  f"{_size(shape.get('uploads_bytes'))} (each `files` row's upload; {_size(uploads.get('bytes'))} "
+                  "written)."]
+    night = info.get("night")
+    if night:
+        done = {"insert": "inserted", "update": "updated", "delete": "deleted"}
+        tables = "; ".join(f"{table.split('.')[-1]} " + ", ".join(f"{count} {done.get(kind, kind)}"
+                                                               for kind, count in kinds.items())
+                           for table, kinds in night["tables"].items())
+        made = night.get("uploads") or {}
+        lines += ["", f"h. The night before the second set (`{night['scenario']}`, bench/churn.py): "
+                  f"{night['rows_changed']} of {night['rows_before']} rows changed ({night['share']:.2%}): {tables}; "
+                  f"uploads: {made.get('added')} new ({_size(made.get('added_bytes'))}), {made.get('renamed')} renamed."]
+    if info.get("kdf"):
+        lines += ["", "h. The rounds' vaults' key (both sides share it): " + "; ".join(
+            f"{kind} {kdf.get('kdf')} N={kdf.get('N')} r={kdf.get('r')} p={kdf.get('p')}"
+            for kind, kdf in info["kdf"].items()) + "."]
+    measured = info.get("measured")
+    if measured and measured.get("finished_at") != results.get("finished_at"):
+        load = f"{measured['machine'].get('loadavg_start', '?')} → {measured['machine'].get('loadavg_end', '?')}"
+        lines += ["", f"h. was measured on its own (`--only vault`) at {measured['finished_at']} on "
+                  f"`{measured['database']}` ({_size(measured['db_size_bytes'])}), medians of {measured['runs']}, "
+                  f"code {measured['machine'].get('code', {}).get('commit', '?')[:12]}, load average {load}."]
+    if info.get("restic"):
+        lines += ["", f"h. {info['restic']}; S3: {info.get('s3', '?')}."]
+    return lines
+
+
 def merged(folder: Path, results: dict[str, Any], measurements: list[Measurement],
-           keys: list[str]) -> tuple[dict[str, Any], list[Measurement]]:
-    """`--only repository`: the results already in `folder` with this run's section put in place of
-    theirs (its figures, measurements, medians, paired ratios, notes and failures); the rest kept."""
+           keys: list[str], letter: str = "g", info: str = "repository") -> tuple[dict[str, Any], list[Measurement]]:
+    """`--only SECTION`: the results already in `folder` with this run's section put in place of
+    theirs (its figures, measurements, medians, paired ratios, notes and failures); the rest kept.
+    `letter` is the section's (its labels start with it), `info` the key of its details."""
     try:
         previous = json.loads((folder / "latest.json").read_text())
     except (OSError, ValueError):
         return results, measurements
     ours = set(keys)
     labels = tuple(item.label for item in measurements if item.key in ours)
-    mine = {key for key in (*TARGETS, *INFORMATIVE, "repository") if key in results and key != "db_size_bytes"}
+    mine = {key for key in (*TARGETS, *INFORMATIVE, info) if key in results and key != "db_size_bytes"}
     combined = {**previous, **{key: results[key] for key in mine}}
     combined["medians"] = {**{key: value for key, value in previous.get("medians", {}).items() if key not in ours},
                            **{key: value for key, value in results["medians"].items() if key in ours}}
     pair_names = set(results.get("paired", {})) | mine  # g.'s pairs are named as its figures
     combined["paired"] = {**{name: value for name, value in previous.get("paired", {}).items()
                              if name not in pair_names}, **results.get("paired", {})}
-    combined["notes"] = [note for note in previous.get("notes", []) if not note.startswith(("g. ", *labels))] + \
+    combined["notes"] = [note for note in previous.get("notes", []) if not note.startswith((f"{letter}. ", *labels))] + \
         results.get("notes", [])
-    combined["failures"] = [failure for failure in previous.get("failures", []) if not failure.startswith("g. ")] + \
-        results.get("failures", [])
+    combined["failures"] = [failure for failure in previous.get("failures", [])
+                            if not failure.startswith(f"{letter}. ")] + results.get("failures", [])
     current = {item.key: item for item in measurements}
     kept = [Measurement.from_json(key, data) for key, data in previous.get("measurements", {}).items() if key not in ours]
     for item in kept:
@@ -246,7 +313,8 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
         print("[WARN]  matplotlib is not installed (pip install -r bench/requirements.txt): no chart", file=sys.stderr)
         return False
     timed = [item for item in measurements if item.wall is not None]
-    sized = [item for item in timed if item.size is not None and not item.key.startswith(("restore", "fleet", "repo_restore", "repo_offsite"))]
+    sized = [item for item in timed if item.size is not None and not item.key.startswith(
+        ("restore", "fleet", "repo_restore", "repo_offsite", "vault_pull", "vault_bare", "vault_open"))]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * max(len(timed), 4) + 1.8),
                                          gridspec_kw={"width_ratios": [3, 2]})
     labels = [item.short or item.key for item in timed]
@@ -259,7 +327,8 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
     for index, item in enumerate(sized):
         right.text(item.size / MIB, index, f" {item.size / MIB:,.0f}", va="center", fontsize=8)
     right.invert_yaxis()
-    right.set_xlabel("file size (MiB)")
+    right.set_xlabel("file size; h.: bytes stored (MiB)" if any(item.key.startswith("vault_") for item in sized)
+                     else "file size (MiB)")
     figure.suptitle(f"tma-backup vs bare PostgreSQL tools · {results['db_size_bytes'] / MIB:,.0f} MiB database · "
                     f"{results['machine']['nproc']} cores · medians of {results['runs']}", fontsize=10)
     figure.tight_layout()
@@ -269,15 +338,23 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
 
 
 def write(folder: Path, results: dict[str, Any], measurements: list[Measurement],
-          merge: list[str] | None = None) -> str:
+          merge: list[str] | None = None, section: tuple[str, str, str] | None = None) -> str:
     """Write latest.json, latest.md and latest.png. With `merge` (the keys of the measurements this run
-    made, `--only`), the results already in `folder` keep everything else."""
+    made, `--only`), the results already in `folder` keep everything else, and `section` (its name, letter
+    and details' key) has this run's figures written alone too, as <name>.json, .md and .png."""
     folder.mkdir(parents=True, exist_ok=True)
-    if merge is not None:
-        results, measurements = merged(folder, results, measurements, merge)
+    if merge is not None and section is not None:
+        name, letter, info = section
+        ours = [item for item in measurements if item.key in set(merge)]
+        _write(folder, name, results, ours)
+        results, measurements = merged(folder, results, measurements, merge, letter, info)
+    return _write(folder, "latest", results, measurements)
+
+
+def _write(folder: Path, name: str, results: dict[str, Any], measurements: list[Measurement]) -> str:
     results = {**results, "measurements": {item.key: item.as_json() for item in measurements}}
-    (folder / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, measurements)
-    (folder / "latest.md").write_text(table)
-    chart(folder / "latest.png", results, measurements)
+    (folder / f"{name}.md").write_text(table)
+    chart(folder / f"{name}.png", results, measurements)
     return table

@@ -4,8 +4,9 @@
 
 a. the seed's backup with bare tools; b. the tma-backup chain through a real worker and Redis, same
 compression; c. tma-backup's fastest safe settings; d. restore; e. docker mode; f. eight databases with one
-worker process vs two; g. the off-site restic repository (`--only repository` runs g. alone and merges its
-figures into the existing results). Medians of --runs runs, interleaved round by round so that load from elsewhere on
+worker process vs two; g. the off-site restic repository; h. the vault (`--only repository` or `--only vault`
+runs g. or h. alone, merges its figures into the existing results and writes them alone as
+repository.* or vault.*). Medians of --runs runs, interleaved round by round so that load from elsewhere on
 the machine falls on every variant alike. Writes latest.json / latest.md / latest.png (bench/results/, or
 bench/work/quick/ with --quick) and prints the table. Everything it creates (databases, files, worker
 processes, its Redis database) is removed at the end, also when interrupted. See bench/README.md.
@@ -35,8 +36,8 @@ from bench.base import BENCH, FAST_MODES, SEED_MODE, _first_line, say, warn
 from bench.churn import SCENARIOS
 from bench.generate import Server, default_name
 from bench.proc import run
-from bench.repository import RepositorySection
 from bench.sections import DockerSection, FleetSection, RestoreSection
+from bench.vault import VaultSection
 
 
 class Interrupted(KeyboardInterrupt):
@@ -71,9 +72,13 @@ def machine_info(server: Server) -> dict[str, Any]:
     }
 
 
-class Bench(RestoreSection, DockerSection, FleetSection, RepositorySection):
-    """The whole run: a, b and c (BenchBase), d, e and f (bench.sections), g (bench.repository), then the
-    results. With `--only repository`, g alone."""
+# --only: each section's measurements (by key prefix), its letter and its details' key in the results.
+SECTIONS = {"repository": ("repo_", "g", "repository"), "vault": ("vault_", "h", "vault")}
+
+
+class Bench(RestoreSection, DockerSection, FleetSection, VaultSection):
+    """The whole run: a, b and c (BenchBase), d, e and f (bench.sections), g (bench.repository), h
+    (bench.vault), then the results. With `--only repository` or `--only vault`, g or h alone."""
 
     def measure(self) -> dict[str, Any]:
         args = self.args
@@ -91,7 +96,10 @@ class Bench(RestoreSection, DockerSection, FleetSection, RepositorySection):
         run(["pg_dump", "-Fc", "--compress=0", "--no-sync", "-f", "/dev/null", reference], self.server.tool_env())
         if not args.only:
             self.sections_a_to_f(reference)
-        self.repository_section(reference)
+        if args.only in (None, "repository"):
+            self.repository_section(reference)
+        if args.only in (None, "vault"):
+            self.vault_section(reference)
         machine["loadavg_end"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
         return self.results(machine, reference, db_size)
 
@@ -155,15 +163,16 @@ class Bench(RestoreSection, DockerSection, FleetSection, RepositorySection):
             "medians": {key: {"wall_s": None if item.wall is None else round(item.wall, 3), "bytes": item.size}
                         for key, item in self.measurements.items()},
         }
-        repository = self.repository_results()
-        if repository:  # where and when g. was measured (kept apart when merged into another run's results)
-            repository["repository"]["measured"] = {"database": reference, "db_size_bytes": db_size,
-                                                    **{key: common[key] for key in ("runs", "finished_at", "quick")},
-                                                    "machine": machine}
+        sections = {**self.repository_results(), **self.vault_results()}
+        for name in ("repository", "vault"):  # where and when g. and h. were measured (kept apart when merged)
+            if name in sections:
+                sections[name]["measured"] = {"database": reference, "db_size_bytes": db_size,
+                                              **{key: common[key] for key in ("runs", "finished_at", "quick")},
+                                              "machine": machine}
+        paired = {**self.repository_paired(), **self.vault_paired()}
         if self.args.only:
-            return {**repository, "paired": self.repository_paired(), "db_size_bytes": db_size, **common}
-        return {**self.results_a_to_f(db_size), **repository, **common,
-                "paired": {**self.paired(), **self.repository_paired()}}
+            return {**sections, "paired": paired, "db_size_bytes": db_size, **common}
+        return {**self.results_a_to_f(db_size), **sections, **common, "paired": {**self.paired(), **paired}}
 
     def results_a_to_f(self, db_size: int) -> dict[str, Any]:
         m = self.measurements
@@ -261,10 +270,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docker-container", help="e.: or use this running PostgreSQL container "
                         "(or BENCH_DOCKER_CONTAINER; password in BENCH_DOCKER_PASSWORD)")
     parser.add_argument("--docker-port", type=int, default=55432, help="that container's port on 127.0.0.1")
-    parser.add_argument("--only", choices=["repository"],
-                        help="run only this section (g.) and merge its figures into the results already in --out")
+    parser.add_argument("--only", choices=sorted(SECTIONS),
+                        help="run only this section (g. repository, h. vault), merge its figures into the results "
+                             "already in --out and write them alone as <section>.json/.md/.png")
     parser.add_argument("--churn", choices=sorted(SCENARIOS), default="nightly",
-                        help="g.: what a night changes before the second night's backup (bench/churn.py; default nightly)")
+                        help="g. and h.: what a night changes before the second night's backup (bench/churn.py; "
+                             "default nightly)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mb, args.runs = 12, 1
@@ -301,12 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.cleanup()
     results["bench_seconds"] = round(time.monotonic() - started, 1)
+    section = SECTIONS.get(args.only or "")
     table = report.write(args.out, results, list(bench.measurements.values()),
-                         merge=bench.repository_keys if args.only else None)
+                         merge=[key for key in bench.measurements if key.startswith(section[0])] if section else None,
+                         section=(args.only, section[1], section[2]) if section else None)
     machine = results["machine"]
     print(f"machine: nproc {machine['nproc']}, {machine['cpu']}, {machine['pg_dump']}, server {machine['server_version']}")
     print(table)
-    print(f"written: {args.out}/latest.json, latest.md, latest.png ({results['bench_seconds']:.0f} s)")
+    alone = f", {args.only}.json, {args.only}.md, {args.only}.png" if section else ""
+    print(f"written: {args.out}/latest.json, latest.md, latest.png{alone} ({results['bench_seconds']:.0f} s)")
     if results["failures"]:
         print(f"[ERROR] {len(results['failures'])} measured step(s) failed:", file=sys.stderr)
         for failure in results["failures"]:
