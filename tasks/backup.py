@@ -17,7 +17,7 @@ from celery.utils.log import get_task_logger
 from tasks.reporting import progress_reporter
 from worker import app, backup, notify
 from worker.backup import Run
-from worker.backup.unchanged import nothing_to_do
+from worker.backup.unchanged import release_if_unchanged
 from worker.celery_app import host_queue
 from worker.coordination import parking
 from worker.coordination.locks import database_lock
@@ -96,13 +96,8 @@ def start_backup(self: Task, database: str | None = None, scheduled: bool = Fals
             logger.warning("scheduled backup skipped: %s", taken)
             return {"skipped": taken, "database": database}
     if scheduled or if_changed:
-        try:
-            unchanged = nothing_to_do(settings, executor, database, server)
-        except BaseException:
-            lock.release()
-            raise
+        unchanged = release_if_unchanged(settings, executor, database, server, lock)
         if unchanged is not None:
-            lock.release()
             logger.info("nothing changed in %r since the set of %s: no set made", database, unchanged["timestamp"])
             notify.backup_unchanged(settings, database, unchanged, run_id)
             return {"unchanged": unchanged, "database": database}

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker import backup, notify
-from worker.backup.unchanged import nothing_to_do
+from worker.backup.unchanged import release_if_unchanged
 from worker.coordination.locks import database_lock
 from worker.errors import LockHeld, NothingChanged
 from worker.pg.executors import Executor
@@ -54,15 +54,8 @@ def _run_backup(settings: Settings, database: str, executor: Executor, progress:
     server = server_identity(settings, executor, database)
     lock = database_lock(settings, database, run_id, server)
     run = backup.start_run(settings, database, run_id, lock, server)
-    if if_changed:
-        try:
-            unchanged = nothing_to_do(settings, executor, database, server)
-        except BaseException:
-            lock.release()
-            raise
-        if unchanged is not None:
-            lock.release()
-            raise NothingChanged(unchanged)
+    if if_changed and (unchanged := release_if_unchanged(settings, executor, database, server, lock)) is not None:
+        raise NothingChanged(unchanged)
     started()
     try:
         run = backup.dump(run, settings, executor, lock, progress)

@@ -36,6 +36,7 @@ import psycopg
 
 from worker.archive import catalogue
 from worker.archive.meta import write_atomically
+from worker.coordination.locks import DatabaseLock
 from worker.errors import BackupError
 from worker.pg.database import connect
 from worker.pg.executors import Executor
@@ -148,6 +149,20 @@ def nothing_to_do(settings: Settings, executor: Executor, database: str, server:
             return unchanged_since_last_set(settings, connection, database, server)
     except (BackupError, psycopg.Error):
         return None
+
+
+def release_if_unchanged(settings: Settings, executor: Executor, database: str, server: str | None,
+                         lock: DatabaseLock) -> dict[str, Any] | None:
+    """For a run that holds `lock`: when nothing changed since the last set, release the lock and return
+    that set's record (the run makes no set); else keep the lock and return None. Released on any error."""
+    try:
+        unchanged = nothing_to_do(settings, executor, database, server)
+    except BaseException:
+        lock.release()
+        raise
+    if unchanged is not None:
+        lock.release()
+    return unchanged
 
 
 def unchanged_since_last_set(settings: Settings, connection: psycopg.Connection[Any], database: str,
