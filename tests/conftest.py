@@ -36,13 +36,61 @@ SLOW_MODULES = {
     # the repository, the whole set and notifications: S3 servers, restic, workers, receivers
     "test_repository", "test_faults_repository", "test_uploads", "test_faults_uploads", "test_uploads_s3",
     "test_notify", "test_status", "test_s3_fixture",
+    # the whole set under real sequences, two servers on one repository, relative repository paths, and
+    # up.sh's signing keys checked by real workers and the compose stack
+    "test_sequences", "test_set_identity", "test_repository_path", "test_up_signing",
+}
+# ... except the quickest test of the modules that change most, which the fast subset runs too. A name here
+# that its module no longer has is a collection error, so that the subset never loses one silently.
+FAST_IN_SLOW_MODULES = {
+    "test_repository": "test_bad_repository_settings_are_one_line_and_exit_2[no password]",
+    "test_uploads": "test_a_configuration_file_that_cannot_be_read_is_one_line[a missing file]",
+    "test_notify": "test_secrets_are_scrubbed_and_the_other_events_send_one_message_each",
 }
 
+# Under pytest-xdist (the README's `-n 4 --dist loadgroup`) tests go to the worker processes one by one,
+# each worker with its own PostgreSQL cluster, Redis, S3 server and folders (the session fixtures), except:
+# - every test that uses the Docker engine runs on one worker, one after another: the compose stack's fixed
+#   container names (tma-cloud-postgres, tma-backup-beat), which docker mode prefers over any other
+#   container, and docker mode's choice among the PostgreSQL containers that run must not see each other;
+# - a module with a module-scoped fixture (a server, a worker, a background scenario, a backup made once)
+#   runs on one worker, so that the fixture is made once, not once per worker.
+DOCKER_FIXTURES = {"docker_client", "docker_engine"}
 
+
+def _module_name(item: pytest.Item) -> str:
+    return item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    if not isinstance(item, pytest.Function):
+        return None
+    if DOCKER_FIXTURES & set(item.fixturenames):
+        return "docker"
+    definitions = item._fixtureinfo.name2fixturedefs.values()
+    if any(defs and defs[-1].scope in ("module", "class", "package") for defs in definitions):
+        return _module_name(item)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    found: dict[str, int] = {}
     for item in items:
-        if item.module is not None and item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
+        module = _module_name(item)
+        if module in SLOW_MODULES:
+            if FAST_IN_SLOW_MODULES.get(module) == item.name:
+                found[module] = found.get(module, 0) + 1
+            else:
+                item.add_marker(pytest.mark.slow)
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    collected = {_module_name(item) for item in items}
+    lost = [f"{module}::{name}" for module, name in FAST_IN_SLOW_MODULES.items()
+            if module in collected and module not in found and sum(_module_name(i) == module for i in items) > 1]
+    if lost:
+        raise pytest.UsageError(f"tests/conftest.py FAST_IN_SLOW_MODULES names tests that no longer exist: {lost}")
 
 
 def _unavailable(reason: str) -> None:
