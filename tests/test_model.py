@@ -348,7 +348,8 @@ class SetModel(RuleBasedStateMachine):
         assert [name.removeprefix(uploads_swap.PREVIOUS_PREFIX) for name in paired if
                 name.removeprefix(uploads_swap.PREVIOUS_PREFIX) not in kept] == [], (ours, kept, self.steps)
         assert len([name for name in ours if name.startswith(uploads_swap.UNPAIRED_PREFIX)]) <= KEEP_PREVIOUS
-        assert not [name for name in os.listdir(self.backup_dir) if ".partial" in name or name.startswith(".fetch-")]
+        here = os.listdir(self.backup_dir) if self.backup_dir.exists() else []  # (no command made it yet)
+        assert not [name for name in here if ".partial" in name or name.startswith(".fetch-")], here
 
     def every_good_set_restores_byte_for_byte(self) -> None:
         present = self.present()
