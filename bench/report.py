@@ -36,7 +36,9 @@ INFORMATIVE = ("offsite_vs_bare_restic_local", "offsite_vs_bare_restic_first_nig
                "vault_pull_vs_bare_copy_local", "vault_second_night_bytes_ratio_local", "vault_copy_vs_bare_copy",
                "vault_copy_vs_bare_copy_local", "vault_pull_without_listings_vs_bare_copy",
                "vault_pull_without_listings_vs_bare_copy_local", "vault_pull_process_vs_bare_copy",
-               "vault_pull_process_vs_bare_copy_local", "vault_pull_listings_seconds", "vault_pull_listings_seconds_local",
+               "vault_pull_process_vs_bare_copy_local", "vault_pull_cpu_vs_bare_copy", "vault_pull_cpu_vs_bare_copy_local",
+               "vault_copy_cpu_vs_bare_copy", "vault_copy_cpu_vs_bare_copy_local",
+               "vault_pull_listings_seconds", "vault_pull_listings_seconds_local",
                "vault_restic_open_seconds", "vault_restic_open_seconds_local", "vault_first_night_bytes_ratio",
                "vault_first_night_bytes_ratio_local", "db_size_bytes")
 RATIO_MEANING = {
@@ -83,6 +85,11 @@ RATIO_MEANING = {
     "vault_pull_process_vs_bare_copy": "h. the pull's whole process (interpreter start, imports, the pull) / the bare "
                                        "copy, S3: `tma-backup vault pull` as typed, where a worker has paid the imports",
     "vault_pull_process_vs_bare_copy_local": "h. the same on local paths",
+    "vault_pull_cpu_vs_bare_copy": "h. CPU seconds (user and system) of the pull (its process's and its restic "
+                                   "commands') / of the bare copy, S3: the work each does, whatever else loads the machine",
+    "vault_pull_cpu_vs_bare_copy_local": "h. the same on local paths",
+    "vault_copy_cpu_vs_bare_copy": "h. CPU seconds of the pull's own `restic copy --no-lock` / of the bare copy, S3",
+    "vault_copy_cpu_vs_bare_copy_local": "h. the same on local paths",
     "vault_pull_listings_seconds": "h. seconds the pull's three listings take together (median), S3",
     "vault_pull_listings_seconds_local": "h. the same on local paths",
     "vault_restic_open_seconds": "h. seconds a `restic cat config` of the vault takes (median): opening a repository, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import statistics
@@ -50,7 +51,7 @@ _FOREIGN = ("DB_", "BACKUP_", "CELERY_", "RESTORE_", "REPOSITORY_", "PG", "WORKE
 # restic commands timed (the code under test is the snapshot on PYTHONPATH; the two are wrapped to time them,
 # nothing else is touched).
 PULL_PROBE = """
-import json, sys, time
+import json, resource, sys, time
 started = time.perf_counter()
 from worker.cli.main import cli
 import worker.vault.pull as pulling
@@ -59,20 +60,25 @@ imported = time.perf_counter()
 commands, pulled = [], {}
 original_run, original_pull = Restic.run, pulling.pull
 
+def cpu(*whose):
+    return sum(usage.ru_utime + usage.ru_stime for usage in map(resource.getrusage, whose))
+
 def timed_run(self, args, **options):
-    begun = time.perf_counter()
+    begun, used = time.perf_counter(), cpu(resource.RUSAGE_CHILDREN)
     try:
         return original_run(self, args, **options)
     finally:
-        commands.append({"command": args[0], "repository": self.names, "seconds": time.perf_counter() - begun})
+        commands.append({"command": args[0], "repository": self.names, "seconds": time.perf_counter() - begun,
+                         "cpu": cpu(resource.RUSAGE_CHILDREN) - used})
 
 def timed_pull(*args, **options):
-    begun = time.perf_counter()
+    begun, used = time.perf_counter(), cpu(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
     try:
         pulled["result"] = original_pull(*args, **options)
         return pulled["result"]
     finally:
         pulled["seconds"] = time.perf_counter() - begun
+        pulled["cpu"] = cpu(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) - used
 
 Restic.run, pulling.pull = timed_run, timed_pull
 code = 0
@@ -81,10 +87,17 @@ try:
 except SystemExit as error:
     code = error.code if isinstance(error.code, int) else 1
 with open(sys.argv[1], "w") as out:
-    json.dump({"pull_seconds": pulled.get("seconds"), "result": pulled.get("result"), "commands": commands,
+    json.dump({"pull_seconds": pulled.get("seconds"), "pull_cpu": pulled.get("cpu"), "result": pulled.get("result"),
+               "commands": commands,
                "imports_seconds": imported - started, "exit": code}, out, default=str)
 sys.exit(code)
 """
+
+
+def children_cpu() -> float:
+    """CPU seconds (user and system) of this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def isolated(settings: dict[str, str]) -> dict[str, str]:
@@ -483,8 +496,10 @@ class VaultSection(RepositorySection):
             item.walls.append(measured["pull_seconds"])
             item.steps.append(measured["steps"])
             item.sizes.append(place.vault.stored_bytes())
+            copy_cpu = sum(command["cpu"] for command in measured["commands"] if command["command"] == "copy")
             item.extra.append({"process_wall": round(measured["process_wall"], 3),
-                               "imports": round(measured["imports_seconds"], 3)})
+                               "imports": round(measured["imports_seconds"], 3),
+                               "cpu": round(measured["pull_cpu"], 3), "copy_cpu": round(copy_cpu, 3)})
 
         self.attempt(item, once)
 
@@ -517,14 +532,15 @@ class VaultSection(RepositorySection):
         def once() -> None:
             self.fresh(place, place.bare)
             env = self.copy_env(place, place.bare)
-            started = time.perf_counter()
+            started, used = time.perf_counter(), children_cpu()
             run(["restic", "copy", *ids], env, cwd=place.folder, timeout=self.timeout)
-            wall = time.perf_counter() - started
+            wall, cpu = time.perf_counter() - started, children_cpu() - used
             held = json.loads(place.bare.restic("snapshots", "--json").stdout or b"[]")
             if len(held) != len(ids):
                 raise StepFailed(f"the bare vault holds {len(held)} snapshots after the copy, not {len(ids)}")
             item.walls.append(wall)
             item.sizes.append(place.bare.stored_bytes())
+            item.extra.append({"cpu": round(cpu, 3)})
 
         self.attempt(item, once)
 
@@ -558,9 +574,10 @@ class VaultSection(RepositorySection):
             return statistics.median(wall - sum(steps.get(name, 0.0) for name in LISTINGS)
                                      for wall, steps in zip(item.walls, item.steps, strict=True))
 
-        def process(kind: str) -> float | None:
-            extra = m[f"vault_pull_{kind}"].extra
-            return statistics.median(value["process_wall"] for value in extra) if extra else None
+        def extra(key: str, name: str) -> float | None:
+            """Median over rounds of a figure the rounds recorded beside their walls (process wall, CPU)."""
+            values = [value[name] for value in m[key].extra if name in value]
+            return statistics.median(values) if values else None
 
         def night_ratio(number: int, kind: str) -> float | None:
             return ratio(m[f"vault_night{number}_{kind}"].size, m[f"vault_primary_night{number}_{kind}"].size)
@@ -576,7 +593,11 @@ class VaultSection(RepositorySection):
                 f"vault_second_night_bytes_ratio{suffix}": night_ratio(2, kind),
                 f"vault_copy_vs_bare_copy{suffix}": ratio(step(kind, (COPY_STEP,)), bare),
                 f"vault_pull_without_listings_vs_bare_copy{suffix}": ratio(without_listings(kind), bare),
-                f"vault_pull_process_vs_bare_copy{suffix}": ratio(process(kind), bare),
+                f"vault_pull_process_vs_bare_copy{suffix}": ratio(extra(f"vault_pull_{kind}", "process_wall"), bare),
+                f"vault_pull_cpu_vs_bare_copy{suffix}": ratio(extra(f"vault_pull_{kind}", "cpu"),
+                                                              extra(f"vault_bare_{kind}", "cpu")),
+                f"vault_copy_cpu_vs_bare_copy{suffix}": ratio(extra(f"vault_pull_{kind}", "copy_cpu"),
+                                                              extra(f"vault_bare_{kind}", "cpu")),
                 f"vault_pull_listings_seconds{suffix}": seconds(step(kind, LISTINGS)),
                 f"vault_restic_open_seconds{suffix}": seconds(m[f"vault_open_{kind}"].wall),
                 f"vault_first_night_bytes_ratio{suffix}": night_ratio(1, kind),

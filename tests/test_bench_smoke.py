@@ -51,7 +51,8 @@ def _vault_figures_are_sane(figures: dict) -> None:
     """h. (the vault) in its small mode: the pull and the bare copy both ran, the pull's restic commands
     were timed one by one, and the nights' bytes are plausible. Sane, not the targets."""
     for key in ("vault_pull_vs_bare_copy", "vault_copy_vs_bare_copy", "vault_pull_without_listings_vs_bare_copy",
-                "vault_pull_process_vs_bare_copy", "vault_pull_listings_seconds", "vault_restic_open_seconds"):
+                "vault_pull_process_vs_bare_copy", "vault_pull_cpu_vs_bare_copy", "vault_copy_cpu_vs_bare_copy",
+                "vault_pull_listings_seconds", "vault_restic_open_seconds"):
         assert isinstance(figures[key], (int, float)) and 0 < figures[key] < 100, (key, figures[key])
     measured = figures["measurements"]
     pull = measured["vault_pull_s3"]["step_medians_s"]
