@@ -110,6 +110,8 @@ def test_latest_on_each_server_is_its_own_newest_set_never_the_other_servers(sha
 
 def test_retention_and_status_of_one_server_never_touch_or_count_the_others_sets(shared, restic_bin):
     production, staging, repository = shared
+    for deployment in (production, staging):  # count rules only: a set a day (by default a day's sets all stay)
+        deployment.env.update(REPOSITORY_KEEP_WITHIN="", REPOSITORY_KEEP_WITHIN_HOURLY="")
     staging.backup()
     production.backup()
     production.backup()  # two of production's today: its retention keeps one a day, of its own
