@@ -33,6 +33,7 @@ from typing import Any
 
 from worker.archive import catalogue
 from worker.archive.meta import write_atomically
+from worker.errors import BackupError
 from worker.repository.sets import UPLOADS_PART, RepositorySet
 from worker.settings import Settings
 
@@ -66,8 +67,6 @@ class State:
         except FileNotFoundError:
             return cls()
         except (OSError, ValueError) as error:
-            from worker.errors import BackupError
-
             raise BackupError(f"the vault's state {cls.path(settings)} is unreadable ({error}); move it away to "
                               "start afresh (the next pull copies what the vault lacks)") from None
         return cls(**{key: body[key] for key in ("seen", "copied", "alarms", "problems", "last_pull") if key in body})
