@@ -18,10 +18,12 @@ logger = get_task_logger(__name__)
 
 
 @app.task(name="tma_backup.fetch", bind=True, acks_late=False, max_retries=0)
-def fetch(self: Task, reference: str, database: str | None = None, server: str | None = None) -> dict[str, Any]:
+def fetch(self: Task, reference: str, database: str | None = None, server: str | None = None,
+          whole: bool = False) -> dict[str, Any]:
     """Fetch set `reference` (`latest` of `database` made by `server`, default this one's; or an id) into
-    this host's BACKUP_DIR, checked."""
-    return fetching.fetch(get_settings(), reference, database, self.request.id, progress_reporter(self), server)
+    this host's BACKUP_DIR, checked. `whole`: `latest` is the newest set with its uploads part."""
+    return fetching.fetch(get_settings(), reference, database, self.request.id, progress_reporter(self), server,
+                          whole)
 
 
 @app.task(name="tma_backup.repository_maintenance", bind=True, acks_late=False, max_retries=0)

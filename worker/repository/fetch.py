@@ -26,7 +26,7 @@ from worker.faults import crash_point
 from worker.progress import Progress, no_progress
 from worker.repository.lock import using_repository
 from worker.repository.restic import RepositoryError, Restic
-from worker.repository.sets import RepositorySet, find_set, list_files
+from worker.repository.sets import RepositorySet, find_latest_whole, find_set, list_files
 from worker.settings import Settings, SettingsError, ensure_backup_dir
 
 ROOM_MARGIN = 64 * 1024 * 1024
@@ -34,11 +34,12 @@ STAGING_PREFIX = ".fetch-"  # inside BACKUP_DIR: the same file system, so the du
 
 
 def fetch(settings: Settings, reference: str, database: str | None, owner: str,
-          progress: Progress = no_progress, server: str | None = None) -> dict[str, Any]:
+          progress: Progress = no_progress, server: str | None = None, whole: bool = False) -> dict[str, Any]:
     """Fetch set `reference` (`latest` of `database`, or an id) into BACKUP_DIR; returns the backup's
     file name, the set and what was done. The bytes are always downloaded and checked, also when the
     same backup is already here (a drill must prove the off-site copy, not the local one); an identical
-    local copy is then kept as it is."""
+    local copy is then kept as it is. `whole` (a restore of the uploads too): `latest` is the newest set
+    that has its uploads part; the newer ones passed over are named in `passed_over`."""
     started = time.monotonic()
     try:
         directory = ensure_backup_dir(settings)
@@ -48,7 +49,10 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
     if reference == "latest" and server is None:
         server = this_server(settings, database)  # `latest` is this server's newest, unless told whose
     with using_repository(settings, owner, progress):
-        found = find_set(restic, reference, database, server)
+        if whole and reference == "latest":
+            found, passed = find_latest_whole(restic, database, server)
+        else:
+            found, passed = find_set(restic, reference, database, server), []
         dump_name = _dump_name(found)
         meta_name = dump_name + catalogue.META_SUFFIX
         target = directory / dump_name
@@ -99,6 +103,7 @@ def fetch(settings: Settings, reference: str, database: str | None, owner: str,
         "size_bytes": meta.file_size_bytes,
         "sha256": meta.sha256,
         "already_local": kept_local,
+        "passed_over": [{"set": item.short_id, "timestamp": item.timestamp} for item in passed],
         "host": settings.WORKER_HOST,
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -207,6 +207,21 @@ def find_set(restic: Restic, reference: str, database: str | None, server: str |
     return found
 
 
+def find_latest_whole(restic: Restic, database: str | None, server: str | None) -> tuple[RepositorySet, list[RepositorySet]]:
+    """`latest` for a restore that takes the uploads too: the newest set of `database` made by `server`
+    that has its uploads part, and the newer sets passed over because they lack theirs (a run whose
+    capture could not reach the repository sends its database part alone, and says so)."""
+    mine = of_server(list_sets(restic, database), server)
+    if not mine:
+        return find_set(restic, "latest", database, server), []  # raises, naming the servers there are
+    whole = [item for item in mine if item.uploads]
+    if not whole:
+        raise RepositoryError(f"no set of {database!r} made by {server} has its uploads (the newest, "
+                              f"{mine[-1].short_id} of {mine[-1].timestamp}, lacks them: their capture failed); "
+                              "restore the database alone, and back up again to make a whole set")
+    return whole[-1], [item for item in mine if item.timestamp > whole[-1].timestamp]
+
+
 def set_time(timestamp: str) -> str:
     """The backup's timestamp as `restic backup --time` takes it."""
     return catalogue.parse_timestamp(timestamp).strftime(RESTIC_TIME_FORMAT)

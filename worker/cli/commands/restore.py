@@ -30,9 +30,10 @@ from worker.settings import Settings, SettingsError, get_settings
 
 
 def fetch_from_repository(settings: Settings, reference: str, database: str | None,
-                          host: str | None, server: str | None = None) -> tuple[str, str | None]:
+                          host: str | None, server: str | None = None, whole: bool = False) -> tuple[str, str | None]:
     """Fetch a set into BACKUP_DIR (on the worker's host through the broker, else here); returns the
-    backup's file name and the host that now holds it. `server`: whose `latest` (default: this server's)."""
+    backup's file name and the host that now holds it. `server`: whose `latest` (default: this server's).
+    `whole` (its uploads are restored too): `latest` is the newest set that has them."""
     if not settings.repository:
         raise SettingsError("--from-repository needs BACKUP_REPOSITORY (and its password)")
     if server is not None and reference != "latest":
@@ -40,13 +41,17 @@ def fetch_from_repository(settings: Settings, reference: str, database: str | No
     database = database_option(database, settings) if reference == "latest" else database
     output.info(f"Repository : fetching set {reference}" + (f" of {database!r}" if reference == "latest" else "") + " …")
     if settings.broker_url:
-        kwargs = {"reference": reference, "database": database, **({"server": server} if server else {})}
+        kwargs = {"reference": reference, "database": database, **({"server": server} if server else {}),
+                  **({"whole": True} if whole else {})}
         fetched = dict(call_task(settings, "tma_backup.fetch", kwargs, host))
         host = str(fetched.get("host") or host)  # the restore runs where the file now is
     else:
         from worker.repository.fetch import fetch
 
-        fetched = fetch(settings, reference, database, f"local-{uuid.uuid4()}", server=server)
+        fetched = fetch(settings, reference, database, f"local-{uuid.uuid4()}", server=server, whole=whole)
+    for item in fetched.get("passed_over") or []:
+        output.warn(f"Set        : {item['set']} of {item['timestamp']} is newer but without its uploads (their capture "
+                    "failed): the newest whole set is restored instead")
     how = "already here, identical" if fetched["already_local"] else "fetched"
     output.ok(f"Set        : {fetched['set']} → {fetched['file']} ({human_size(fetched['size_bytes'])}B, "
               f"SHA-256 checked; {how}; {fetched['seconds']:.1f}s)")
@@ -199,7 +204,7 @@ def restore_command(file: str | None, confirm_name: str | None, mode: str, prepa
     if from_repository is not None:
         if file or token:
             raise SettingsError("restore: --from-repository replaces FILE and does not go with --token")
-        file, host = fetch_from_repository(settings, from_repository, database, host, server)
+        file, host = fetch_from_repository(settings, from_repository, database, host, server, whole=uploads != "none")
     store = _store(settings)
     output.section("Database Restore")
     if token:
