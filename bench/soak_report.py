@@ -50,6 +50,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "unchanged": outcomes.get("unchanged", 0),
         "never_received": never,
         "reported_good": len(sets),
+        "database_only": sum(1 for item in sets if item.get("database_only")),
         "restorable": sum(1 for item in sets if item["restorable"]),
         "not_restorable": sum(1 for item in sets if not item["restorable"]),
         "faults": len(faults),
@@ -118,6 +119,8 @@ def markdown(results: dict[str, Any], chart: bool) -> str:
         lines.append(f"| sent by beat, never received by a worker (lost with Redis) | {s['never_received']} |")
     lines += [
         f"| reported good (run results, `repository list`, `status`) | {s['reported_good']} |",
+        f"| &nbsp;&nbsp;of which listed without their uploads (the run said their capture failed): the database "
+        f"part checked | {s['database_only']} |",
         f"| restored from the repository and identical to what was live | {s['restorable']} |",
         f"| **reported good but not restorable** | **{s['not_restorable']}** |",
         "",
@@ -171,7 +174,7 @@ def markdown(results: dict[str, Any], chart: bool) -> str:
         for item in bad:
             lines.append(f"- `{item['timestamp']}` ({', '.join(item['sources'])}): {'; '.join(item['problems'])}")
         lines.append("")
-    noted = [item for item in results["sets"] if item["notes"]]
+    noted = [item for item in results["sets"] if item["notes"] and not item.get("database_only")]
     if noted:
         lines += [f"Notes: {len(noted)} set(s) lack trashed uploads that TMA Cloud purged while they were taken, "
                   "each named missing in its `.meta` (and `status` says so).", ""]

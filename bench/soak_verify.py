@@ -170,9 +170,11 @@ class SetCheck:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    database_only: bool = False  # listed by the product without uploads: its database part is what it reports
 
     def describe(self) -> dict[str, Any]:
         return {"timestamp": self.timestamp, "sources": self.sources, "restorable": self.restorable,
+                "database_only": self.database_only,
                 "tick": self.tick, "files": self.files, "problems": self.problems, "notes": self.notes,
                 "seconds": round(self.seconds, 1)}
 
@@ -187,8 +189,8 @@ def read_meta(path: Path) -> dict[str, str]:
 
 
 def verify_set(stack: Stack, record: Record, timestamp: str, ids: dict[str, str] | None, window: tuple[float, float],
-               sources: list[str], scratch_root: Path) -> SetCheck:
-    check = SetCheck(timestamp, sources)
+               sources: list[str], scratch_root: Path, database_only: bool = False) -> SetCheck:
+    check = SetCheck(timestamp, sources, database_only=database_only)
     started = time.monotonic()
     try:
         _verify(stack, record, check, ids, window, scratch_root / timestamp)
@@ -257,6 +259,11 @@ def _verify(stack: Stack, record: Record, check: SetCheck, ids: dict[str, str] |
     if tick is not None and tick not in live:
         check.problems.append(f"stale: tick {tick} was not live while its snapshot was taken (live then: "
                               f"{sorted(live)[:6]})")
+    if check.database_only:
+        if not meta.get("uploads_error"):
+            check.problems.append("listed without uploads, but its .meta does not say their capture failed")
+        check.notes.append(f"database part only, as listed: its uploads were not captured ({meta.get('uploads_error', '')[:120]})")
+        return
     if "uploads" not in ids:
         check.problems.append("the set has no uploads part")
         return
