@@ -4,6 +4,7 @@ The rows in docs/reliability.md, "The chaos soak", name these tests."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from tests import services, tma_cloud
 from tests.conftest import run_cli
 from tests.faults import finished_within, private_stack
+from tests.helpers import dump_waiting_on_lock, table_locked, wait_for
 from tests.s3_server import S3Server
-from tests.test_repository import restic_init, s3_repository
+from tests.test_repository import local_repository, restic_init, s3_repository
 from tests.test_restore import digests
 from tests.test_uploads import make_site
 
@@ -55,3 +57,45 @@ def test_latest_with_uploads_restores_the_newest_whole_set_when_a_newer_one_lack
         assert "without its uploads" in result.stderr, result.stderr
         assert digests(pg, tma_db) == state
         assert tma_cloud.folder_digests(site.folder) == files
+
+
+def test_tma_clouds_purge_of_an_upload_past_its_15_days_in_the_trash_during_a_backup_is_no_missing_upload(
+        pg: services.PostgresServer, restic_bin: str, tma_db: str, tmp_path: Path) -> None:
+    """TMA Cloud purges an upload 15 days after it went to the trash: the blob, then the row. A purge that
+    falls between the dump's snapshot (the row still there) and the uploads capture (the blob gone) made
+    the set "lack" that upload: a `[WARN] … missing` in the run, `status` exit 1 ("lacks 1 upload(s) the
+    database references: they would not come back with a restore") until the next set: in the soak, a
+    third of the status polls. That upload was about to go (docs/DESIGN: "a row without its blob is a
+    loss, except for a trashed row past its 15 days"): the default UPLOADS_REFERENCES_QUERY leaves such
+    rows out. An upload in the trash for less than 15 days is still one the set must hold."""
+    repository = restic_init(restic_bin, local_repository(tmp_path / "repository", tmp_path / "restic-cache"))
+    site = make_site(pg, tma_db, tmp_path, repository)
+    purged, recent = site.uploads.paths[-1], site.uploads.paths[-2]
+    with pg.connect(tma_db, autocommit=True) as connection:
+        connection.execute("UPDATE files SET deleted_at = now() - interval '16 days' WHERE path = %s", (purged,))
+        connection.execute("UPDATE files SET deleted_at = now() - interval '14 days' WHERE path = %s", (recent,))
+    with pg.connect(autocommit=True) as admin:
+        with table_locked(pg, tma_db, "audit_log"):  # pg_dump waits, inside its snapshot
+            backup = subprocess.Popen([services.TMA_BACKUP, "backup"], env=site.env, cwd=site.cwd, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            wait_for(lambda: dump_waiting_on_lock(admin, tma_db), timeout=60, what="pg_dump to wait on the lock")
+            (site.folder / purged).unlink()  # TMA's purge: the blob, then the row
+            with pg.connect(tma_db, autocommit=True) as connection:
+                connection.execute("DELETE FROM files WHERE path = %s", (purged,))
+        out, err = backup.communicate(timeout=240)
+    assert backup.returncode == 0, out + err
+    assert "missing" not in err.replace("0 missing", ""), err
+    status = run_cli(["status"], site.env, site.cwd)
+    assert "lacks" not in status.output, status.output
+
+    # the same with an upload 14 days in the trash: still one the set must hold, and status says it lacks it
+    with pg.connect(autocommit=True) as admin:
+        with table_locked(pg, tma_db, "audit_log"):
+            backup = subprocess.Popen([services.TMA_BACKUP, "backup"], env=site.env, cwd=site.cwd, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            wait_for(lambda: dump_waiting_on_lock(admin, tma_db), timeout=60, what="pg_dump to wait on the lock")
+            (site.folder / recent).unlink()
+        out, err = backup.communicate(timeout=240)
+    assert backup.returncode == 0, out + err
+    assert f"1 referenced upload(s) missing from the set: {recent}" in err, err
+    assert "lacks 1 upload(s)" in run_cli(["status"], site.env, site.cwd).output

@@ -152,8 +152,10 @@ class Settings(BaseSettings):
     # The settings file that goes into each set (the `.env` these settings were read from by default).
     TMA_ENV_FILE: Path | None = None
     # The uploads the database references: one text column (the path, relative to UPLOAD_DIR or the
-    # object key), optionally a second with the plain size TMA records.
-    UPLOADS_REFERENCES_QUERY: str = "SELECT path, size FROM files WHERE type = 'file' AND path IS NOT NULL"
+    # object key), optionally a second with the plain size TMA records. Not the rows in the trash for over
+    # 15 days: TMA purges those (the blob, then the row), so a backup may see the row and miss its blob.
+    UPLOADS_REFERENCES_QUERY: str = ("SELECT path, size FROM files WHERE type = 'file' AND path IS NOT NULL"
+                                     " AND (deleted_at IS NULL OR deleted_at > now() - interval '15 days')")
     # TMA's S3 settings and precedence (backend/config/storage.js): R2_*, then RUSTFS_*, then AWS_S3_*/AWS_*.
     R2_ACCOUNT_ID: str | None = None
     R2_ENDPOINT: str | None = None
