@@ -176,8 +176,8 @@ def markdown(results: dict[str, Any], chart: bool) -> str:
         lines.append("")
     noted = [item for item in results["sets"] if item["notes"] and not item.get("database_only")]
     if noted:
-        lines += [f"Notes: {len(noted)} set(s) lack trashed uploads that TMA Cloud purged while they were taken, "
-                  "each named missing in its `.meta` (and `status` says so).", ""]
+        lines += [f"Notes: {len(noted)} set(s) lack uploads that TMA Cloud purged from the trash (15 days after) "
+                  "while they were taken: the blob gone, the row still in the snapshot.", ""]
     return "\n".join(lines)
 
 

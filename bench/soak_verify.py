@@ -11,7 +11,7 @@ folder, the dump's SHA-256 against its `.meta`, the `.env` against the file it w
 dump restored into a scratch database whose newest tick must carry exactly that tick's recorded
 digests, a tick live while the set's snapshot was taken; its uploads part restored into a scratch
 folder, every file the bytes written under its key, every upload the restored database references
-there (a trashed one the purge removed during the backup only when the set's `.meta` names it).
+there (but one TMA Cloud purged while the set was taken: 15 days in the trash, or named missing by its `.meta`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from bench.soak_stack import DATABASE, Stack
 from tests import tma_cloud
 
 TOOL_DATABASE_COMMENTS = ("tma-backup:scratch:", "tma-backup:drill:")
+PURGE_AFTER = 15 * 86400  # TMA Cloud purges an upload 15 days after it went to the trash
 
 
 def restic(stack: Stack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -244,8 +245,8 @@ def _verify(stack: Stack, record: Record, check: SetCheck, ids: dict[str, str] |
             return
         with stack.pg.connect(scratch, autocommit=True) as connection:
             tick, found = read_state(connection)
-            rows = connection.execute("SELECT path, deleted_at IS NOT NULL FROM files WHERE type = 'file'"
-                                      " AND path IS NOT NULL").fetchall()
+            rows = connection.execute("SELECT path, deleted_at IS NOT NULL, extract(epoch FROM deleted_at) FROM files"
+                                      " WHERE type = 'file' AND path IS NOT NULL").fetchall()
     finally:
         with stack.pg.connect(autocommit=True) as admin:
             tma_cloud.drop_database(admin, scratch)
@@ -284,16 +285,19 @@ def _verify(stack: Stack, record: Record, check: SetCheck, ids: dict[str, str] |
     except (ValueError, TypeError):
         named = set()
     missing, purged = [], []
-    for path, trashed in rows:
+    snapshot = epoch(check.timestamp)
+    for path, trashed, deleted_at in rows:
         if path in files:
             continue
-        if trashed and path in record.purged and (path in named or int(meta.get("uploads_missing", "0") or 0) > 0):
+        # TMA Cloud purged it while the set was taken (the row seen, the blob gone): it was past its 15 days
+        # in the trash (not one the set must hold), or the set's .meta names it missing (older code)
+        due = deleted_at is not None and float(deleted_at) < snapshot - PURGE_AFTER
+        if trashed and path in record.purged and (due or path in named):
             purged.append(path)
         else:
             missing.append(path)
     if missing:
         check.problems.append(f"{len(missing)} upload(s) its database references are not in it: {missing[:5]}")
     if purged:
-        check.notes.append(f"{len(purged)} trashed upload(s) purged by TMA Cloud during the backup, named by "
-                           f"its .meta as missing")
+        check.notes.append(f"{len(purged)} upload(s) TMA Cloud purged from the trash while the set was taken")
 
