@@ -103,6 +103,42 @@ def wait_for(condition: Any, timeout: float = 30, interval: float = 0.1, what: s
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+class FirstSeen:
+    """Polls `condition` in a background thread from now on and records when it first held (monotonic
+    time): a bound measured from an event (a kill) stays the product's, not the time the test spends
+    meanwhile on other work (a CLI run, a worker start), which grows under load."""
+
+    def __init__(self, condition: Any, interval: float = 0.05) -> None:
+        self.at: float | None = None
+        self._condition = condition
+        self._interval = interval
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._condition():
+                    self.at = time.monotonic()
+                    return
+            except BaseException as error:  # shown by wait()
+                self._error = error
+                return
+            self._stop.wait(self._interval)
+
+    def wait(self, timeout: float, what: str = "condition") -> float:
+        """When the condition first held; AssertionError when it has not within `timeout` from now."""
+        self._thread.join(timeout)
+        self._stop.set()
+        if self._error is not None:
+            raise self._error
+        if self.at is None:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        return self.at
+
+
 def dump_waiting_on_lock(admin: psycopg.Connection[Any], database: str) -> bool:
     """pg_dump (application_name tma-backup) of this database is waiting for a table lock."""
     row = admin.execute(

@@ -33,6 +33,7 @@ from tests.faults import (
     tmpfs,
 )
 from tests.helpers import (
+    FirstSeen,
     backups_in,
     dump_waiting_on_lock,
     error_lines,
@@ -139,6 +140,7 @@ def test_a_worker_killed_mid_chain_leaves_no_backup_frees_the_lock_and_is_not_re
         assert run_id, "the running chain holds the database's lock"
         kill_worker_and_tools(worker)
         killed_at = time.monotonic()
+        freed = FirstSeen(lambda: stack.lock_holder() is None)  # measured while the fresh worker starts
 
     assert complete_backups(backups, tma_db) == []
     assert backups_in(backups, tma_db) == [], "no file carries a final backup name"
@@ -147,9 +149,7 @@ def test_a_worker_killed_mid_chain_leaves_no_backup_frees_the_lock_and_is_not_re
 
     assert stack.redis().hlen("unacked") == 0, "nothing is waiting to be redelivered"
     fresh = stack.start_worker()
-    wait_for(lambda: stack.lock_holder() is None, timeout=LOCK_TIMEOUT + 10, interval=0.05,
-             what="the dead run's lock to expire")
-    freed_after = time.monotonic() - killed_at
+    freed_after = freed.wait(timeout=LOCK_TIMEOUT + 10, what="the dead run's lock to expire") - killed_at
     assert freed_after <= LOCK_TIMEOUT + 1, f"lock freed {freed_after:.1f}s after the kill"
     assert "Received task" not in fresh.log(), "the killed link is dropped, not redelivered"
 
@@ -174,12 +174,12 @@ def test_a_worker_killed_right_after_publishing_leaves_a_complete_verified_backu
     stack.wait_for_signal("published")
     kill_worker_and_tools(worker)
     killed_at = time.monotonic()
+    freed = FirstSeen(lambda: stack.lock_holder() is None)  # measured while verify runs
     dump, meta = only_backup(stack.backups, tma_db)
     assert meta.sha256 == sha256_file(dump)
     checked = run_cli(["verify", "--local", str(dump)], stack.env, stack.root)
     assert checked.returncode == 0, checked.output
-    wait_for(lambda: stack.lock_holder() is None, timeout=LOCK_TIMEOUT + 10, interval=0.05, what="lock expiry")
-    assert time.monotonic() - killed_at <= LOCK_TIMEOUT + 1
+    assert freed.wait(timeout=LOCK_TIMEOUT + 10, what="lock expiry") - killed_at <= LOCK_TIMEOUT + 1
 
     stack.start_worker()
     result = run_cli(["backup"], stack.env, stack.root, timeout=120)
