@@ -99,3 +99,30 @@ def test_tma_clouds_purge_of_an_upload_past_its_15_days_in_the_trash_during_a_ba
     assert backup.returncode == 0, out + err
     assert f"1 referenced upload(s) missing from the set: {recent}" in err, err
     assert "lacks 1 upload(s)" in run_cli(["status"], site.env, site.cwd).output
+
+
+@pytest.mark.parametrize("from_repository", [True, False], ids=["latest set", "newest local backup"])
+def test_a_scheduled_drill_with_nothing_to_drill_yet_is_skipped_not_a_failed_drill(
+        pg: services.PostgresServer, restic_bin: str, tma_db: str, tmp_path: Path, from_repository: bool) -> None:
+    """A fresh install whose first scheduled drill comes before its first backup (every soak: the drill
+    schedule starts with it). The drill found no set (no backup) and was recorded as failed: `status` exit
+    1, "the last restore drill … failed: the repository holds no set", until the next scheduled drill
+    passes (by default a week later). Nothing to drill is no failed drill: a scheduled one skips and
+    records nothing (`status` keeps saying no drill was recorded yet, a warning). A drill asked for by
+    hand still fails, saying why."""
+    from tests.helpers import settings_for
+    from worker.pg.executors import choose_executor
+    from worker.restore import drills
+
+    repository = restic_init(restic_bin, local_repository(tmp_path / "repository", tmp_path / "restic-cache"))
+    site = make_site(pg, tma_db, tmp_path, repository, BACKUP_DRILL_FROM_REPOSITORY=str(from_repository).lower())
+    settings = settings_for(site.env)
+    reference = "latest" if from_repository else None
+    result = drills.run_and_record(settings, choose_executor(settings), None, None, "scheduled-drill",
+                                   scheduled=True, from_repository=reference)
+    assert "skipped" in result and "nothing to drill" in result["skipped"], result
+    status = run_cli(["status"], site.env, site.cwd)
+    assert "last restore drill" not in status.output, status.output
+    assert "Last drill : none recorded" in status.output, status.output
+    by_hand = run_cli(["drill", *(["--from-repository", "latest"] if from_repository else [])], site.env, site.cwd)
+    assert by_hand.returncode == 1, by_hand.output

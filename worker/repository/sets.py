@@ -177,6 +177,10 @@ def list_parts(restic: Restic, database: str) -> list[RepositorySet]:
     return [parsed for snapshot in snapshots if (parsed := parse_snapshot(snapshot)) is not None]
 
 
+class NoSet(RepositoryError):
+    """`latest` found no set of the database made by this server: nothing to restore or drill yet."""
+
+
 def find_set(restic: Restic, reference: str, database: str | None, server: str | None = None) -> RepositorySet:
     """`latest` (the newest set of `database` that `server` made, see `of_server`) or a set's id or id
     prefix (at least 4 characters; any server's: how a new server restores an old one's set)."""
@@ -188,11 +192,11 @@ def find_set(restic: Restic, reference: str, database: str | None, server: str |
             if others:
                 newest = {name: max(item.timestamp for item in sets if item.server == name) for name in others}
                 shown = ", ".join(f"{name} (newest {newest[name]})" for name in others)
-                raise RepositoryError(
+                raise NoSet(
                     f"the repository holds no set of {database!r} made by {server}, only sets of other servers: "
                     f"{shown}; on a new server that takes over from one of them, add `--server {others[-1]}` (its "
                     f"newest) or give a set's id from `tma-backup repository list --database {database}`")
-            raise RepositoryError(f"the repository holds no set of database {database!r}")
+            raise NoSet(f"the repository holds no set of database {database!r}")
         return mine[-1]
     if len(reference) < 4 or any(char not in "0123456789abcdef" for char in reference.lower()):
         raise RepositoryError(f"{reference!r} is not a set id: give `latest` or an id from `tma-backup repository list`")

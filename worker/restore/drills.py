@@ -29,6 +29,10 @@ from worker.restore.scratch import default_shape, restore_into_scratch
 from worker.settings import Settings, check_database_name
 
 
+class NothingToDrill(BackupError):
+    """No complete backup of the database here (or, from the repository, no set of it): nothing to drill yet."""
+
+
 def record_path(settings: Settings, database: str) -> Path:
     return settings.backup_dir / f".{database}.last-drill.json"
 
@@ -60,7 +64,7 @@ def drill(settings: Settings, executor: Executor, database: str, file: str | Non
     if file is None:
         newest = catalogue.newest_complete(settings.backup_dir, database)
         if newest is None:
-            raise BackupError(f"no complete backup of {database!r} in {settings.backup_dir} to drill")
+            raise NothingToDrill(f"no complete backup of {database!r} in {settings.backup_dir} to drill")
         file = str(newest.path)
     started = time.monotonic()
     clock = PhaseClock(progress)
@@ -94,7 +98,9 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
     """Run a drill and record pass or fail under the drilled database. With FILE that is the database of
     its `.meta` (`database`, when given, must agree); without, `database` or DB_NAME. A FILE whose
     database cannot be told, or a disagreeing `database`, is refused before anything is touched, and
-    recorded nowhere. A scheduled drill that finds the database busy skips.
+    recorded nowhere. A scheduled drill that finds the database busy skips; so does one that finds nothing
+    to drill yet (no backup, no set: a fresh install), recording nothing (`status` says no drill was
+    recorded yet, and the missing backup or set is its own problem there).
 
     `from_repository` (`latest` or a set id) drills the off-site copy: the set is fetched and checked
     first (a set that cannot be fetched is a failed drill), and a fetched file that was not here before
@@ -113,6 +119,12 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
         if scheduled:
             return {"skipped": str(busy), "database": database}
         raise
+    except NothingToDrill as nothing:
+        if scheduled:
+            return {"skipped": f"nothing to drill yet: {nothing}", "database": database}
+        _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(nothing)})
+        notify.drill_failed(settings, database, nothing, run, file)
+        raise
     except BackupError as error:
         _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
         notify.drill_failed(settings, database, error, run, file)
@@ -125,11 +137,19 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
 def _drill_from_repository(settings: Settings, executor: Executor, database: str | None, reference: str, run: str,
                            progress: Progress, scheduled: bool) -> dict[str, Any]:
     from worker.repository.fetch import fetch
+    from worker.repository.sets import NoSet
 
     database = database or settings.DB_NAME
     at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)
     try:
         fetched = fetch(settings, reference, database, run, progress)
+    except NoSet as nothing:
+        if scheduled:
+            return {"skipped": f"nothing to drill yet: {nothing}", "database": database}
+        _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
+                                     "error": str(nothing)})
+        notify.drill_failed(settings, database, nothing, run, from_repository=reference)
+        raise
     except BackupError as error:
         _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
                                      "error": str(error)})
