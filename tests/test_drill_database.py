@@ -13,6 +13,7 @@ from tests import tma_cloud
 from tests.conftest import run_cli
 from tests.helpers import error_lines, lock_of, only_backup, settings_for
 from tests.test_restore import digests, managed_databases
+from worker.coordination.locks import held, renewal_interval
 from worker.restore import swap
 from worker.settings import Settings
 
@@ -104,15 +105,14 @@ def test_through_a_worker_the_drill_of_a_file_locks_and_records_under_its_databa
     assert refused.returncode == 1 and "is a backup of" in error_lines(refused.stderr)[0], refused.output
     # the file's database being restored by a worker (its lock held in Redis, as a restore names it)
     fields = {key: value for key, value in broker_env.items() if key in Settings.model_fields}
-    lock = lock_of(Settings(_env_file=None, **fields), other_db, "restore-in-progress")  # type: ignore[call-arg]
-    lock.acquire()
-    try:
+    settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    lock = lock_of(settings, other_db, "restore-in-progress")
+    # renewed as a restore renews it: the refused drill may take longer than one lease under load
+    with held(lock, renewal_interval(settings)):
         scratch = leftover_scratch(admin, other_db)
         busy = run_cli(["drill", str(dump)], broker_env, tmp_path)
         assert busy.returncode == 1 and "is busy" in error_lines(busy.stderr)[0], busy.output
         assert exists(admin, scratch)
-    finally:
-        lock.release()
     result = run_cli(["drill", str(dump)], broker_env, tmp_path)  # DB_NAME=tma_db
     assert result.returncode == 0, result.output
     assert (backups / f".{other_db}.last-drill.json").exists()
