@@ -21,6 +21,7 @@ from celery import Celery
 from tests import services
 from tests.conftest import TEST_PASSWORD, base_env, run_cli
 from tests.helpers import error_lines, lock_of, only_backup, settings_for, wait_for
+from worker.coordination.locks import held, renewal_interval
 
 # Distinctive secrets: none may ever reach a message, a ping or the CLI's output.
 REPOSITORY_PASSWORD = "Repo-Pw-Distinct-7Qx2LmZ"
@@ -211,14 +212,11 @@ def test_through_a_worker_failure_success_and_a_busy_scheduled_run_each_send_one
         receiver.requests.clear()
         settings = settings_for(env)
         holder = lock_of(settings, tma_db, "test-holder")
-        holder.acquire()
-        try:
+        with held(holder, renewal_interval(settings)):  # renewed: the run may come later than one lease
             app = Celery("tests", broker=broker, backend=broker)
             app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                             task_default_queue="tma_backup")
             outcome = app.send_task("tma_backup.backup", kwargs={"database": tma_db, "scheduled": True}).get(30)
-        finally:
-            holder.release()
         assert "skipped" in outcome
         wait_for(lambda: receiver.messages(), timeout=20, what="the skip's message")
         [skipped] = receiver.messages()

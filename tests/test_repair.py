@@ -21,6 +21,7 @@ from tests.helpers import (
 )
 from tests.test_drill_database import exists, leftover_scratch
 from tests.test_restore import change_live, digests, managed_databases
+from worker.coordination.locks import held, renewal_interval
 from worker.restore import swap
 from worker.settings import Settings
 
@@ -185,14 +186,12 @@ def test_repair_skips_a_database_whose_lock_is_held_and_says_so(pg, admin, cli_e
 def test_repair_through_a_worker(pg, admin, broker_env, tma_db, tmp_path):
     scratch = left_by_a_swap_crash(admin, tma_db)
     fields = {key: value for key, value in broker_env.items() if key in Settings.model_fields}
-    lock = lock_of(Settings(_env_file=None, **fields), tma_db, "restore-in-progress")  # type: ignore[call-arg]
-    lock.acquire()
-    try:
+    settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    lock = lock_of(settings, tma_db, "restore-in-progress")
+    with held(lock, renewal_interval(settings)):  # renewed as a restore's: the repair may take over one lease
         skipped = run_cli(["repair", "--database", tma_db], broker_env, tmp_path)
         assert skipped.returncode == 1 and "is busy" in skipped.stderr, skipped.output
         assert not allows_connections(admin, tma_db) and exists(admin, scratch)
-    finally:
-        lock.release()
     try:
         repaired = run_cli(["repair", "--database", tma_db], broker_env, tmp_path)
         assert repaired.returncode == 0, repaired.output
