@@ -14,6 +14,7 @@ each logged with its times.
 | `restore` | `restore --from-repository latest --with-uploads` while backups run (TMA Cloud stopped, as the runbook says) |
 | `rollback` | `rollback` of the last restore, the same way |
 | `restore_killed` | the same restore, and the worker running it SIGKILLed at a random moment; then `repair` |
+| `worker_kill_in_step` | SIGKILL of the worker that runs a chosen step (offsite, prune, maintenance, dump, drill), 0.1-2.5 s into it |
 
 Faults overlap: each takes the resources it breaks (a worker, the database server, …) and another
 fault of the same resource waits for its turn. After a restore, a rollback or a killed restore, the
@@ -54,7 +55,10 @@ KINDS: dict[str, tuple[float, tuple[float, float]]] = {
     "restore": (1.5, (0, 0)),
     "rollback": (1.0, (0, 0)),
     "restore_killed": (1.0, (0.2, 6)),  # seconds after the restore starts on a worker (a restore takes ~5 s)
+    "worker_kill_in_step": (2.0, (0.1, 2.5)),  # seconds after the chosen step starts on a worker
 }
+# worker_kill_in_step: the steps it waits for, to kill the worker running one (restic busy in the repository)
+STEPS = ("offsite", "prune", "repository_maintenance", "dump", "drill")
 RESTORE_KINDS = ("restore", "rollback", "restore_killed")
 
 
@@ -162,7 +166,7 @@ class Chaos:
             for _, other_needs in free[1:]:
                 self._release(other_needs)
             low, high = KINDS[kind][1]
-            seconds = self.rng.uniform(low, high) * (1.0 if kind == "restore_killed" else self.scale)
+            seconds = self.rng.uniform(low, high) * (1.0 if kind in ("restore_killed", "worker_kill_in_step") else self.scale)
             if kind == "worker_stop":
                 seconds += self.lease + 2
             fault = Fault(len(self.faults) + 1, kind, target, time.time())
@@ -183,6 +187,8 @@ class Chaos:
             return [(host, {f"disk:{host}"}) for host in hosts]
         if kind == "restore_killed":
             return [("restore", {"tma", *(f"worker:{host}" for host in HOSTS)})]
+        if kind == "worker_kill_in_step":
+            return [(self.rng.choice(STEPS), {f"worker:{host}" for host in HOSTS})]
         if kind in RESTORE_KINDS:
             return [(kind, {"tma"})]
         resource = kind.split("_")[0]
@@ -235,6 +241,34 @@ class Chaos:
         fault.detail = f"down {seconds:.0f} s"
         self._wait(seconds)
         fault.outcome = self._start_worker(fault.target)
+
+    def _worker_kill_in_step(self, fault: Fault, seconds: float) -> None:
+        """Wait (up to 4 minutes) for a worker to start the step `fault.target`, then SIGKILL it `seconds`
+        later; started again 5 s after."""
+        victim = self._wait_for_task(fault.target, 240)
+        if victim is None:
+            fault.outcome = f"no {fault.target} started within 4 minutes"
+            return
+        self._wait(seconds)
+        self._host(victim).worker.kill()
+        fault.detail = f"worker {victim} killed {seconds:.1f} s into {fault.target}"
+        self._wait(5)
+        fault.outcome = self._start_worker(victim)
+
+    def _wait_for_task(self, step: str, timeout: float) -> str | None:
+        """The host whose worker receives `tma_backup.<step>` first from now on, or None."""
+        logs = {host.name: host.folder / "worker.log" for host in self.stack.hosts}
+        offsets = {name: path.stat().st_size for name, path in logs.items()}
+        deadline = time.time() + timeout
+        while time.time() < deadline and not self.stopping.is_set():
+            for name, path in logs.items():
+                with open(path, "rb") as handle:
+                    handle.seek(offsets[name])
+                    text = handle.read().decode(errors="replace")
+                if f"Task tma_backup.{step}[" in text and "] received" in text.split(f"Task tma_backup.{step}[", 1)[1][:60]:
+                    return name
+            time.sleep(0.1)
+        return None
 
     def _worker_stop(self, fault: Fault, seconds: float) -> None:
         worker = self._host(fault.target).worker
