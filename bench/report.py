@@ -336,7 +336,10 @@ def chart(path: Path, results: dict[str, Any], measurements: list[Measurement]) 
     right.invert_yaxis()
     right.set_xlabel("file size; h.: bytes stored (MiB)" if any(item.key.startswith("vault_") for item in sized)
                      else "file size (MiB)")
-    figure.suptitle(f"tma-backup vs bare PostgreSQL tools · {results['db_size_bytes'] / MIB:,.0f} MiB database · "
+    subject = "tma-backup vs bare PostgreSQL tools"
+    if timed and all(item.key.startswith("vault_") for item in timed):
+        subject = "h. the vault: tma-backup vault pull vs bare restic copy"
+    figure.suptitle(f"{subject} · {results['db_size_bytes'] / MIB:,.0f} MiB database · "
                     f"{results['machine']['nproc']} cores · medians of {results['runs']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -458,11 +458,15 @@ class VaultSection(RepositorySection):
 
     def fresh(self, place: Place, vault: Repository) -> None:
         """Untimed, before a side: the vault emptied, its restic cache (both vaults share the repository
-        id) and the pull's state removed. The primary's cache stays: a vault's is warm after its first pull."""
+        id) and the pull's state removed. The primary's cache stays: a vault's is warm after its first pull.
+        Then `sync`: the previous side's 1.8 GB (at the reference size) are written back now, not during
+        this side's copy (the S3 server's volumes and the local vaults share one disk; bench.uploads saw
+        the same with its restores)."""
         self.empty(vault)
         shutil.rmtree(vault.cache / "restic" / place.vault_id, ignore_errors=True)
         shutil.rmtree(place.state_dir(vault), ignore_errors=True)
         place.state_dir(vault).mkdir(mode=0o700, parents=True)
+        os.sync()
 
     def vault_round(self, place: Place, pull_first: bool) -> None:
         """The product's pull and the bare copy, each into its emptied vault; the sides take turns going
