@@ -157,6 +157,7 @@ def test_sets_made_before_sets_named_their_server_stay_usable(shared, restic_bin
     """A set without a `server:` tag (made by an earlier version): `latest` takes it while this server
     has none of its own, retention never forgets it, listing shows it."""
     production, _, repository = shared
+    production.env.update(REPOSITORY_KEEP_WITHIN="", REPOSITORY_KEEP_WITHIN_HOURLY="")  # count rules: a set a day
     production.backup()
     rows = production.digests()
     [made] = sets_of(restic_bin, repository, server_id(production.server))

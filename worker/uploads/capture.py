@@ -67,16 +67,17 @@ def latest_uploads_part(restic: Restic, database: str, server: str | None) -> st
 
 
 def capture(settings: Settings, folder: Path, database: str, server: str | None, timestamp: str, run_id: str,
-            progress: Progress = no_progress) -> UploadsCapture:
+            progress: Progress = no_progress, tma_folder: bool = True) -> UploadsCapture:
     """Store `folder` as the uploads part of the set `database`/`timestamp` of `server`. Raises
     RepositoryError or BackupError; a file that cannot be read is reported in the result (restic writes
-    the snapshot)."""
+    the snapshot). `tma_folder`: `folder` is UPLOAD_DIR, whose entries of the tool's own are left out
+    (not the S3 mirror, whose manifest is the set's own file)."""
     with using_repository(settings, run_id, progress):
-        return _capture(settings, folder, database, server, timestamp, run_id, progress)
+        return _capture(settings, folder, database, server, timestamp, run_id, progress, tma_folder)
 
 
 def _capture(settings: Settings, folder: Path, database: str, server: str | None, timestamp: str, run_id: str,
-             progress: Progress) -> UploadsCapture:
+             progress: Progress, tma_folder: bool) -> UploadsCapture:
     started = time.monotonic()
     restic = Restic(settings)
     parent = latest_uploads_part(restic, database, server)
@@ -90,7 +91,8 @@ def _capture(settings: Settings, folder: Path, database: str, server: str | None
                                            "total_bytes": int(message.get("total_bytes", 0))})
 
     moment = set_time(timestamp)
-    excludes = [argument for pattern in capture_excludes(folder) for argument in ("--exclude", pattern)]
+    excludes = [argument for pattern in capture_excludes(folder) for argument in ("--exclude", pattern)] \
+        if tma_folder else []
     outcome = restic.run(
         ["backup", "--json", "--compression", "off", "--host", settings.WORKER_HOST, "--time", moment,
          "--tag", ",".join([*set_tags(database, timestamp, run_id, server), UPLOADS_PART]), *excludes,
@@ -156,7 +158,7 @@ def capture_for_run(run: Any, settings: Settings, progress: Progress = no_progre
         else:
             folder = check_upload_dir(settings.UPLOAD_DIR)
         captured = capture(settings, folder, run["database"], run.get("server_id"), run["timestamp"], run["run_id"],
-                           progress)
+                           progress, tma_folder=mirror is None)
     except (RepositoryError, SourceError) as error:  # the set then lacks its uploads: all count as missing
         checked = cross_check(references, {})
         record.update({"error": str(error), **checked.fields()})
