@@ -285,13 +285,13 @@ def _verify(stack: Stack, record: Record, check: SetCheck, ids: dict[str, str] |
     except (ValueError, TypeError):
         named = set()
     missing, purged = [], []
-    snapshot = epoch(check.timestamp)
     for path, trashed, deleted_at in rows:
         if path in files:
             continue
         # TMA Cloud purged it while the set was taken (the row seen, the blob gone): it was past its 15 days
-        # in the trash (not one the set must hold), or the set's .meta names it missing (older code)
-        due = deleted_at is not None and float(deleted_at) < snapshot - PURGE_AFTER
+        # in the trash when the snapshot was taken, some moment of the window (not one the set must hold),
+        # or the set's .meta names it missing (a row that reached its 15 days during the dump; older code)
+        due = deleted_at is not None and float(deleted_at) < window[1] - PURGE_AFTER
         if trashed and path in record.purged and (due or path in named):
             purged.append(path)
         else:
