@@ -28,6 +28,10 @@ from worker.restore.prepare import prepare, resolve_backup_file
 from worker.restore.scratch import default_shape, restore_into_scratch
 from worker.settings import Settings, check_database_name
 
+# A scheduled drill that finds the database busy (its minute's backup) waits this long, polling, then skips.
+BUSY_WAIT_SECONDS = 30 * 60
+BUSY_POLL_SECONDS = 5.0
+
 
 class NothingToDrill(BackupError):
     """No complete backup of the database here (or, from the repository, no set of it): nothing to drill yet."""
@@ -98,8 +102,9 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
     """Run a drill and record pass or fail under the drilled database. With FILE that is the database of
     its `.meta` (`database`, when given, must agree); without, `database` or DB_NAME. A FILE whose
     database cannot be told, or a disagreeing `database`, is refused before anything is touched, and
-    recorded nowhere. A scheduled drill that finds the database busy skips; so does one that finds nothing
-    to drill yet (no backup, no set: a fresh install), recording nothing (`status` says no drill was
+    recorded nowhere. A scheduled drill that finds the database busy waits for it (up to BUSY_WAIT_SECONDS:
+    with sets every few minutes its minute is a backup's too), then skips; one that finds nothing to drill
+    yet (no backup, no set: a fresh install) skips too, recording nothing (`status` says no drill was
     recorded yet, and the missing backup or set is its own problem there).
 
     `from_repository` (`latest` or a set id) drills the off-site copy: the set is fetched and checked
@@ -111,10 +116,21 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
         database = database or settings.DB_NAME
     else:
         database = database_of_backup(settings, executor, file, database)
-    lock = database_lock(settings, database, run, server_identity(settings, executor, database))
+    server = server_identity(settings, executor, database)
     at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)
+    waited_until = time.monotonic() + BUSY_WAIT_SECONDS
     try:
-        result = drill(settings, executor, database, file, lock, run, progress)
+        while True:
+            lock = database_lock(settings, database, run, server)
+            try:
+                result = drill(settings, executor, database, file, lock, run, progress)
+                break
+            except LockHeld as busy:
+                # A scheduled drill's minute is often a backup's too (sets every few minutes): wait for it.
+                if not scheduled or time.monotonic() >= waited_until:
+                    raise
+                progress("waiting for the database", {"holder": str(busy)})
+                time.sleep(BUSY_POLL_SECONDS)
     except LockHeld as busy:
         if scheduled:
             return {"skipped": str(busy), "database": database}
