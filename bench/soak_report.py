@@ -18,7 +18,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     never = max(0, results["beat_sends"] - len(runs))
     failed = Counter(run["cause"] or "other" for run in runs if run["outcome"] == "failed")
     if outcomes.get("lost"):
-        failed["no outcome: its worker killed or its message lost"] += outcomes["lost"]
+        failed["lost (no outcome: worker killed, message lost)"] += outcomes["lost"]
     skipped = Counter(run["cause"] for run in runs if run["outcome"] == "skipped")
     origin = results["origin"]
     recovery = []
@@ -211,8 +211,8 @@ def chart_png(path: Path, results: dict[str, Any]) -> bool:
     timeline.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.06), fontsize=8, ncol=5, frameon=False)
     timeline.set_yticks([*range(len(kinds)), offset], [*kinds, "sets"])
     timeline.set_xlabel("minutes since the faults began")
-    timeline.set_title(f"Faults (bars) and sets (one mark a minute): seed {results['seed']}, "
-                       f"{s['not_restorable']} reported good but not restorable", loc="left", pad=22, fontsize=10)
+    timeline.set_title(f"Faults (bars) and sets (a mark a minute), seed {results['seed']}", loc="left", pad=22,
+                       fontsize=10)
     loads = results["machine"].get("load_samples") or []
     if loads:
         twin = timeline.twinx()
@@ -224,7 +224,8 @@ def chart_png(path: Path, results: dict[str, Any]) -> bool:
     colours = [OUTCOME_COLOURS["good"], *([OUTCOME_COLOURS["failed"]] * len(s["failed_by_cause"])),
                OUTCOME_COLOURS["skipped"], OUTCOME_COLOURS["never received"]]
     outcomes.barh(labels[::-1], values[::-1], color=colours[::-1])
-    outcomes.set_title(f"{s['attempted']} sets attempted", fontsize=10)
+    outcomes.set_title(f"{s['attempted']} sets attempted; {s['not_restorable']} reported good\nbut not restorable",
+                       fontsize=10)
     outcomes.tick_params(axis="y", labelsize=7)
     by_kind = figure.add_subplot(grid[1, 1])
     names = list(s["faults_by_kind"])
