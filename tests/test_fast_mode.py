@@ -106,7 +106,7 @@ def test_a_zst_restore_without_room_to_decompress_is_refused_before_anything_is_
         [line] = error_lines(result.stderr)
         assert "not enough free space" in line and dump.name in line and "Traceback" not in result.output, line
         assert digests(pg, tma_db) == changed, "the live database is untouched"
-        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
+        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous", tma_db) == []
         assert sorted(p.name for p in small.iterdir()) == sorted([dump.name, meta_file.name])
 
 

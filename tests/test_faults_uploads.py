@@ -78,7 +78,7 @@ def test_an_uploads_disk_without_room_for_the_set_is_refused_before_anything_is_
         assert "Traceback" not in result.output
         assert_side(pg, site, side_b, "B")
         assert ours(site.folder) == []
-        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
+        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous", tma_db) == []
 
 
 def test_the_uploads_disk_filling_up_while_the_set_is_fetched_swaps_nothing_and_leaves_no_staging(
@@ -96,7 +96,7 @@ def test_the_uploads_disk_filling_up_while_the_set_is_fetched_swaps_nothing_and_
         assert "Traceback" not in result.output
         assert_side(pg, site, side_b, "B")
         assert ours(site.folder) == [], "no staging folder, no journal left"
-        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
+        assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous", tma_db) == []
         lines = error_lines(result.stderr)
         assert len(lines) == 1, result.output
         assert "no space left on device" in lines[0].lower(), lines[0]
@@ -159,7 +159,7 @@ def test_killed_before_the_database_swap_both_stay_old(pg, admin, site, point):
     repaired = recover(site, "repair", dump)
     assert_side(pg, site, side_b, "B (old)")
     assert ours(site.folder) == [], "the staging folder and the journal are gone, nothing else was moved"
-    assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous") == []
+    assert managed_databases(admin, "scratch") == [] and managed_databases(admin, "previous", site.database) == []
     assert "left the uploads as they were" in repaired.output, repaired.output  # the operator is told
 
 

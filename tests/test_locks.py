@@ -291,7 +291,7 @@ def test_a_restore_that_loses_its_lock_before_the_swap_stops_and_leaves_the_live
     assert "lost the lock" in line, line
     assert digests(pg, tma_db) == live, "the live database is untouched"
     assert managed_databases(admin, "scratch") == [], "the restore dropped its own scratch copy"
-    assert managed_databases(admin, "previous") == [], "nothing was swapped"
+    assert managed_databases(admin, "previous", tma_db) == [], "nothing was swapped"
 
 
 def test_renewing_parked_locks_keeps_its_owners_and_never_revives_or_steals_one(redis_server):

@@ -57,7 +57,7 @@ def test_a_swap_crash_is_reported_by_status_and_repair_re_enables_it_leaving_kep
     change_live(pg, tma_db)
     restored = run_cli(["restore", str(dump), "--confirm", tma_db], cli_env, tmp_path)
     assert restored.returncode == 0, restored.output
-    [kept] = managed_databases(admin, "previous")
+    [kept] = managed_databases(admin, "previous", tma_db)
     swap.mark_swapping(admin, kept, "crash-after-the-renames")  # as a crash before its mark was cleared leaves it
     change_live(pg, tma_db)
     live = digests(pg, tma_db)
@@ -81,7 +81,7 @@ def test_a_swap_crash_is_reported_by_status_and_repair_re_enables_it_leaving_kep
         assert digests(pg, tma_db) == live, "the live database is the old one, whole"
         assert not swap.is_marked(admin, tma_db)
         assert managed_databases(admin, "scratch") == [] and not exists(admin, scratch)
-        assert managed_databases(admin, "previous") == [kept], "the kept copy is still there"
+        assert managed_databases(admin, "previous", tma_db) == [kept], "the kept copy is still there"
         assert not allows_connections(admin, kept) and swap.is_marked(admin, kept), "and untouched"
 
         status = run_cli(["status"], cli_env, tmp_path)

@@ -750,7 +750,7 @@ def test_restore_with_uploads_then_rollback_then_uploads_only_on_a_bind_mounted_
         assert tma_cloud.folder_digests(mount_point) == files_a
         assert is_mount_point(mount_point), "the mount point itself is never renamed"
         assert tma_cloud.folder_digests(host_side) == files_a, "…and the files are on the mounted volume"
-        [kept] = managed_databases(admin, "previous")
+        [kept] = managed_databases(admin, "previous", tma_db)
         assert ours(mount_point) == [f".tma-previous-{kept}"]
         assert tma_cloud.folder_digests(mount_point / f".tma-previous-{kept}") == files_b, "the live files, kept"
         assert "the files that were live are kept in" in restored.stderr
