@@ -9,6 +9,7 @@ folder), so together they cost one minute slot: at most about a minute of waitin
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,9 @@ class Variant:
 
     def completed(self) -> bool:
         found = backups_in(self.backups, self.database) if self.backups.exists() else []
-        return any(path.with_name(path.name + ".meta").exists() for path in found)
+        # the chain's last link logged, not only the .meta written (the prune link runs after it)
+        return (any(path.with_name(path.name + ".meta").exists() for path in found)
+                and re.search(r"Task tma_backup\.prune\[[^\]]+\] succeeded", self.worker.log()) is not None)
 
 
 @pytest.mark.timeout(180)
