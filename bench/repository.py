@@ -45,6 +45,19 @@ def restic_available() -> str | None:
     return None if shutil.which("restic") else "restic is not installed (apt-get install restic)"
 
 
+def tools_unavailable() -> str | None:
+    """Why sections g. and h. cannot run here (no restic, no SeaweedFS), or None."""
+    why = restic_available()
+    if why is None:
+        try:
+            from tests.s3_server import weed_binary
+
+            weed_binary()
+        except Exception as error:  # noqa: BLE001 (ServiceUnavailable: how to get it)
+            why = f"no S3 server: {error}"
+    return why
+
+
 @dataclass
 class Repository:
     """One restic repository: on the S3 server (`bucket`/`prefix`) or at a local path."""
@@ -184,14 +197,7 @@ class RepositorySection(BenchBase):
     # ── g. ───────────────────────────────────────────────────────────────────────────────────────────
     def repository_section(self, reference: str) -> None:
         self.register_repository()
-        why = restic_available()
-        if why is None:
-            try:
-                from tests.s3_server import weed_binary
-
-                weed_binary()
-            except Exception as error:  # noqa: BLE001 (ServiceUnavailable: how to get it)
-                why = f"no S3 server: {error}"
+        why = tools_unavailable()
         if why:
             self.set_na(why)
             return

@@ -35,7 +35,7 @@ from bench.base import NIGHT_TARGET, say
 from bench.generate import MIB
 from bench.proc import StepFailed, run
 from bench.report import Measurement, ratio
-from bench.repository import BUCKET, Repository, RepositorySection, _restic_version, restic_available
+from bench.repository import BUCKET, Repository, RepositorySection, _restic_version, tools_unavailable
 from bench.uploads import EXTENSIONS, TAG_OVERHEAD, sizes_for, write_random
 
 VAULT_DB = f"{NIGHT_TARGET}_vault"  # a copy of the reference; dropped with the night's copies (drop_leftovers)
@@ -188,14 +188,7 @@ class VaultSection(RepositorySection):
     # ── h. ───────────────────────────────────────────────────────────────────────────────────────────
     def vault_section(self, reference: str) -> None:
         self.register_vault()
-        why = restic_available()
-        if why is None:
-            try:
-                from tests.s3_server import weed_binary
-
-                weed_binary()
-            except Exception as error:  # noqa: BLE001 (ServiceUnavailable: how to get it)
-                why = f"no S3 server: {error}"
+        why = tools_unavailable()
         if why:
             self.set_vault_na(why)
             return

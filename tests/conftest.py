@@ -113,8 +113,9 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[services.PostgresServer]:
+def private_cluster() -> Iterator[services.PostgresServer]:
+    """A private PostgreSQL cluster (`initdb` + `postgres`) with the password role the tests log in as,
+    stopped (immediate) afterwards: the body of a fixture that yields from it."""
     try:
         server = services.start_postgres()
     except services.ServiceUnavailable as error:
@@ -123,6 +124,11 @@ def pg() -> Iterator[services.PostgresServer]:
         admin.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{TEST_PASSWORD}'")
     yield server
     server.stop("immediate")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[services.PostgresServer]:
+    yield from private_cluster()
 
 
 @pytest.fixture(scope="session")

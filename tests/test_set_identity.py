@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import services, tma_cloud
-from tests.conftest import PASSWORD_ROLE, TEST_PASSWORD, _unavailable, base_env, run_cli
+from tests.conftest import base_env, private_cluster, run_cli
 from tests.helpers import error_lines
 from tests.test_repository import Repository, local_repository, restic, restic_init, snapshots, tag_value
 from tests.test_restore import digests
@@ -28,14 +28,7 @@ SHARED_NAME = "tma_cloud_storage_shared"
 def staging_pg() -> Iterator[services.PostgresServer]:
     """A second private cluster (`initdb` + `postgres`, as the session's): another server, another
     system_identifier."""
-    try:
-        server = services.start_postgres()
-    except services.ServiceUnavailable as error:
-        _unavailable(str(error))
-    with server.connect(autocommit=True) as admin:
-        admin.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN SUPERUSER PASSWORD '{TEST_PASSWORD}'")
-    yield server
-    server.stop("immediate")
+    yield from private_cluster()
 
 
 def server_id(server: services.PostgresServer) -> str:
