@@ -150,6 +150,9 @@ class RepositorySection(BenchBase):
              "g. night 1, zstd-stream"),
             ("repo_night2_zstd", f"g. second night, BACKUP_COMPRESSION=zstd-stream, after {night}",
              "g. night 2, zstd-stream"),
+            ("repo_night1_z0", "g. first night, BACKUP_COMPRESSION=0 (the floor: restic sees the rows as they are): "
+             "the set's bytes added (S3)", "g. night 1, Z0"),
+            ("repo_night2_z0", f"g. second night, BACKUP_COMPRESSION=0, after {night}", "g. night 2, Z0"),
             ("repo_restore_repository", "g. tma-backup restore --from-repository latest --confirm DB "
              "(empty BACKUP_DIR, S3)", "g. restore from S3"),
             ("repo_restore_local", "g. tma-backup restore FILE --confirm DB (the same backup, local file)",
@@ -227,10 +230,12 @@ class RepositorySection(BenchBase):
                 self.measurements[f"repo_offsite_{kind}_{side}"].na = "not measured with --quick"
         repos = {"s3": self.repository("s3", "offsite-s3", password),
                  **({"local": self.repository("local", "offsite-local", password)} if "local" in kinds else {}),
-                 "zstd": self.repository("s3", "night-zstd", password)}
+                 "zstd": self.repository("s3", "night-zstd", password),
+                 "z0": self.repository("s3", "night-z0", password)}
         bare = {kind: self.repository(kind, f"bare-{kind}", password) for kind in kinds}
-        compression = {"s3": "6", "local": "6", "zstd": "zstd-stream"}
-        owners = {"s3": "repo_offsite_s3_tma", "local": "repo_offsite_local_tma", "zstd": "repo_night1_zstd"}
+        compression = {"s3": "6", "local": "6", "zstd": "zstd-stream", "z0": "0"}
+        owners = {"s3": "repo_offsite_s3_tma", "local": "repo_offsite_local_tma", "zstd": "repo_night1_zstd",
+                  "z0": "repo_night1_z0"}
         workers = {key: self.worker(f"repo-{key}", {"BACKUP_COMPRESSION": compression[key], **repo.settings()})
                    for key, repo in repos.items()}
         for key, repo in repos.items():  # the warm-up backups go through the offsite link too
@@ -245,8 +250,8 @@ class RepositorySection(BenchBase):
             self.offsite_rounds(reference, {kind: workers[kind] for kind in kinds if kind in workers}, repos, bare)
             if "local" in workers:
                 self.stop_worker(workers.pop("local"))
-            nights = {key: (workers[worker], repos[worker]) for key, worker in (("z6", "s3"), ("zstd", "zstd"))
-                      if worker in workers}
+            nights = {key: (workers[worker], repos[worker])
+                      for key, worker in (("z6", "s3"), ("zstd", "zstd"), ("z0", "z0")) if worker in workers}
             self.nights(reference, nights)
         finally:
             say("repository: stopping its workers")
@@ -355,7 +360,7 @@ class RepositorySection(BenchBase):
         return chained
 
     def nights(self, reference: str, workers: dict[str, tuple[Worker, Repository]]) -> None:
-        """A copy of the reference; night 1 (Z6 and zstd-stream, each into its own fresh S3 repository);
+        """A copy of the reference; night 1 (Z6, zstd-stream and Z0, each into its own fresh S3 repository);
         a night of churn; night 2. Then restore night 2's Z6 set from the repository into an empty
         BACKUP_DIR, against restoring the same backup from the local file, round by round."""
         say(f"repository: {NIGHT_TARGET}, a copy of {reference}")
@@ -475,8 +480,16 @@ class RepositorySection(BenchBase):
                 return None
             return ratio(second[-1]["stored_bytes_added"], first[-1]["stored_bytes_added"])
 
+        def excess(key: str, bare: str) -> float | None:
+            """The link's median wall, read-back included, less bare restic's: seconds beyond the bare tool."""
+            if m[key].wall is None or m[bare].wall is None:
+                return None
+            return round(m[key].wall - m[bare].wall, 3)
+
         return {
             "offsite_vs_bare_restic": ratio(m["repo_offsite_s3_tma"].wall, m["repo_offsite_s3_bare"].wall),
+            "offsite_minus_bare_restic_seconds": excess("repo_offsite_s3_tma", "repo_offsite_s3_bare"),
+            "second_night_bytes_ratio_z0": night("z0"),
             "second_night_bytes_ratio": night("z6"),
             "restore_from_repository_vs_local": ratio(m["repo_restore_repository"].wall, m["repo_restore_local"].wall),
             "offsite_vs_bare_restic_local": ratio(m["repo_offsite_local_tma"].wall, m["repo_offsite_local_bare"].wall),
