@@ -1,4 +1,4 @@
-"""Defects the chaos soak found (issue 25, bench/soak.py), one regression test each, each reproduced with
+"""Defects the chaos soak found (issue 25, bench/soak/), one regression test each, each reproduced with
 the soak's own faults (real processes, a real S3 server, real PostgreSQL), without the soak's hour.
 The rows in docs/reliability.md, "The chaos soak", name these tests."""
 

@@ -1,4 +1,4 @@
-"""The chaos soak's 3-minute mode (issue 25, bench/soak.py --ci): real services, a set every minute under
+"""The chaos soak's 3-minute mode (issue 25, bench/soak/ --ci): real services, a set every minute under
 random faults, then every set the product reported good restored and compared with what was live.
 
 It asserts what the soak is for: faults happened, sets were reported good, and not one of them failed to

@@ -1,4 +1,4 @@
-"""The soak's stack (bench/soak.py): real services on this machine, private to one soak, that its faults
+"""The soak's stack (bench/soak/__main__.py): real services on this machine, private to one soak, that its faults
 can kill, stop and fill.
 
 - PostgreSQL 15, Redis and SeaweedFS (`weed mini`) as the test suite starts them (`tests/services.py`,

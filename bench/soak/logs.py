@@ -1,4 +1,4 @@
-"""What the product said it did, read from its own logs (bench/soak.py): every backup run's kickoff,
+"""What the product said it did, read from its own logs (bench/soak/__main__.py): every backup run's kickoff,
 links and end, every drill, repair and repository maintenance, and beat's sends.
 
 The workers' logs are the record that survives every fault (Redis, and with it the result backend, is

@@ -1,4 +1,4 @@
-"""The soak's end (bench/soak.py), with the faults stopped: does repair converge, and does every set the
+"""The soak's end (bench/soak/__main__.py), with the faults stopped: does repair converge, and does every set the
 product reported good restore, byte for byte, to what was live when its snapshot was taken?
 
 Convergence: `tma-backup repair` until it exits 0, then nothing refuses connections (but the kept
@@ -29,8 +29,8 @@ from typing import Any
 
 import redis
 
-from bench.soak_load import Record, read_state, sha256_file
-from bench.soak_stack import DATABASE, Stack
+from bench.soak.load import Record, read_state, sha256_file
+from bench.soak.stack import DATABASE, Stack
 from tests import tma_cloud
 
 TOOL_DATABASE_COMMENTS = ("tma-backup:scratch:", "tma-backup:drill:")

@@ -1,4 +1,4 @@
-"""The soak's faults (bench/soak.py): caused for real, at random moments drawn from a seeded generator,
+"""The soak's faults (bench/soak/__main__.py): caused for real, at random moments drawn from a seeded generator,
 each logged with its times.
 
 | kind | what is done |
@@ -36,8 +36,8 @@ from typing import Any
 
 import psycopg
 
-from bench.soak_load import Load, Record, read_state, sha256_file
-from bench.soak_stack import DATABASE, HOSTS, Stack
+from bench.soak.load import Load, Record, read_state, sha256_file
+from bench.soak.stack import DATABASE, HOSTS, Stack
 from tests import services
 from tests.faults import fill
 

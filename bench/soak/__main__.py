@@ -2,15 +2,15 @@
 
     .venv/bin/python -m bench.soak [--minutes 60] [--seed N] [--rate 20] [--ci]
 
-Real services on this machine (bench/soak_stack.py): a private PostgreSQL holding a TMA Cloud database
-under a steady write load (bench/soak_load.py), two tma-backup workers on two hosts and one beat taking
+Real services on this machine (bench/soak/stack.py): a private PostgreSQL holding a TMA Cloud database
+under a steady write load (bench/soak/load.py), two tma-backup workers on two hosts and one beat taking
 a whole set (dump, uploads, .env) into a restic repository on a SeaweedFS S3 server every minute
 (BACKUP_SCHEDULE="* * * * *"), with drills and repository maintenance on short schedules too. Faults
 are injected at random moments drawn from a seeded generator, each logged with its times
-(bench/soak_faults.py). At the end, with the faults stopped, repair must converge and every set the
+(bench/soak/faults.py). At the end, with the faults stopped, repair must converge and every set the
 product reported good (its runs' results, `repository list`, `status`) is restored from the repository
 into a scratch database and folder and compared with what was live at its snapshot
-(bench/soak_verify.py). Writes soak.json, soak.md and soak.png (bench/soak_report.py) into --out and
+(bench/soak/verify.py). Writes soak.json, soak.md and soak.png (bench/soak/report.py) into --out and
 exits 1 when a set reported good is not restorable or repair does not converge.
 
 `--ci` is the 3-minute mode (under two minutes of faults, at a high rate and with short outages):
@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import soak_logs, soak_report
-from bench.soak_faults import KINDS, Chaos
-from bench.soak_load import Load, Record
-from bench.soak_stack import DATABASE, Stack
-from bench.soak_verify import SetCheck, converge, epoch, parts, verify_set, wait_for_idle
+from bench.soak import logs as soak_logs
+from bench.soak import report as soak_report
+from bench.soak.faults import KINDS, Chaos
+from bench.soak.load import Load, Record
+from bench.soak.stack import DATABASE, Stack
+from bench.soak.verify import SetCheck, converge, epoch, parts, verify_set, wait_for_idle
 
-BENCH = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parent.parent  # bench/
 LEASE = 9  # BACKUP_LOCK_TIMEOUT: production's default
 KEEP_PREVIOUS = 1
 
@@ -242,7 +243,7 @@ class Soak:
 
     def _old_trash(self, rows: int, seconds: float) -> None:
         """Uploads put in the trash about 15 days before the soak, spread so that TMA Cloud's purge (15
-        days after) falls due at a steady pace while the soak runs (bench/soak_load.py purges them)."""
+        days after) falls due at a steady pace while the soak runs (bench/soak/load.py purges them)."""
         with self.stack.connect(autocommit=True) as connection:
             connection.execute(
                 "UPDATE files SET deleted_at = now() - interval '15 days' + random() * %s * interval '1 second'"

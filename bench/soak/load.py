@@ -1,4 +1,4 @@
-"""TMA Cloud's steady write load for the soak (bench/soak.py), and the record that lets every set be
+"""TMA Cloud's steady write load for the soak (bench/soak/__main__.py), and the record that lets every set be
 matched with what was live when its snapshot was taken.
 
 One writer, one transaction a *tick*: users sign up and change their settings, sessions come and go,

@@ -1,4 +1,4 @@
-"""The soak's report (bench/soak.py): soak.json (everything), soak.md (the figures) and soak.png (the chart)."""
+"""The soak's report (bench/soak/__main__.py): soak.json (everything), soak.md (the figures) and soak.png (the chart)."""
 
 from __future__ import annotations
 
