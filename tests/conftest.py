@@ -102,7 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest-xdist's loadgroup names each test's group by renaming Item._nodeid; a pytest whose node ids no
     # longer come from that field (9.2) makes it ignore every group without a word, and the Docker tests race
     # for the compose stack's fixed names. Refuse to start instead (the controller: workers cannot say why).
-    if config.getvalue("dist") == "loadgroup" and "_nodeid" not in pytest.Item.nodeid.fget.__code__.co_names:
+    if getattr(config.option, "dist", "no") == "loadgroup" and "_nodeid" not in pytest.Item.nodeid.fget.__code__.co_names:
         raise pytest.UsageError(f"--dist loadgroup does not work with pytest {pytest.__version__} and this pytest-xdist: "
                                 "install the versions pyproject.toml pins (pip install -e '.[test]')")
 
