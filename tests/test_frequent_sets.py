@@ -73,6 +73,24 @@ def test_an_unchanged_run_makes_no_set_records_its_check_and_pings(pg, site, res
         assert if_changed(site).returncode == 0 and dumps(site) == before[0], f"after {change}: unchanged again"
 
 
+def test_a_server_that_counts_no_rows_takes_a_set_every_run(pg, site, restic_bin):
+    """With `track_counts = off` (here for the database: every new session of it) the row counters never
+    move. A row written then must not look like nothing: every run takes a set."""
+    backup(site)
+    with pg.connect(autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{site.database}" SET track_counts = off')
+    try:
+        pg_write(pg, site, "INSERT INTO users (email, name) VALUES ('uncounted@example.com', 'Not counted')")
+        before = dumps(site)
+        run = if_changed(site)
+        assert run.returncode == 0, run.output
+        assert "Unchanged" not in run.stderr, run.output
+        assert len(dumps(site)) == len(before) + 1, "a set, with the row"
+    finally:
+        with pg.connect(autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{site.database}" RESET track_counts')
+
+
 def pg_write(pg, site, statement: str) -> None:
     with pg.connect(site.database, autocommit=True) as connection:
         connection.execute(statement)

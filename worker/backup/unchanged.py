@@ -14,6 +14,8 @@ How "unchanged" is told (DESIGN: frequent sets):
 - **the uploads**: every entry of TMA Cloud's in UPLOAD_DIR (path, size, modification time in ns,
   inode), as `stat` shows them. With STORAGE_DRIVER=s3 the bucket is not listed here: every run takes
   a set (its mirror is incremental anyway).
+- a server whose sessions count no rows (`track_counts = off`, for the server or the database) cannot
+  tell: every run takes a set.
 
 The fingerprint of a run is taken at the start of its dump link, *before* the dump's snapshot: a change
 between the two is in the set and makes the next fingerprint differ (one set too many, never one too
@@ -104,9 +106,19 @@ def uploads_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def counts_rows(connection: psycopg.Connection[Any]) -> bool:
+    """Whether this database's sessions count the rows they write (`track_counts`, on by default; off in
+    the server's configuration or for the database, the counters never move and every change would look
+    like none)."""
+    row = connection.execute("SELECT current_setting('track_counts')").fetchone()
+    return row is not None and row[0] == "on"
+
+
 def fingerprint(settings: Settings, connection: psycopg.Connection[Any], database: str) -> str | None:
     """The run's fingerprint: the database's and, when the set takes them, the uploads'; None when
-    "unchanged" cannot be told (TMA Cloud's bucket: STORAGE_DRIVER=s3)."""
+    "unchanged" cannot be told (TMA Cloud's bucket: STORAGE_DRIVER=s3; a server that counts no rows)."""
+    if not counts_rows(connection):
+        return None
     parts = [database_fingerprint(connection, settings.unchanged_ignore)]
     if uploads_enabled(settings, database):
         if settings.STORAGE_DRIVER != "local" or settings.UPLOAD_DIR is None:
