@@ -18,7 +18,7 @@ from psycopg import sql
 
 from bench import bare
 from bench.generate import MIB, Server, ensure_database
-from bench.proc import RssSampler, StepFailed, run
+from bench.proc import RssSampler, StepFailed, export_code, run
 from bench.report import Measurement
 from bench.workers import ChainRun, Worker, bench_app, run_chain
 
@@ -206,12 +206,7 @@ class BenchBase:
         commit = run(["git", "-C", str(repo), "rev-parse", "--verify", f"{self.args.code}^{{commit}}"],
                      stdout=subprocess.PIPE).stdout.decode().strip()
         target = self.work / "code"
-        target.mkdir(parents=True)
-        archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit, "--",
-                                    "worker", "tasks", "beat_schedule.py"], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
-        if archive.wait() != 0:
-            raise StepFailed(f"git archive {commit} failed")
+        export_code(repo, commit, target)
         self.code_path = target
         return {"source": self.args.code, "commit": commit}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 
 class StepFailed(Exception):
@@ -124,3 +126,27 @@ class RssSampler:
     @property
     def growth_mb(self) -> float:
         return (self.peak - self.baseline) / (1024 * 1024)
+
+
+def exclusive(folder: Path, name: str) -> IO[str] | None:
+    """An exclusive lock on `folder/name` (made if missing), held as long as the returned file stays open;
+    None when another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / name, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
+def export_code(repo: Path, commit: str, target: Path) -> None:
+    """worker/, tasks/ and beat_schedule.py as they are at `commit`, extracted into `target` (made here):
+    the code a benchmark runs, which edits in the working tree cannot change half-way."""
+    target.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit, "--",
+                                "worker", "tasks", "beat_schedule.py"], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise StepFailed(f"git archive {commit} failed")

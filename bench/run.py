@@ -15,7 +15,6 @@ processes, its Redis database) is removed at the end, also when interrupted. See
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import platform
 import shutil
@@ -35,7 +34,7 @@ from bench import report
 from bench.base import BENCH, FAST_MODES, SEED_MODE, _first_line, say, warn
 from bench.churn import SCENARIOS
 from bench.generate import Server, default_name
-from bench.proc import run
+from bench.proc import exclusive, run
 from bench.sections import DockerSection, FleetSection, RestoreSection
 from bench.vault import VaultSection
 
@@ -289,11 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     server = Server(os.environ.get("DB_HOST", "127.0.0.1"), int(os.environ.get("DB_PORT", "5432")),
                     os.environ.get("DB_USER", "postgres"), os.environ.get("DB_PASSWORD") or None)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(args.work_dir / ".bench.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = exclusive(args.work_dir, ".bench.lock")
+    if lock is None:
         print("[ERROR] another benchmark is running (bench/work/.bench.lock)", file=sys.stderr)
         return 2
     for number in (signal.SIGTERM, signal.SIGHUP):

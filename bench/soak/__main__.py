@@ -20,7 +20,6 @@ tests/test_soak_smoke.py runs it. See bench/README.md, "The chaos soak".
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.proc import exclusive, export_code
 from bench.soak import logs as soak_logs
 from bench.soak import report as soak_report
 from bench.soak.faults import KINDS, Chaos
@@ -88,12 +88,7 @@ def snapshot_code(revision: str, target: Path) -> dict[str, str] | None:
         return None
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{revision}^{{commit}}"],
                             capture_output=True, text=True, check=True).stdout.strip()
-    target.mkdir(parents=True)
-    archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit, "--",
-                                "worker", "tasks", "beat_schedule.py"], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise RuntimeError(f"git archive {commit} failed")
+    export_code(repo, commit, target)
     return {"commit": commit, "head": head}
 
 
@@ -407,11 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("[ERROR] the soak mounts a tmpfs for each BACKUP_DIR: run it as root", file=sys.stderr)
         return 2
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(args.work_dir / ".soak.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = exclusive(args.work_dir, ".soak.lock")
+    if lock is None:
         print("[ERROR] another soak is running (bench/work/.soak.lock)", file=sys.stderr)
         return 2
     for number in (signal.SIGTERM, signal.SIGHUP):
