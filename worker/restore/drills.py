@@ -135,13 +135,9 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
         if scheduled:
             return {"skipped": str(busy), "database": database}
         raise
-    except NothingToDrill as nothing:
-        if scheduled:
-            return {"skipped": f"nothing to drill yet: {nothing}", "database": database}
-        _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(nothing)})
-        notify.drill_failed(settings, database, nothing, run, file)
-        raise
     except BackupError as error:
+        if scheduled and isinstance(error, NothingToDrill):
+            return {"skipped": f"nothing to drill yet: {error}", "database": database}
         _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
         notify.drill_failed(settings, database, error, run, file)
         raise
@@ -159,14 +155,9 @@ def _drill_from_repository(settings: Settings, executor: Executor, database: str
     at = datetime.now(timezone.utc).strftime(catalogue.TIMESTAMP_FORMAT)
     try:
         fetched = fetch(settings, reference, database, run, progress)
-    except NoSet as nothing:
-        if scheduled:
-            return {"skipped": f"nothing to drill yet: {nothing}", "database": database}
-        _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
-                                     "error": str(nothing)})
-        notify.drill_failed(settings, database, nothing, run, from_repository=reference)
-        raise
     except BackupError as error:
+        if scheduled and isinstance(error, NoSet):
+            return {"skipped": f"nothing to drill yet: {error}", "database": database}
         _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
                                      "error": str(error)})
         notify.drill_failed(settings, database, error, run, from_repository=reference)
