@@ -106,7 +106,9 @@ def test_two_workers_on_two_hosts_run_each_chain_where_its_files_are(pg, admin, 
         for run in started:
             mine, theirs = workers[run["host"]], workers[({"host-a", "host-b"} - {run["host"]}).pop()]
             for step_id in run["steps"]:
-                assert f"[{step_id}] succeeded" in mine.log()
+                # The result reaches the backend a moment before the worker writes its "succeeded" line.
+                wait_for(lambda step_id=step_id, mine=mine: f"[{step_id}] succeeded" in mine.log(), timeout=30,
+                         what=f"step {step_id} logged as succeeded on {run['host']}")
                 assert step_id not in theirs.log()
             dump, meta = only_backup(Path(mine.env["BACKUP_DIR"]), run["database"])
             assert meta.extra["worker_host"] == run["host"]
