@@ -6,9 +6,12 @@ reason and the command that installs what is missing.
 
 from __future__ import annotations
 
+import atexit
+import compileall
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests import s3_server, services, tma_cloud
+from tests import cheap_kdf, s3_server, services, tma_cloud
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TEST_PASSWORD = "S3cret-Pw-For-Tests-9f2c1a"
@@ -98,7 +101,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def _cheap_restic_keys() -> None:
+    """Put tests/cheap_kdf.py's `restic` first on PATH for this process and every one it starts (workers,
+    the CLI, the tests' own restic calls): repositories the suite initialises open in milliseconds instead
+    of half a second of scrypt each time. TMA_TEST_FULL_KDF=1 runs the suite with restic's own keys."""
+    real = shutil.which("restic")
+    if real is None or os.environ.get("TMA_TEST_FULL_KDF") == "1":
+        return
+    shim_dir = Path(tempfile.mkdtemp(prefix="tma-test-restic-"))
+    atexit.register(shutil.rmtree, shim_dir, True)
+    cheap_kdf.install_shim(shim_dir, real)
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
+def _compile_our_code() -> None:
+    """Byte-compile the checkout once: with PYTHONDONTWRITEBYTECODE set (as on CI's machines) every CLI run,
+    worker and tool the suite starts would otherwise compile worker/ from source again (~0.1 s each)."""
+    for part in ("worker", "tasks", "bench", "tests"):
+        compileall.compile_dir(services.REPO / part, quiet=1)
+    compileall.compile_file(services.REPO / "beat_schedule.py", quiet=1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _cheap_restic_keys()
+    if not hasattr(config, "workerinput"):  # once, in the controller (or a run without xdist)
+        _compile_our_code()
     # pytest-xdist's loadgroup names each test's group by renaming Item._nodeid; a pytest whose node ids no
     # longer come from that field (9.2) makes it ignore every group without a word, and the Docker tests race
     # for the compose stack's fixed names. Refuse to start instead (the controller: workers cannot say why).
