@@ -13,16 +13,15 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from celery.result import AsyncResult
-from kombu.utils.url import maybe_sanitize_url
-
-from worker.celery_app import host_queue
 from worker.errors import BackupError, NothingChanged
 from worker.progress import Progress
 from worker.settings import Settings
+
+if TYPE_CHECKING:  # Celery is imported when a command first talks to the broker, not by every command
+    from celery import Celery
+    from celery.result import AsyncResult
 
 POLL_SECONDS = 0.3
 LOST_TRACK_SECONDS = 60.0
@@ -35,6 +34,8 @@ class LostTrack(BackupError):
 
 
 def sanitized(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
     return str(maybe_sanitize_url(url))
 
 
@@ -189,7 +190,7 @@ def follow_backup(
     summary: dict[str, Any] = {}
     for name, step_id in zip(started.get("step_names") or STEP_NAMES, steps, strict=False):
         summary = wait_for(
-            AsyncResult(step_id, app=app),
+            app.AsyncResult(step_id),
             deadline,
             functools.partial(on_event, name),
             watch=functools.partial(run_watch.check, name) if run_watch else None,
@@ -201,6 +202,7 @@ def call_task(settings: Settings, task: str, kwargs: dict[str, Any], host: str |
               masked: dict[str, Any] | None = None, on_progress: Progress | None = None) -> Any:
     """Run a task through the broker and wait for it; the CLI follows progress events."""
     from worker import app
+    from worker.celery_app import host_queue
 
     check_workers(app)
     options: dict[str, Any] = {**({"queue": host_queue(host)} if host else {}), "retry": True, "retry_policy": {"max_retries": 3}}

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from worker.celery_app import host_queue
 from worker.cli.follow import sanitized
 from worker.errors import BackupError, first_line
 from worker.settings import Settings
@@ -38,6 +37,7 @@ class HostAnswer:
 def worker_hosts(settings: Settings, command: str, chosen: str | None = None) -> list[str]:
     """The hosts whose queue some worker consumes (or `chosen`, which must be one of them)."""
     from worker import app
+    from worker.celery_app import host_queue
 
     url = settings.broker_url or ""
     local = f"`tma-backup {command} --local` looks at this machine's BACKUP_DIR instead"
@@ -68,6 +68,7 @@ def ask_hosts(settings: Settings, hosts: list[str], task: str, kwargs: dict[str,
               answer_seconds: float) -> list[HostAnswer]:
     """Send `task` to each host's queue, then wait for every answer (at most `answer_seconds` in all)."""
     from worker import app
+    from worker.celery_app import host_queue
 
     url = settings.broker_url or ""
     sent = {}
