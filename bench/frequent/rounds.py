@@ -113,7 +113,8 @@ class Bench:
         self.backup_dir.mkdir(mode=0o700)
         self.bare_dir.mkdir()
         (self.home / "cache").mkdir(parents=True)
-        say(f"TMA Cloud: database {DATABASE}, {UPLOADS} uploads of {self.args.uploads_mb} MiB in {self.site.upload_dir}")
+        shape = "the reference set" if self.args.reference else f"{UPLOADS} uploads of {self.args.uploads_mb} MiB"
+        say(f"TMA Cloud: database {DATABASE}, {shape}, uploads in {self.site.upload_dir}")
         data = self.site.create()
         say(f"  {data['rows']} rows, {data['uploads']} uploads, {data['uploads_bytes'] / 1e6:.1f} MB")
         self.env_file.write_text("# TMA Cloud's .env (the parts tma-backup reads)\nSTORAGE_DRIVER=local\n"
