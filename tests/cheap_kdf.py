@@ -171,7 +171,7 @@ def install_shim(directory: Path, real_restic: str) -> Path:
     shim.write_text(
         "#!/bin/sh\n"
         "# tma-backup's test session: restic, with cheap KDF parameters on repositories it initialises\n"
-        f"for arg; do [ \"$arg\" = init ] && break; done\n"
+        "for arg; do [ \"$arg\" = init ] && break; done\n"
         f"[ \"$arg\" = init ] || exec '{real_restic}' \"$@\"\n"
         f"'{real_restic}' \"$@\" || exit $?\n"
         f"'{sys.executable}' '{Path(__file__).resolve()}' \"$@\" 2>/dev/null || true\n")
