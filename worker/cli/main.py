@@ -35,9 +35,8 @@ class LazyGroup(click.Group):
         if cmd_name not in COMMANDS:
             return None
         module, attribute = COMMANDS[cmd_name]
-        command = getattr(importlib.import_module(f"worker.cli.commands.{module}"), attribute)
-        assert isinstance(command, click.Command) and command.name == cmd_name, (module, attribute)
-        return command
+        command: click.Command = getattr(importlib.import_module(f"worker.cli.commands.{module}"), attribute)
+        return command  # tests/test_cli_commands.py: each name gives the command of that name
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
