@@ -20,7 +20,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from tests import cheap_kdf, s3_server, services, tma_cloud
 
@@ -197,33 +196,10 @@ def admin(pg: services.PostgresServer) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-TMA_TEMPLATE = "template_tma_cloud"  # per cluster: tma_cloud.create_populated once, copied for each test
-_templates_made: set[tuple[str, int, str]] = set()
-
-
-def populated_copy(pg: services.PostgresServer, name: str) -> str:
-    """`name`: a copy of the cluster's TMA-shaped template (a file copy: ~0.05 s, where populating takes
-    ~0.6 s of the server's CPU, for some 300 tests). The copy's statistics counters start at zero."""
-    made = (pg.host, pg.port, str(pg.data_dir))
-    copy = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TMA_TEMPLATE))
-    with pg.connect(autocommit=True) as admin:
-        if made in _templates_made:
-            try:
-                admin.execute(copy)
-                return name
-            except psycopg.errors.InvalidCatalogName:  # a test re-made the cluster: make the template again
-                _templates_made.discard(made)
-        tma_cloud.drop_database(admin, TMA_TEMPLATE)
-        tma_cloud.create_populated(pg, TMA_TEMPLATE)
-        _templates_made.add(made)
-        admin.execute(copy)
-    return name
-
-
 @pytest.fixture
 def tma_db(pg: services.PostgresServer) -> Iterator[str]:
     """A fresh database shaped like TMA Cloud's, with data; dropped afterwards."""
-    name = populated_copy(pg, f"tma_{uuid.uuid4().hex[:10]}")
+    name = tma_cloud.create_populated(pg, f"tma_{uuid.uuid4().hex[:10]}")
     yield name
     with pg.connect(autocommit=True) as admin:  # a fresh connection: a test may have restarted the server
         tma_cloud.drop_database(admin, name)
