@@ -186,6 +186,8 @@ class DockerExecutor:
     def _run(self, argv: list[str], env: dict[str, str], stdin: Path | None = None) -> ToolResult:
         """Run a tool to its end: stdout collected (TOC listings, versions), stderr's tail kept; with
         `stdin`, that file is streamed into it meanwhile."""
+        from docker.errors import DockerException
+
         stream = self._exec(argv, env, stdin=stdin is not None)
         problems: list[str] = []
         sender = None
@@ -205,8 +207,9 @@ class DockerExecutor:
                 stream.stop_sending()
                 sender.join()
             code = stream.exit_code()
-        except OSError as error:
-            raise BackupError(f"lost the connection to {argv[0]} in container '{self.name}': {error}") from None
+        except (OSError, DockerException) as error:  # the engine went away: it cannot say how the tool ended
+            raise BackupError(f"lost the connection to {argv[0]} in container '{self.name}': "
+                              f"{first_line(error)}") from None
         finally:
             stream.close()
         message = stderr.text() + "".join(f"\nerror: {problem}" for problem in problems)
