@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from worker.coordination.schedule import parse_cron
+from worker.coordination.schedule import celery_crontab
 from worker.settings import Settings
 
 NIGHTLY_BACKUP = "nightly-backup"
@@ -29,13 +29,13 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     schedule = {
         NIGHTLY_BACKUP: {
             "task": "tma_backup.backup",
-            "schedule": parse_cron(settings.BACKUP_SCHEDULE),
+            "schedule": celery_crontab(settings.BACKUP_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3600},
         },
         WEEKLY_DRILL: {
             "task": "tma_backup.drill",
-            "schedule": parse_cron(settings.BACKUP_DRILL_SCHEDULE),
+            "schedule": celery_crontab(settings.BACKUP_DRILL_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3600},
         },
@@ -52,7 +52,7 @@ def build_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         # nightly backups (which forget per REPOSITORY_KEEP_* themselves), and under the repository's lock.
         schedule[REPOSITORY_MAINTENANCE] = {
             "task": "tma_backup.repository_maintenance",
-            "schedule": parse_cron(settings.REPOSITORY_MAINTENANCE_SCHEDULE),
+            "schedule": celery_crontab(settings.REPOSITORY_MAINTENANCE_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3600},
         }
@@ -64,13 +64,13 @@ def vault_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
         VAULT_PULL: {
             "task": "tma_backup.vault_pull",
-            "schedule": parse_cron(settings.VAULT_SCHEDULE),
+            "schedule": celery_crontab(settings.VAULT_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3000},  # a pull that waited this long is superseded by the next one
         },
         VAULT_MAINTENANCE: {
             "task": "tma_backup.vault_maintenance",
-            "schedule": parse_cron(settings.VAULT_MAINTENANCE_SCHEDULE),
+            "schedule": celery_crontab(settings.VAULT_MAINTENANCE_SCHEDULE),
             "kwargs": {"scheduled": True},
             "options": {"expires": 3600},
         },

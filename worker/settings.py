@@ -318,7 +318,7 @@ class Settings(BaseSettings):
                      "VAULT_MAINTENANCE_SCHEDULE")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from worker.coordination.schedule import parse_cron
+        from worker.coordination.cron import parse_cron
 
         parse_cron(value)
         return value

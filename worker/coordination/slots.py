@@ -12,27 +12,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from celery.schedules import crontab
 from redis.exceptions import RedisError
 
+from worker.coordination.cron import parse_cron
 from worker.coordination.locks import redis_client
-from worker.coordination.schedule import parse_cron
 from worker.errors import BackupError
 from worker.settings import Settings
 
 KEY_PREFIX = "tma_backup:slot"
 LOOKBACK_MINUTES = 60  # the beat entry's `expires` (3600 s): an older kickoff is never run
 SLOT_TTL_SECONDS = 2 * 3600  # outlives every copy of the kickoff that could still arrive
-
-
-def _fires_at(schedule: crontab, moment: datetime) -> bool:
-    return (
-        moment.minute in schedule.minute
-        and moment.hour in schedule.hour
-        and moment.day in schedule.day_of_month
-        and moment.month in schedule.month_of_year
-        and moment.isoweekday() % 7 in schedule.day_of_week
-    )
 
 
 def slot_of(expression: str, now: datetime | None = None) -> datetime:
@@ -43,7 +32,7 @@ def slot_of(expression: str, now: datetime | None = None) -> datetime:
     schedule = parse_cron(expression)
     for back in range(LOOKBACK_MINUTES + 1):
         candidate = minute - timedelta(minutes=back)
-        if _fires_at(schedule, candidate):
+        if schedule.fires_at(candidate):
             return candidate
     return minute
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta, timezone
 
-from worker.coordination.schedule import parse_cron
+from worker.coordination.cron import parse_cron
 
 LATE_START = timedelta(hours=1)
 CLOCK_SKEW = timedelta(minutes=5)
@@ -34,8 +34,7 @@ def fire_times_before(expression: str, moment: datetime, count: int) -> list[dat
     found: list[datetime] = []
     day: date = moment.date()
     for _ in range(HORIZON_DAYS):
-        if (day.day in schedule.day_of_month and day.month in schedule.month_of_year
-                and day.isoweekday() % 7 in schedule.day_of_week):
+        if schedule.fires_on(day):
             for hour in hours:
                 for minute in minutes:
                     fired = datetime.combine(day, time(hour, minute), timezone.utc)
