@@ -15,8 +15,9 @@ from celery import Task, chain
 from celery.utils.log import get_task_logger
 
 from tasks.reporting import progress_reporter
-from worker import app, backup, notify
-from worker.backup import Run
+from worker import app, notify
+from worker.backup import links as backup
+from worker.backup.run import Run
 from worker.backup.unchanged import release_if_unchanged
 from worker.celery_app import host_queue
 from worker.coordination import parking

@@ -140,7 +140,7 @@ def test_a_scheduled_drill_that_meets_a_running_backup_waits_for_it_instead_of_s
     from tests.conftest import base_env
     from tests.helpers import lock_of, settings_for
     from worker.pg.executors import choose_executor
-    from worker.restore import drills
+    from worker.restore import drill_record, drills
 
     backups = tmp_path / "backups"
     env = base_env(pg, backups, DB_NAME=tma_db)
@@ -159,4 +159,4 @@ def test_a_scheduled_drill_that_meets_a_running_backup_waits_for_it_instead_of_s
         releaser.join()
     assert "skipped" not in result, result
     assert time.monotonic() - started >= 5, "it waited for the backup"
-    assert (drills.last_drill(settings, tma_db) or {}).get("result") == "pass"
+    assert (drill_record.last_drill(settings, tma_db) or {}).get("result") == "pass"

@@ -28,7 +28,7 @@ from worker.archive import catalogue
 from worker.archive.meta import BackupMeta
 from worker.health.drill_due import due_since, fire_times_before
 from worker.repository.sets import set_tags
-from worker.restore import drills, swap
+from worker.restore import drill_record, drills, swap
 
 REPOSITORY_PASSWORD = "Status-Repo-Pw-7c41e9"
 OLD_KEY, NEW_KEY = "Old-File-Key-3b9f", "New-File-Key-8d20"
@@ -175,7 +175,7 @@ def test_no_drill_passed_within_two_drill_periods_is_exit_1_but_a_fresh_install_
     assert run_cli(["status"], env, tmp_path).returncode == 0, "weekly (the default): three hours is recent"
 
     # No drill ever recorded, and a backup older than the last two scheduled drills: beat never drilled.
-    drills.record_path(settings, source.database).unlink()
+    drill_record.record_path(settings, source.database).unlink()
     place(source, backups(env), ago(hours=3))
     human, as_json, facts = status(every_minute, tmp_path)
     assert_fails_with(human, as_json, facts, "no restore drill recorded", "before the last two scheduled drills")

@@ -62,7 +62,7 @@ SUMMARY_KEYS = {"backup", "database", "host", "size", "size_bytes", "toc_entries
 
 
 def test_the_run_record_keys_are_exactly_the_documented_ones():
-    from worker.backup import Run, Summary
+    from worker.backup.run import Run, Summary
 
     assert Run.__required_keys__ | Run.__optional_keys__ == RUN_RECORD_KEYS
     assert Run.__required_keys__ == RUN_RECORD_REQUIRED

@@ -6,7 +6,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from worker import backup, notify
+from worker import notify
+from worker.backup import links as backup
 from worker.backup.unchanged import release_if_unchanged
 from worker.coordination.locks import database_lock
 from worker.errors import LockHeld, NothingChanged

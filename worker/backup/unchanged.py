@@ -32,19 +32,21 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from worker.archive import catalogue
 from worker.archive.meta import write_atomically
-from worker.coordination.locks import DatabaseLock
 from worker.errors import BackupError
 from worker.pg.database import connect
-from worker.pg.executors import Executor
 from worker.settings import Settings
 from worker.uploads.config import uploads_enabled
 from worker.uploads.swap import is_tmas
+
+if TYPE_CHECKING:  # `status` reads the record and must not pay for Redis and the executors
+    from worker.coordination.locks import DatabaseLock
+    from worker.pg.executors import Executor
 
 RECORD_PREFIX = ".last-set-"
 _COUNTERS = ("SELECT s.schemaname, s.relname, c.relfilenode, s.n_tup_ins, s.n_tup_upd, s.n_tup_del"

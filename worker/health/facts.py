@@ -151,7 +151,7 @@ def _backup(settings: Settings, database: str, newest: BackupEntry | None, now: 
 
 
 def _drill(settings: Settings, database: str, history_start: datetime | None, now: datetime) -> dict[str, Any]:
-    from worker.restore.drills import last_drill
+    from worker.restore.drill_record import last_drill
 
     scheduled = database == settings.DB_NAME
     due = due_since(settings.BACKUP_DRILL_SCHEDULE, now)

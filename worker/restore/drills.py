@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from worker import notify
@@ -24,6 +23,7 @@ from worker.pg.executors import Executor
 from worker.pg.identity import server_identity
 from worker.progress import PhaseClock, Progress, no_progress
 from worker.restore import swap
+from worker.restore.drill_record import record_path
 from worker.restore.prepare import prepare, resolve_backup_file
 from worker.restore.scratch import default_shape, restore_into_scratch
 from worker.settings import Settings, check_database_name
@@ -35,10 +35,6 @@ BUSY_POLL_SECONDS = 5.0
 
 class NothingToDrill(BackupError):
     """No complete backup of the database here (or, from the repository, no set of it): nothing to drill yet."""
-
-
-def record_path(settings: Settings, database: str) -> Path:
-    return settings.backup_dir / f".{database}.last-drill.json"
 
 
 def database_of_backup(settings: Settings, executor: Executor, file: str, given: str | None = None) -> str:
@@ -179,10 +175,3 @@ def _record(settings: Settings, database: str, outcome: dict[str, Any]) -> None:
         write_atomically(record_path(settings, database), json.dumps(outcome))
     except OSError:
         pass  # the drill's own outcome is what matters; status will say "no drill recorded"
-
-
-def last_drill(settings: Settings, database: str) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(record_path(settings, database).read_text()))
-    except (OSError, ValueError):
-        return None

@@ -13,7 +13,7 @@ from worker.errors import NothingChanged
 from worker.settings import Settings, ensure_backup_dir, folder_warning, get_settings
 
 if TYPE_CHECKING:  # the backup package pulls in psycopg: not needed for `--help`
-    from worker.backup import Summary
+    from worker.backup.run import Summary
 
 PHASE_MESSAGES = {
     "counting rows": "Counting rows exactly, inside the dump's snapshot …",
