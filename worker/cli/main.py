@@ -3,6 +3,8 @@ are one `[ERROR]` line; tracebacks never reach the operator."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 
 import click
@@ -36,6 +38,7 @@ class LazyGroup(click.Group):
             return None
         module, attribute = COMMANDS[cmd_name]
         command: click.Command = getattr(importlib.import_module(f"worker.cli.commands.{module}"), attribute)
+        gc.freeze()  # what the imports built lives as long as the process: no collection need scan it again
         return command  # tests/test_cli_commands.py: each name gives the command of that name
 
 
@@ -45,6 +48,9 @@ def cli() -> None:
 
 
 def main() -> None:
+    # Registered first, so it runs last: the interpreter's collections at exit then skip every object there
+    # is, instead of scanning them all once more (~0.1 s of a core per command; files are still closed).
+    atexit.register(gc.freeze)
     warn_on_terminal()  # an undeliverable notification is a [WARN] line, never a failure
     cli()
 
