@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import compileall
+import gc
 import os
 import shutil
 import subprocess
@@ -99,6 +100,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # ones fill the end, so that no minute-long test starts last while the other workers sit idle.
         # Each module keeps its own order.
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The collected modules and items live as long as the process: the collections that run while tests
+    # allocate need not scan them again (as the CLI does after its imports, worker/cli/main.py).
+    gc.freeze()
 
 
 def _cheap_restic_keys() -> None:
