@@ -28,7 +28,7 @@ from worker.archive import catalogue
 from worker.archive.meta import BackupMeta
 from worker.health.drill_due import due_since, fire_times_before
 from worker.repository.sets import set_tags
-from worker.restore import drill_record, drills, swap
+from worker.restore import drill_record, swap
 
 REPOSITORY_PASSWORD = "Status-Repo-Pw-7c41e9"
 OLD_KEY, NEW_KEY = "Old-File-Key-3b9f", "New-File-Key-8d20"
@@ -112,7 +112,7 @@ def backups(env: dict[str, str]) -> Path:
 
 def test_a_fresh_backup_with_a_recent_drill_is_exit_0_with_its_facts(source, env, tmp_path):
     dump = place(source, backups(env), ago(minutes=5))
-    drills._record(settings_for(env), source.database, {"result": "pass", "at": catalogue.utc_timestamp(ago(minutes=4)),
+    drill_record.record_drill(settings_for(env), source.database, {"result": "pass", "at": catalogue.utc_timestamp(ago(minutes=4)),
                                                        "file": str(dump), "tables": 9, "rows": 1})
     human, as_json, facts = status(env, tmp_path)
     assert human.returncode == 0 and error_lines(human.stderr) == [], human.output
@@ -146,7 +146,7 @@ def test_no_backup_or_one_older_than_the_limit_is_exit_1(source, env, tmp_path):
 
 def test_a_failed_last_drill_is_exit_1(source, env, tmp_path):
     dump = place(source, backups(env), ago(minutes=10))
-    drills._record(settings_for(env), source.database, {"result": "fail", "at": catalogue.utc_timestamp(ago(minutes=2)),
+    drill_record.record_drill(settings_for(env), source.database, {"result": "fail", "at": catalogue.utc_timestamp(ago(minutes=2)),
                                                        "file": str(dump), "error": "row counts differ: pgboss.job"})
     human, as_json, facts = status(env, tmp_path)
     assert_fails_with(human, as_json, facts, "last restore drill", "failed", "row counts differ")
@@ -162,11 +162,11 @@ def test_no_drill_passed_within_two_drill_periods_is_exit_1_but_a_fresh_install_
     assert "Last drill : none recorded" in human.stderr and facts["drill"]["warning"] and not facts["drill"]["problem"]
     settings = settings_for(env)
     record = {"result": "pass", "file": str(dump), "tables": 9, "rows": 1}
-    drills._record(settings, source.database, {**record, "at": catalogue.utc_timestamp(ago(minutes=30))})
+    drill_record.record_drill(settings, source.database, {**record, "at": catalogue.utc_timestamp(ago(minutes=30))})
     human, _, facts = status(every_minute, tmp_path)
     assert human.returncode == 0, human.output
 
-    drills._record(settings, source.database, {**record, "at": catalogue.utc_timestamp(ago(hours=3))})
+    drill_record.record_drill(settings, source.database, {**record, "at": catalogue.utc_timestamp(ago(hours=3))})
     human, as_json, facts = status(every_minute, tmp_path)
     assert_fails_with(human, as_json, facts, "no restore drill", "passed since", "BACKUP_DRILL_SCHEDULE=* * * * *")
     assert ", none since" in human.stderr
@@ -183,7 +183,7 @@ def test_no_drill_passed_within_two_drill_periods_is_exit_1_but_a_fresh_install_
     # The schedule drills DB_NAME only: for another database a stale drill is a warning, not a failure.
     other = f"{source.database}_other"
     place(source, backups(env), ago(minutes=10), database=other)
-    drills._record(settings, other, {**record, "at": catalogue.utc_timestamp(ago(hours=3))})
+    drill_record.record_drill(settings, other, {**record, "at": catalogue.utc_timestamp(ago(hours=3))})
     human, _, facts = status(every_minute, tmp_path, "--database", other)
     assert human.returncode == 0, human.output
     assert facts["drill"]["scheduled"] is False and "passed since" in facts["drill"]["warning"]
@@ -291,7 +291,7 @@ def test_a_database_left_refusing_connections_is_exit_1(source, env, admin, tmp_
 
 def test_several_problems_are_one_error_line_and_bad_settings_exit_2(source, env, tmp_path):
     dump = place(source, backups(env), ago(hours=30), uploads_missing="1", uploads_missing_names='["x.bin"]')
-    drills._record(settings_for(env), source.database, {"result": "fail", "at": catalogue.utc_timestamp(ago(hours=29)),
+    drill_record.record_drill(settings_for(env), source.database, {"result": "fail", "at": catalogue.utc_timestamp(ago(hours=29)),
                                                        "file": str(dump), "error": "boom"})
     human, as_json, facts = status(env, tmp_path)
     assert human.returncode == 1, human.output

@@ -86,17 +86,16 @@ def _expand(spec: str, field: _Field) -> set[int]:
                 raise ValueError(f"{field.name} {part!r}: '*' cannot start a range")
             numbers = list(range(field.low, field.high + 1))
         else:
+            if step is not None and end is None:
+                raise ValueError(f"{field.name} {part!r}: a step needs '*' or a range before it")
             first = _number(start, field)
             last = _number(end, field) if end is not None else first
             numbers = (list(range(first, last + 1)) if first <= last
                        else list(range(first, field.high + 1)) + list(range(field.low, last + 1)))
-            if step is not None and end is None:
-                raise ValueError(f"{field.name} {part!r}: a step needs '*' or a range before it")
-        if step is not None:
-            if int(step) == 0:
-                raise ValueError(f"{field.name} {part!r}: a step of 0")
-            numbers = numbers[::int(step)]
-        values.update(numbers)
+        every = int(step) if step is not None else 1
+        if every == 0:
+            raise ValueError(f"{field.name} {part!r}: a step of 0")
+        values.update(numbers[::every])
     return values
 
 

@@ -1,5 +1,5 @@
-"""Where a database's last drill is recorded (`.<database>.last-drill.json` in BACKUP_DIR), and reading it:
-apart from `drills`, so that `status` reads the record without importing the restore machinery."""
+"""A database's last drill, recorded in `.<database>.last-drill.json` in BACKUP_DIR: written by `drills`, read
+by `status`, which must not import the restore machinery to read it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from worker.archive.meta import write_atomically
 from worker.settings import Settings
 
 
@@ -19,3 +20,10 @@ def last_drill(settings: Settings, database: str) -> dict[str, Any] | None:
         return dict(json.loads(record_path(settings, database).read_text()))
     except (OSError, ValueError):
         return None
+
+
+def record_drill(settings: Settings, database: str, outcome: dict[str, Any]) -> None:
+    try:
+        write_atomically(record_path(settings, database), json.dumps(outcome))
+    except OSError:
+        pass  # the drill's own outcome is what matters; status will say "no drill recorded"

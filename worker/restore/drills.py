@@ -9,21 +9,20 @@ recorded under its name, never under another database's."""
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from worker import notify
 from worker.archive import catalogue
-from worker.archive.meta import MetaError, read_meta, write_atomically
+from worker.archive.meta import MetaError, read_meta
 from worker.coordination.locks import DatabaseLock, database_lock, held, renewal_interval
 from worker.errors import BackupError, LockHeld, VerificationFailed
 from worker.pg.executors import Executor
 from worker.pg.identity import server_identity
 from worker.progress import PhaseClock, Progress, no_progress
 from worker.restore import swap
-from worker.restore.drill_record import record_path
+from worker.restore.drill_record import record_drill
 from worker.restore.prepare import prepare, resolve_backup_file
 from worker.restore.scratch import default_shape, restore_into_scratch
 from worker.settings import Settings, check_database_name
@@ -134,10 +133,10 @@ def run_and_record(settings: Settings, executor: Executor, database: str | None,
     except BackupError as error:
         if scheduled and isinstance(error, NothingToDrill):
             return {"skipped": f"nothing to drill yet: {error}", "database": database}
-        _record(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
+        record_drill(settings, database, {"result": "fail", "at": at, "file": file, "error": str(error)})
         notify.drill_failed(settings, database, error, run, file)
         raise
-    _record(settings, database, {"result": "pass", "at": at, **result})
+    record_drill(settings, database, {"result": "pass", "at": at, **result})
     notify.drill_passed(settings, result, run)  # only with NOTIFY_ON=all
     return result
 
@@ -154,7 +153,7 @@ def _drill_from_repository(settings: Settings, executor: Executor, database: str
     except BackupError as error:
         if scheduled and isinstance(error, NoSet):
             return {"skipped": f"nothing to drill yet: {error}", "database": database}
-        _record(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
+        record_drill(settings, database, {"result": "fail", "at": at, "file": None, "from_repository": reference,
                                      "error": str(error)})
         notify.drill_failed(settings, database, error, run, from_repository=reference)
         raise
@@ -166,12 +165,5 @@ def _drill_from_repository(settings: Settings, executor: Executor, database: str
             catalogue.delete_files([dump, catalogue.meta_path(dump)])
     result["from_repository"] = {key: fetched[key] for key in ("set", "seconds", "already_local")}
     if "skipped" not in result:
-        _record(settings, fetched["database"], {"result": "pass", "at": at, **result})
+        record_drill(settings, fetched["database"], {"result": "pass", "at": at, **result})
     return result
-
-
-def _record(settings: Settings, database: str, outcome: dict[str, Any]) -> None:
-    try:
-        write_atomically(record_path(settings, database), json.dumps(outcome))
-    except OSError:
-        pass  # the drill's own outcome is what matters; status will say "no drill recorded"
