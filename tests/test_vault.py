@@ -338,24 +338,30 @@ def test_outages_of_the_primary_and_a_killed_pull_heal_at_the_next_pull(
     process = subprocess.Popen([services.TMA_BACKUP, "vault", "pull"], env=env, cwd=vault.folder,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(_restic_copying, timeout=60, what="the pull to start copying")
+        wait_for(lambda: _slowed_restic("copy"), timeout=60, what="the pull to start copying")
         time.sleep(1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    wait_for(lambda: not _restic_copying(), what="the killed pull's restic to die with it")
+    # every restic of this pull (only this test slows restic so: another test's `restic copy` is not ours)
+    wait_for(lambda: not _slowed_restic(""), what="the killed pull's restic to die with it")
     held = vault_repository(vault, tmp_path / "cache-vault")
-    # The killed restic's lock. restic calls a lock of this host stale when its PID no longer runs; under a
-    # parallel suite (pid_max 32768, thousands of processes a minute) that PID can belong to a new process
-    # within seconds, and the lock then looks held for 30 minutes. Nothing else uses the vault here (no beat,
-    # the killed pull's processes are gone), so all of its locks go.
-    restic(restic_bin, held, "unlock", "--remove-all")
     assert len(snapshots(restic_bin, held)) < 2, "killed before the set was whole in the vault"
-    # consistent (restic's check wants its exclusive lock: a listing's lock may linger for a moment)
+    # consistent. The killed restic's lock is removed first: restic calls a lock of this host stale when its
+    # PID no longer runs, but under a parallel suite (pid_max 32768, thousands of processes a minute) that PID
+    # can belong to a new process within seconds, and the lock then looks held for 30 minutes. Nothing else
+    # uses the vault here (no beat, the killed pull's processes are gone), so every lock goes, again before
+    # each try (a listing's own lock may linger for a moment).
     deadline = time.monotonic() + 60
-    while (checked := restic(restic_bin, held, "check", check=False)).returncode != 0 and time.monotonic() < deadline:
+    while True:
+        restic(restic_bin, held, "unlock", "--remove-all")
+        checked = restic(restic_bin, held, "check", check=False)
+        if checked.returncode == 0 or time.monotonic() > deadline:
+            break
         time.sleep(2)
-    assert checked.returncode == 0, f"restic check of the vault after the killed pull: {checked.stderr[-800:]}"
+    locks = restic(restic_bin, held, "list", "locks", "--no-lock", check=False).stdout.split()
+    assert checked.returncode == 0, (f"restic check of the vault after the killed pull: {checked.stderr[-800:]}\n"
+                                     f"locks: {locks}\nprocesses: {_slowed_restic('')}")
     healed = vault.cli("vault", "pull", through_worker=False)
     assert healed.returncode == 0, healed.output
     parts = sorted(str(tag_value(item, "part:")) for item in snapshots(restic_bin, held))
@@ -364,9 +370,11 @@ def test_outages_of_the_primary_and_a_killed_pull_heal_at_the_next_pull(
     assert vault.cli("status", through_worker=False).returncode == 0
 
 
-def _restic_copying() -> bool:
-    found = subprocess.run(["pgrep", "-f", "restic .*copy"], capture_output=True, text=True)
-    return bool(found.stdout.strip())
+def _slowed_restic(command: str) -> list[str]:
+    """The restic processes running through this test's slowing wrapper (`command`: only those running it)."""
+    found = subprocess.run(["pgrep", "-a", "-f", f"restic --limit-download 16 --limit-upload 16 .*{command}"],
+                           capture_output=True, text=True)
+    return found.stdout.splitlines()
 
 
 def test_a_host_set_up_to_back_up_a_database_and_as_a_vault_refuses_to_start(pg, buckets, tmp_path):
