@@ -152,7 +152,10 @@ def markdown(results: dict[str, Any], chart: bool) -> str:
                  f"({', '.join(convergence['kept_copies']) or 'none'}), no scratch or drill database, nothing of the "
                  "tool's in UPLOAD_DIR but the files kept with a kept copy, no lock held (Redis, restic), no "
                  "interrupted run's files." if convergence["converged"] else
-                 f"**did not converge**: {'; '.join(convergence['problems'])}"),
+                 f"**did not converge**: {'; '.join(convergence['problems'])}")
+              + (" Locks taken by work still running after repair (let go within "
+                 f"a minute): {', '.join(held['holder'] for held in convergence['locks_taken_after_repair'])}."
+                 if convergence.get("locks_taken_after_repair") else ""),
               "- Live checks after restores and rollbacks: "
               + ("every one found the live database one recorded state and its uploads all there."
                  if not s["live_problems"] else "; ".join(s["live_problems"])),

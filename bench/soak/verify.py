@@ -76,10 +76,11 @@ class Convergence:
     converged: bool = False
     problems: list[str] = field(default_factory=list)
     kept_copies: list[str] = field(default_factory=list)
+    live_holders: list[dict[str, str]] = field(default_factory=list)  # locks held by work after repair
 
     def describe(self) -> dict[str, Any]:
         return {"converged": self.converged, "problems": self.problems, "repair_runs": self.repair_runs,
-                "kept_copies": self.kept_copies}
+                "kept_copies": self.kept_copies, "locks_taken_after_repair": self.live_holders}
 
 
 def locks_held(stack: Stack) -> list[str]:
@@ -87,6 +88,31 @@ def locks_held(stack: Stack) -> list[str]:
     client = redis.Redis.from_url(stack.redis.url, socket_timeout=5)
     try:
         return sorted(key.decode() for key in client.scan_iter("tma_backup:lock:*"))
+    finally:
+        client.close()
+
+
+# A lock in Redis lives BACKUP_LOCK_TIMEOUT (9 s) past its holder's last renewal. Work can still take one
+# after the soak saw none: a restarted worker's start-up repair waits out a dead run's lease and tries again
+# (in a thread, no task anyone can see). Held this long after repair, a lock is no such run but a leak.
+LOCK_SETTLE = 60.0
+
+
+def locks_left(stack: Stack, result: Convergence, timeout: float = LOCK_SETTLE) -> dict[str, str]:
+    """The locks (key: holder) still held after `timeout`; live holders met on the way go in `result`."""
+    assert stack.redis is not None
+    client = redis.Redis.from_url(stack.redis.url, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            held = {key.decode(): (client.get(key) or b"").decode() for key in client.scan_iter("tma_backup:lock:*")}
+            held = {key: owner for key, owner in held.items() if owner}  # released between the scan and the get
+            for key, owner in held.items():
+                if {"lock": key, "holder": owner} not in result.live_holders:
+                    result.live_holders.append({"lock": key, "holder": owner})
+            if not held or time.monotonic() > deadline:
+                return held
+            time.sleep(1)
     finally:
         client.close()
 
@@ -143,9 +169,9 @@ def converge(stack: Stack, keep_previous: int, attempts: int = 5) -> Convergence
     if len(unpaired) > keep_previous:
         result.problems.append(f"UPLOAD_DIR holds {len(unpaired)} unpaired folders of files set aside "
                                f"(RESTORE_KEEP_PREVIOUS={keep_previous}): {unpaired}")
-    held = locks_held(stack)
-    if held:
-        result.problems.append(f"locks held in Redis: {held}")
+    leaked = locks_left(stack, result)
+    if leaked:
+        result.problems.append(f"locks held in Redis {LOCK_SETTLE:.0f} s after repair: {leaked}")
     listed = restic(stack, "list", "locks", "--no-lock")
     if listed.returncode != 0:
         result.problems.append(f"restic list locks failed: {listed.stderr.strip()[-200:]}")
