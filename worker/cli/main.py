@@ -9,6 +9,8 @@ import importlib
 
 import click
 
+from worker.collector import imports_done
+
 # Each command's module is imported when that command runs (or when `--help` lists them all): a run pays
 # for its own command's imports only, which every scheduled or scripted run feels (docs/frequent-sets.md).
 COMMANDS = {
@@ -36,7 +38,7 @@ class LazyGroup(click.Group):
             return None
         module, attribute = COMMANDS[cmd_name]
         command: click.Command = getattr(importlib.import_module(f"worker.cli.commands.{module}"), attribute)
-        _imports_done()
+        imports_done()
         return command  # tests/test_cli_commands.py: each name gives the command of that name
 
 
@@ -45,18 +47,10 @@ def cli() -> None:
     """Back up and restore PostgreSQL through Celery workers (see README)."""
 
 
-def _imports_done() -> None:
-    """What the imports built lives as long as the process: freeze it, so that no collection scans it again,
-    and collect from here on as usual."""
-    gc.freeze()
-    gc.enable()
-
-
 def main() -> None:
-    # A command's start is mostly imports, which build hundreds of thousands of objects and no garbage worth
-    # collecting: the collector would scan the growing heap again and again (~0.1 s of a core per command).
-    # It is off until the command's module is imported (`_imports_done`), and frozen again as the last thing
-    # at exit (registered first, so it runs last), so the interpreter's final collections skip it too.
+    # The collector is off until the command's module is imported (`worker.collector`: ~0.1 s of a core per
+    # command), and frozen again as the last thing at exit (registered first, so it runs last), so the
+    # interpreter's final collections skip it too.
     gc.disable()
     atexit.register(gc.freeze)
     try:
