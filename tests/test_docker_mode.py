@@ -46,11 +46,21 @@ MiB = 1024 * 1024
 
 def toc_entries_in(server: PgContainer, dump: Path) -> int:
     """Real TOC entries, counted by the container's own pg_restore (host pg_restore 15 cannot read a
-    PostgreSQL 17 or 18 archive); the docker CLI here is the test's independent check, not the code under test."""
-    with open(dump, "rb") as handle:
-        listing = subprocess.run(["docker", "exec", "-i", server.name, "pg_restore", "--list"], stdin=handle,
-                                 capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in listing.splitlines() if line.strip() and not line.startswith(";"))
+    PostgreSQL 17 or 18 archive); the docker CLI here is the test's independent check, not the code under test.
+
+    The archive is copied in, not fed on stdin: `pg_restore --list` reads the TOC only and leaves the rest of
+    stdin unread, which the engine can answer with a reset (worker/pg/executors/docker_streams.py); once, under
+    the whole suite, the docker CLI fed so exited 1."""
+    inside = f"/tmp/{dump.name}"
+    copied = subprocess.run(["docker", "cp", str(dump), f"{server.name}:{inside}"], capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    try:
+        listing = subprocess.run(["docker", "exec", server.name, "pg_restore", "--list", inside],
+                                 capture_output=True, text=True)
+    finally:
+        subprocess.run(["docker", "exec", server.name, "rm", "-f", inside], capture_output=True)
+    assert listing.returncode == 0, f"pg_restore --list in {server.name}: {listing.stderr}"
+    return sum(1 for line in listing.stdout.splitlines() if line.strip() and not line.startswith(";"))
 
 
 def non_lock_files(directory: Path) -> list[str]:
