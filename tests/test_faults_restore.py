@@ -78,7 +78,10 @@ def test_a_restore_killed_during_pg_restore_leaves_live_unchanged(pg, admin, pre
     process = subprocess.Popen([services.TMA_BACKUP, "restore", str(newest), "--confirm", tma_db],
                                env={**cli_env, "RESTORE_JOBS": "1"}, cwd=tmp_path, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "pg_restore"], capture_output=True).returncode == 0,
+    # this restore's own pg_restore filling the scratch database (not its `--list` of the archive, nor the
+    # pg_restore of a test running beside this one)
+    restoring = ["pgrep", "-P", str(process.pid), "-f", "pg_restore .*--dbname="]
+    wait_for(lambda: subprocess.run(restoring, capture_output=True).returncode == 0,
              timeout=60, what="pg_restore running")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

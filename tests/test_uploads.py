@@ -707,7 +707,7 @@ def test_a_fresh_machine_restores_database_and_every_upload_from_s3_through_a_wo
         assert error_lines(restored.stderr) == []
         assert digests(pg, tma_db) == at_backup
         assert tma_cloud.folder_digests(uploads) == files_at_backup, "every upload, byte for byte"
-        assert ours(uploads) == [f".tma-previous-{kept}" for kept in managed_databases(admin, "previous")]
+        assert ours(uploads) == [f".tma-previous-{kept}" for kept in managed_databases(admin, "previous", of=tma_db)]
         assert os.listdir(uploads / ours(uploads)[0]) == [], "the empty folder's (no) files, kept aside"
         fetched, fetched_meta = only_backup(backups, tma_db)
         assert fetched.name == dump.name and fetched_meta.sha256 == meta.sha256
