@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_for
+from tests.test_faults_repository import alive
 
 PARENT = textwrap.dedent("""
     import os, subprocess, sys, time
@@ -39,14 +40,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("started_by", ["the process that imported it", "a process forked after the import"])
 @pytest.mark.parametrize("killed", ["before the child's prctl", "after the exec"])
 def test_the_tool_dies_with_the_process_that_started_it(tmp_path: Path, killed: str, started_by: str) -> None:
@@ -61,13 +54,13 @@ def test_the_tool_dies_with_the_process_that_started_it(tmp_path: Path, killed: 
         else:
             wait_for(Path(f"{marker}.started").exists, timeout=30, what="the exec")
             time.sleep(0.5)
-            assert _alive(int(marker.read_text())), "the tool died while the process that started it runs"
+            assert alive(int(marker.read_text())), "the tool died while the process that started it runs"
         child = int(marker.read_text())
         os.kill(int(Path(f"{marker}.parent").read_text()), signal.SIGKILL)
         try:
-            wait_for(lambda: not _alive(child), timeout=10, what=f"the child {child} to die with its parent")
+            wait_for(lambda: not alive(child), timeout=10, what=f"the child {child} to die with its parent")
         finally:
-            if _alive(child):
+            if alive(child):
                 os.kill(child, signal.SIGKILL)
     finally:
         with contextlib.suppress(ProcessLookupError):
