@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,10 +21,12 @@ from tests import services
 from tests.conftest import IN_CI, base_env, run_cli
 from tests.helpers import dump_waiting_on_lock, error_lines, leftovers, only_backup, table_locked, wait_for
 from tests.test_workers import _start_cli_backup, client_app
-from worker.coordination import parking
-from worker.coordination.locks import LockLost, RedisDatabaseLock, database_lock, kept_alive
+from worker.coordination import locks, parking
+from worker.coordination.locks import FileDatabaseLock, LockLost, RedisDatabaseLock, database_lock, kept_alive
+from worker.errors import LockHeld
 from worker.pg.executors.host import HostExecutor
 from worker.pg.identity import server_identity
+from worker.restore import repair
 from worker.settings import DEFAULT_BROKER_URL, Settings
 
 
@@ -319,3 +322,85 @@ def test_renewing_parked_locks_keeps_its_owners_and_never_revives_or_steals_one(
     assert 0 < client.pttl(keys["stale"]) <= short, "a run parked past the limit is let go"
     assert client.hkeys(parking.parking_key(host)) == [keys["held"].encode()]
     client.delete(*keys.values(), parking.parking_key(host))
+
+
+def _release_after(lock, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), lock.release()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("kind", ["redis", "file"])
+def test_a_run_waits_for_a_repair_holding_its_lock_and_refuses_anything_else_at_once(
+        kind, redis_server, tmp_path, monkeypatch):
+    """A repair holds a database's lock for the seconds its clean-up takes (at every worker's start, and
+    every few minutes from beat): a restore, drill or backup that meets it waits for it. A backup or
+    restore holding the lock is refused at once, and so is a repair that holds it past the bound."""
+    database = f"tma_wait_{kind}_{os.getpid()}"
+
+    def lock(owner: str):
+        if kind == "file":
+            return FileDatabaseLock(tmp_path, database, owner)
+        return RedisDatabaseLock(redis.Redis.from_url(redis_server.url), "pg-test", database, owner, 9)
+
+    repairing = lock("repair-at-start-host-a-1")
+    repairing.acquire()
+    releaser = _release_after(repairing, 2.0)
+    started = time.monotonic()
+    waiting = lock("run-b")
+    waiting.acquire()
+    waited = time.monotonic() - started
+    releaser.join()
+    assert waited >= 1.9, f"took the lock after {waited:.2f} s, while the repair still held it"
+    assert waiting.holder() == "run-b"
+
+    started = time.monotonic()
+    with pytest.raises(LockHeld, match=r"busy: (a|another) backup or restore.* holds its lock \(run run-b\)"):
+        lock("repair-c").acquire()
+    assert time.monotonic() - started < 1, "a backup or restore holding the lock is refused at once"
+    waiting.release()
+
+    monkeypatch.setattr(locks, "REPAIR_WAIT_SECONDS", 1.0)
+    stuck = lock("repair-stuck")
+    stuck.acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LockHeld, match=r"busy: a repair.* holds its lock \(run repair-stuck\)"):
+            lock("run-d").acquire()
+        assert time.monotonic() - started >= 1.0
+        assert stuck.holder() == "repair-stuck"
+    finally:
+        stuck.release()
+
+
+def test_an_operators_drill_waits_for_a_repair_that_holds_the_database(pg, broker_env, tma_db, tmp_path):
+    """CI once met this: a worker restarted after a crash repairs at once, in a thread of its own, and
+    a drill asked for right after found the database's lock held by that repair and was refused. Every
+    lock a repair takes is marked as one (`repair.locks_for`), and the drill waits for it."""
+    assert run_cli(["backup"], broker_env, tmp_path).returncode == 0
+    settings = Settings(DB_HOST=pg.host, DB_PORT=pg.port, DB_USER="postgres", DB_MODE="host",
+                        BACKUP_DIR=tmp_path, CELERY_BROKER_URL=broker_env["CELERY_BROKER_URL"])
+    executor = HostExecutor(settings)
+    lock = repair.locks_for(settings, executor, "at-start-host-main-test")(tma_db)
+    lock.acquire()
+    assert lock.holder() == "repair-at-start-host-main-test"
+    drill = subprocess.Popen([services.TMA_BACKUP, "drill"], env=broker_env, cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(4)
+        assert drill.poll() is None, f"the drill did not wait for the repair: {drill.communicate()}"
+    finally:
+        lock.release()
+    _, stderr = drill.communicate(timeout=300)
+    assert drill.returncode == 0, stderr
+    assert f"Drill passed ({tma_db})" in stderr, stderr
+
+    other = database_lock(settings, tma_db, "run-of-a-backup", server_identity(settings, executor, tma_db))
+    other.acquire()
+    try:
+        refused = run_cli(["drill"], broker_env, tmp_path)
+    finally:
+        other.release()
+    assert refused.returncode == 1, refused.output
+    [line] = error_lines(refused.stderr)
+    assert "a backup or restore holds its lock (run run-of-a-backup)" in line, line

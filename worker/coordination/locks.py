@@ -6,6 +6,11 @@ id: a short lease (BACKUP_LOCK_TIMEOUT, 9 s by default) renewed every third of i
 a killed worker frees it within seconds; only its owner releases it. Renewal rides out Redis errors
 until the lease would have run out, and gives up only then or when the lock is gone or taken.
 
+A repair (`worker.restore.repair`: at a worker's start, every few minutes from beat, or asked for)
+holds a lock for the few seconds its clean-up takes; its owner starts with `repair-`. A run that finds
+the lock held by a repair waits for it (up to REPAIR_WAIT_SECONDS) instead of refusing: an operator's
+restore or drill must not fail because a worker was just restarted.
+
 Without a broker (in-process runs) it is an `flock` on a file in BACKUP_DIR, which the kernel releases
 when the process dies, plus the same Redis lock in the local Redis that a broker-less worker uses,
 whenever that Redis answers: a CLI without a broker and the workers then see each other's locks.
@@ -18,7 +23,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +38,36 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "tma_backup:lock"
 UNREACHABLE_RETRY_SECONDS = 0.5
+REPAIR_OWNER_PREFIX = "repair-"
+REPAIR_WAIT_SECONDS = 60.0
+REPAIR_POLL_SECONDS = 0.25
+
+
+def is_repair(owner: str | None) -> bool:
+    return bool(owner) and str(owner).startswith(REPAIR_OWNER_PREFIX)
+
+
+def busy(database: str, holder: str | None, on_this_host: bool = False) -> LockHeld:
+    """The one line a run refused by a held lock shows, naming what holds it."""
+    if is_repair(holder):
+        what = "a repair"
+    else:
+        what = "another backup or restore" if on_this_host else "a backup or restore"
+    where = " on this host" if on_this_host else ""
+    return LockHeld(f"database {database!r} is busy: {what}{where} holds its lock (run {holder or 'unknown'}); "
+                    "try again when it has finished")
+
+
+def acquire_after_repairs(try_acquire: Callable[[], bool], holder: Callable[[], str | None],
+                          refused: Callable[[str | None], LockHeld]) -> None:
+    """Take a lock with `try_acquire`; while a repair holds it, wait for it (REPAIR_WAIT_SECONDS at
+    most); anything else holding it is refused at once (`refused(holder)`)."""
+    deadline = time.monotonic() + REPAIR_WAIT_SECONDS
+    while not try_acquire():
+        owner = holder()
+        if not is_repair(owner) or time.monotonic() >= deadline:
+            raise refused(owner)
+        time.sleep(REPAIR_POLL_SECONDS)
 
 
 class LockLost(BackupError):
@@ -45,7 +80,7 @@ class LockUnreachable(BackupError):
 
 class DatabaseLock(Protocol):
     def acquire(self) -> None:
-        """Take the lock or raise LockHeld."""
+        """Take the lock (waiting for a repair that holds it: `acquire_after_repairs`) or raise LockHeld."""
 
     def confirm(self) -> None:
         """Prove we still own it (and refresh its expiry) or raise BackupError."""
@@ -87,15 +122,13 @@ class RedisDatabaseLock:
         return float(self.timeout)
 
     def acquire(self) -> None:
+        acquire_after_repairs(self._try_acquire, self.holder, lambda holder: busy(self.database, holder))
+
+    def _try_acquire(self) -> bool:
         try:
-            acquired = self._lock.acquire(blocking=False, token=self.owner)
+            return bool(self._lock.acquire(blocking=False, token=self.owner))
         except RedisError as error:
             raise BackupError(f"cannot reach Redis for the lock of {self.database!r}: {error}") from None
-        if not acquired:
-            raise LockHeld(
-                f"database {self.database!r} is busy: a backup or restore holds its lock "
-                f"(run {self.holder() or 'unknown'}); try again when it has finished"
-            )
 
     def confirm(self) -> None:
         self._lock.local.token = self.owner.encode()
@@ -146,16 +179,17 @@ class FileDatabaseLock:
         self._descriptor: int | None = None
 
     def acquire(self) -> None:
+        acquire_after_repairs(self._try_acquire, self.holder,
+                              lambda holder: busy(self.database, holder, on_this_host=True))
+
+    def _try_acquire(self) -> bool:
         while True:
             descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(descriptor)
-                raise LockHeld(
-                    f"database {self.database!r} is busy: another backup or restore on this host holds its lock "
-                    f"(run {self.holder() or 'unknown'}); try again when it has finished"
-                ) from None
+                return False
             try:
                 current = os.stat(self._path, follow_symlinks=False)
             except FileNotFoundError:
@@ -166,6 +200,7 @@ class FileDatabaseLock:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, self.owner.encode())
         self._descriptor = descriptor
+        return True
 
     @property
     def lease(self) -> float:

@@ -19,7 +19,14 @@ from typing import Any
 
 import psycopg
 
-from worker.coordination.locks import DatabaseLock, database_lock, kept_alive, renewal_interval
+from worker.coordination.locks import (
+    REPAIR_OWNER_PREFIX,
+    DatabaseLock,
+    database_lock,
+    is_repair,
+    kept_alive,
+    renewal_interval,
+)
 from worker.errors import BackupError, LockHeld, first_line
 from worker.pg.database import connect
 from worker.pg.executors import Executor, choose_executor
@@ -134,7 +141,10 @@ def _uploads_journal(settings: Settings) -> uploads_swap.Journal | None:
 
 def locks_for(settings: Settings, executor: Executor, owner: str) -> LockFactory:
     """Each database's lock, named as restores, backups and drills name theirs (the server's identity),
-    owned by `owner`: the run repairing."""
+    owned by `owner`, the run repairing, marked as a repair (`REPAIR_OWNER_PREFIX`): a run that finds
+    one of these locks held waits for the repair instead of refusing."""
+    if not is_repair(owner):
+        owner = REPAIR_OWNER_PREFIX + owner
 
     def lock_for(database: str) -> DatabaseLock:
         return database_lock(settings, database, owner, server_identity(settings, executor, database))
