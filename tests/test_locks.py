@@ -22,7 +22,14 @@ from tests.conftest import IN_CI, base_env, run_cli
 from tests.helpers import dump_waiting_on_lock, error_lines, leftovers, only_backup, table_locked, wait_for
 from tests.test_workers import _start_cli_backup, client_app
 from worker.coordination import locks, parking
-from worker.coordination.locks import FileDatabaseLock, LockLost, RedisDatabaseLock, database_lock, kept_alive
+from worker.coordination.locks import (
+    FileDatabaseLock,
+    LockLost,
+    RedisDatabaseLock,
+    database_lock,
+    held,
+    kept_alive,
+)
 from worker.errors import LockHeld
 from worker.pg.executors.host import HostExecutor
 from worker.pg.identity import server_identity
@@ -373,7 +380,8 @@ def test_a_run_waits_for_a_repair_holding_its_lock_and_refuses_anything_else_at_
         stuck.release()
 
 
-def test_an_operators_drill_waits_for_a_repair_that_holds_the_database(pg, broker_env, tma_db, tmp_path):
+def test_an_operators_drill_waits_for_a_repair_that_holds_the_database(pg, celery_worker_proc, broker_env, tma_db,
+                                                                      tmp_path):
     """CI once met this: a worker restarted after a crash repairs at once, in a thread of its own, and
     a drill asked for right after found the database's lock held by that repair and was refused. Every
     lock a repair takes is marked as one (`repair.locks_for`), and the drill waits for it."""
@@ -384,11 +392,16 @@ def test_an_operators_drill_waits_for_a_repair_that_holds_the_database(pg, broke
     lock = repair.locks_for(settings, executor, "at-start-host-main-test")(tma_db)
     lock.acquire()
     assert lock.holder() == "repair-at-start-host-main-test"
+    drills_before = celery_worker_proc.log().count("Task tma_backup.drill[")
     drill = subprocess.Popen([services.TMA_BACKUP, "drill"], env=broker_env, cwd=tmp_path, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        time.sleep(4)
-        assert drill.poll() is None, f"the drill did not wait for the repair: {drill.communicate()}"
+        with kept_alive(lock, interval=1) as lost:  # renewed as a repair's is, however slow the machine
+            wait_for(lambda: celery_worker_proc.log().count("Task tma_backup.drill[") > drills_before
+                     or drill.poll() is not None, timeout=60, what="the worker to receive the drill")
+            time.sleep(3)
+            assert drill.poll() is None, f"the drill did not wait for the repair: {drill.communicate()}"
+            assert not lost.is_set() and lock.holder() == "repair-at-start-host-main-test"
     finally:
         lock.release()
     _, stderr = drill.communicate(timeout=300)
@@ -396,11 +409,8 @@ def test_an_operators_drill_waits_for_a_repair_that_holds_the_database(pg, broke
     assert f"Drill passed ({tma_db})" in stderr, stderr
 
     other = database_lock(settings, tma_db, "run-of-a-backup", server_identity(settings, executor, tma_db))
-    other.acquire()
-    try:
+    with held(other, interval=1):
         refused = run_cli(["drill"], broker_env, tmp_path)
-    finally:
-        other.release()
     assert refused.returncode == 1, refused.output
     [line] = error_lines(refused.stderr)
     assert "a backup or restore holds its lock (run run-of-a-backup)" in line, line
