@@ -352,19 +352,19 @@ def test_a_run_waits_for_a_repair_holding_its_lock_and_refuses_anything_else_at_
 
     repairing = lock("repair-at-start-host-a-1")
     repairing.acquire()
+    started = time.monotonic()  # before the release's countdown starts: the wait below is at least 2 s
     releaser = _release_after(repairing, 2.0)
-    started = time.monotonic()
     waiting = lock("run-b")
     waiting.acquire()
     waited = time.monotonic() - started
     releaser.join()
-    assert waited >= 1.9, f"took the lock after {waited:.2f} s, while the repair still held it"
+    assert waited >= 2.0, f"took the lock after {waited:.2f} s, while the repair still held it"
     assert waiting.holder() == "run-b"
 
     started = time.monotonic()
     with pytest.raises(LockHeld, match=r"busy: (a|another) backup or restore.* holds its lock \(run run-b\)"):
         lock("repair-c").acquire()
-    assert time.monotonic() - started < 1, "a backup or restore holding the lock is refused at once"
+    assert time.monotonic() - started < 10, "a backup or restore holding the lock is refused, not waited for"
     waiting.release()
 
     monkeypatch.setattr(locks, "REPAIR_WAIT_SECONDS", 1.0)
