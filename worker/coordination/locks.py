@@ -44,7 +44,7 @@ REPAIR_POLL_SECONDS = 0.25
 
 
 def is_repair(owner: str | None) -> bool:
-    return bool(owner) and str(owner).startswith(REPAIR_OWNER_PREFIX)
+    return owner is not None and owner.startswith(REPAIR_OWNER_PREFIX)
 
 
 def busy(database: str, holder: str | None, on_this_host: bool = False) -> LockHeld:

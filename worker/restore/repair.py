@@ -194,7 +194,7 @@ def repair(settings: Settings, executor: Executor, database: str | None, lock_fo
             fixed[live] = done
     from worker.repository.fetch import remove_stale_staging
 
-    staging = remove_stale_staging(settings, f"repair-{uuid.uuid4()}")
+    staging = remove_stale_staging(settings, f"{REPAIR_OWNER_PREFIX}{uuid.uuid4()}")
     return {"fixed": fixed, "skipped": skipped, "failed": failed, "left_broken": sorted({*skipped, *failed}),
             "removed_staging": staging}
 
